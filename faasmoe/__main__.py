@@ -1,0 +1,3 @@
+from faasmoe.cli import app
+
+app()

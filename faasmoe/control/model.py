@@ -1,0 +1,188 @@
+"""The control plane's half of a Qwen2-MoE model: everything but the routed experts.
+
+It holds embeddings, attention (with a KV cache per sequence), norms, routers,
+shared experts and lm_head, and runs one step over a ragged batch: the new tokens
+of several sequences flattened into one [T, H] tensor, so that at every MoE layer
+the tokens of every sequence (whatever its tenant) are routed and dispatched
+together. The math follows transformers' Qwen2MoeForCausalLM line by line.
+
+Shapes: T = tokens in the step, H = hidden, h = query heads, g = key/value heads,
+d = head dim, S = cached positions, E = experts, A = experts per token, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from faasmoe.checkpoint import Checkpoint, is_moe_layer
+from faasmoe.control.dispatch import ExpertDispatcher
+from faasmoe.control.kv_cache import KVCache
+from faasmoe.functions.expert import activation
+from faasmoe.weights import map_tensors
+
+
+@dataclass
+class Chunk:
+    """The new tokens of one sequence in a step, at positions start .. start+len-1."""
+
+    cache: KVCache
+    tokens: torch.Tensor  # [t] long
+    start: int
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, as transformers computes them."""
+    params = dict(config.rope_parameters or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 1.0 / (params["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
+    if rope_type in ("dynamic", "longrope"):
+        raise ValueError(f"rope_type {rope_type!r} (length-dependent) is not supported")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wqkv: torch.Tensor  # [h*d + 2*g*d, H]
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [H, h*d]
+    sliding_window: int | None
+    # MoE layer: router and shared expert; dense layer: its MLP in mlp_*
+    router: torch.Tensor | None = None  # [E, H]
+    mlp_gate: torch.Tensor | None = None
+    mlp_up: torch.Tensor | None = None
+    mlp_down: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None  # [1, H], the sigmoid gate of the shared expert
+
+
+class ControlPlane:
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher):
+        c = self.config = ckpt.config
+        self.dtype = dtype
+        self.dispatcher = dispatcher
+        w = map_tensors(ckpt.control_plane_tensors(), dtype)  # never the routed experts
+        self.nbytes = sum(t.numel() * t.element_size() for t in w.values())
+        self.h, self.g = c.num_attention_heads, c.num_key_value_heads
+        self.d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.eps = c.rms_norm_eps
+        self.top_k, self.norm_topk = c.num_experts_per_tok, c.norm_topk_prob
+        self.act = activation(c.hidden_act)
+        self.embed = w["model.embed_tokens.weight"]  # [V, H]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = self.embed if c.tie_word_embeddings else w["lm_head.weight"]  # [V, H]
+        self.inv_freq, self.rope_scale = rope_inv_freq(c)
+        layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+        self.layers: list[Layer] = []
+        for L in range(c.num_hidden_layers):
+            p = f"model.layers.{L}."
+            a = p + "self_attn."
+            bias = (torch.cat([w[a + "q_proj.bias"], w[a + "k_proj.bias"], w[a + "v_proj.bias"]])
+                    if c.qkv_bias else None)
+            window = c.sliding_window if layer_types[L] == "sliding_attention" and c.sliding_window else None
+            layer = Layer(
+                ln1=w[p + "input_layernorm.weight"], ln2=w[p + "post_attention_layernorm.weight"],
+                wqkv=torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
+                bqkv=bias, wo=w[a + "o_proj.weight"], sliding_window=window)
+            m = p + "mlp."
+            if is_moe_layer(c, L):
+                layer.router = w[m + "gate.weight"]
+                layer.mlp_gate, layer.mlp_up = w[m + "shared_expert.gate_proj.weight"], w[m + "shared_expert.up_proj.weight"]
+                layer.mlp_down, layer.shared_gate = w[m + "shared_expert.down_proj.weight"], w[m + "shared_expert_gate.weight"]
+            else:
+                layer.mlp_gate, layer.mlp_up, layer.mlp_down = (w[m + "gate_proj.weight"], w[m + "up_proj.weight"],
+                                                                w[m + "down_proj.weight"])
+            self.layers.append(layer)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), self.g, self.d, capacity, self.dtype)
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits [len(chunks), V] at each chunk's last position ([T, V] at every position if all_logits)."""
+        tokens = torch.cat([ch.tokens for ch in chunks])  # [T]
+        pos = torch.cat([torch.arange(ch.start, ch.start + len(ch.tokens)) for ch in chunks])  # [T]
+        x = F.embedding(tokens, self.embed)  # [T, H]
+        freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]  # [T, 1, d]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.ln1, self.eps), chunks, cos, sin)
+            m = rms_norm(x, layer.ln2, self.eps)
+            x = x + (self.moe(i, layer, m) if layer.router is not None else self.mlp(layer, m))
+        for ch in chunks:
+            ch.cache.length = ch.start + len(ch.tokens)
+        if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
+            x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
+        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)  # [*, V]
+
+    def attention(self, i: int, layer: Layer, x: torch.Tensor, chunks: list[Chunk], cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        h, g, d = self.h, self.g, self.d
+        q, k, v = F.linear(x, layer.wqkv, layer.bqkv).split([h * d, g * d, g * d], dim=-1)
+        q, k, v = q.view(T, h, d), k.view(T, g, d), v.view(T, g, d)
+        q = q * cos + rotate_half(q) * sin  # [T, h, d]
+        k = k * cos + rotate_half(k) * sin  # [T, g, d]
+        out = torch.empty(T, h, d, dtype=x.dtype)
+        row = 0
+        for ch in chunks:  # attention is per sequence; everything else in the step is batched
+            t = len(ch.tokens)
+            K, V = ch.cache.update(i, k[row:row + t].transpose(0, 1), v[row:row + t].transpose(0, 1), ch.start)  # [g, S, d]
+            qi = q[row:row + t].transpose(0, 1)[None]  # [1, h, t, d]
+            mask, causal = _mask(t, ch.start, layer.sliding_window)
+            o = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask, is_causal=causal,
+                                               enable_gqa=h != g)  # [1, h, t, d]
+            out[row:row + t] = o[0].transpose(0, 1)
+            row += t
+        return F.linear(out.view(T, h * d), layer.wo)
+
+    def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.act(F.linear(x, layer.mlp_gate)) * F.linear(x, layer.mlp_up), layer.mlp_down)
+
+    def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, layer.router)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        pending = self.dispatcher.start(i, x, experts, weights.to(logits.dtype))  # the functions start now
+        shared = torch.sigmoid(F.linear(x, layer.shared_gate)) * self.mlp(layer, x)  # computed meanwhile
+        return self.dispatcher.finish(pending) + shared
+
+
+def _mask(t: int, start: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
+    """Attention mask for t new queries at positions start.. over start+t keys (None where sdpa needs none)."""
+    S = start + t
+    if window is None or S <= window:
+        if t == 1:
+            return None, False
+        if start == 0:
+            return None, True
+    q_pos = torch.arange(start, S)[:, None]
+    k_pos = torch.arange(S)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed, False

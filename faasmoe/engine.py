@@ -1,0 +1,187 @@
+"""The distributed model as one object: control plane here, experts as functions on a platform.
+
+    engine = faasmoe.load("models/tiny", experts_per_function=2)
+    result = engine.generate("Hello", max_tokens=16)
+    engine.close()
+
+`step` advances any set of sequences by one token together; `generate` is a loop
+of steps over one sequence, and the server's scheduler calls `step` with all of
+its running requests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.dispatch import ExpertDispatcher
+from faasmoe.control.model import ControlPlane
+from faasmoe.control.sequence import SamplingParams, Sequence, sample
+from faasmoe.functions import wire
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import FunctionSpec, function_specs
+from faasmoe.platforms import PlatformConfig, create_platform
+from faasmoe.platforms.base import totals
+from faasmoe.weights import torch_dtype
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Engine:
+    def __init__(self, model: str | Path, *, experts_per_function: int = 1, platform: str = "local",
+                 platform_config: PlatformConfig | None = None, dtype: str | None = None, prewarm: bool = False,
+                 threads: int | None = None):
+        t0 = time.perf_counter()
+        if threads:
+            torch.set_num_threads(threads)
+        self.checkpoint = ckpt = Checkpoint(model)
+        c = self.config = ckpt.config
+        self.dtype = torch_dtype(dtype or ckpt.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
+        self.eos_ids = frozenset(_eos_ids(ckpt.path, c, self.tokenizer))
+        self.blocks = contiguous_blocks(c.num_experts, experts_per_function)
+        self.experts_per_function = experts_per_function
+        self.specs: list[FunctionSpec] = function_specs(ckpt, self.blocks, str(self.dtype).removeprefix("torch."))
+        self.platform = create_platform(platform, platform_config)
+        self.platform.start()
+        try:
+            for spec in self.specs:
+                self.platform.deploy(spec)
+            self.dispatcher = ExpertDispatcher(self.platform, ckpt.digest, self.blocks, c.num_experts, self.dtype)
+            self.model = ControlPlane(ckpt, self.dtype, self.dispatcher)
+            if prewarm:
+                self.prewarm()
+        except BaseException:
+            self.platform.close()
+            raise
+        self.load_s = time.perf_counter() - t0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.platform.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def prewarm(self) -> None:
+        """Cold-start one instance of every function now, so the first request finds them warm."""
+        calls = []
+        for s in self.specs:  # an invocation with no routing pairs: the function answers zeros
+            inv = wire.Invocation(bytes.fromhex(s.model), s.layer, s.block, torch.zeros(1, s.hidden_size,
+                                  dtype=self.dtype), *(torch.zeros(0, dtype=dt) for dt in (torch.int32,) * 2 + (torch.float32,)))
+            calls.append((s.id, wire.encode_invocation(inv)))
+        self.platform.invoke_many(calls)
+
+    # -- generation ----------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, tenant: str = "default") -> Sequence:
+        """A sequence ready to step; raises ValueError for a request the model cannot serve."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.max_context:
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                             f"model's context of {self.max_context} tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return Sequence(list(prompt_ids), params, self.model.new_cache(need), self.eos_ids, tenant)
+
+    def step(self, seqs: list[Sequence]) -> None:
+        """Advance every unfinished sequence by one token, all in one batched forward pass."""
+        seqs = [s for s in seqs if not s.finished]
+        if not seqs:
+            return
+        logits = self.model.forward([s.next_chunk() for s in seqs])  # [B, V]
+        for seq, tok in zip(seqs, sample(logits, seqs)):
+            seq.append(tok, self.decode)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False) -> Generation:
+        t0 = time.perf_counter()
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        t_tok = time.perf_counter()
+        params = SamplingParams(max_tokens, temperature, top_p, seed, tuple(stop), ignore_eos)
+        seq = self.new_sequence(ids, params)
+        before = self.counters()
+        self.step([seq])  # prefill + first token
+        t_prefill = time.perf_counter()
+        while not seq.finished:
+            self.step([seq])
+        t_end = time.perf_counter()
+        after = self.counters()
+        n = len(seq.output_ids)
+        stats = {k: after[k] - before[k] for k in after}
+        stats.update(
+            prompt_tokens=len(ids), completion_tokens=n, experts_per_function=self.experts_per_function,
+            functions=len(self.specs), load_s=self.load_s, tokenize_s=t_tok - t0, prefill_s=t_prefill - t_tok,
+            decode_s=t_end - t_prefill, total_s=t_end - t0,
+            decode_ms_per_token=1000 * (t_end - t_prefill) / (n - 1) if n > 1 else None,
+        )
+        return Generation(seq.text, seq.output_ids, len(ids), seq.finish_reason, stats)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[T, V] logits at every position of a fresh sequence (what transformers' forward returns)."""
+        seq = self.new_sequence(list(token_ids), SamplingParams(max_tokens=1))
+        chunk = seq.next_chunk()
+        return self.model.forward([chunk], all_logits=True)
+
+    def counters(self) -> dict[str, float]:
+        """Cumulative invocation, cold start, warm hit and dispatch counters of this engine."""
+        t = totals(self.platform.log.stats)
+        d = self.dispatcher.stats
+        return {"invocations": int(t.get("invocations", 0)), "cold_starts": int(t.get("cold_starts", 0)),
+                "warm_hits": int(t.get("warm_hits", 0)), "evictions": int(t.get("evictions", 0)),
+                "retries": int(t.get("retries", 0)), "crashes": int(t.get("crashes", 0)),
+                "dispatches": d.dispatches, "dispatch_wait_s": d.wait_s, "tokens_sent": d.tokens_sent,
+                "bytes_sent": d.bytes_sent, "bytes_received": d.bytes_received}
+
+
+def _eos_ids(path: Path, config, tokenizer) -> set[int]:
+    """End-of-sequence ids from generation_config.json, the config and the tokenizer."""
+    import json
+
+    ids: set[int] = set()
+    for v in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+        ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        v = json.loads(gen.read_text()).get("eos_token_id")
+        ids.update(v if isinstance(v, list) else [v] if v is not None else [])
+    return ids
+
+
+def load(model: str | Path, **options) -> Engine:
+    """Open a checkpoint directory and deploy its experts as functions. Options: see `Engine`."""
+    return Engine(model, **options)

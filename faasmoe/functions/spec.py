@@ -1,0 +1,53 @@
+"""A function's identity and everything its instance needs to cold-start (JSON-serialisable).
+
+The platform hands a spec to each new instance, so an instance never parses the
+checkpoint: it maps the byte ranges listed here and is ready.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from faasmoe.checkpoint import Checkpoint, TensorLocation
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    model: str  # checkpoint digest, 16 hex chars
+    layer: int
+    block: int
+    experts: tuple[int, ...]  # expert ids of this block, ascending
+    dtype: str  # torch dtype name the function computes in
+    hidden_size: int
+    hidden_act: str
+    tensors: tuple[TensorLocation, ...] = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return function_id(self.model, self.layer, self.block)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "layer": self.layer, "block": self.block, "experts": list(self.experts),
+                "dtype": self.dtype, "hidden_size": self.hidden_size, "hidden_act": self.hidden_act,
+                "tensors": [t.to_json() for t in self.tensors]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FunctionSpec":
+        return cls(d["model"], int(d["layer"]), int(d["block"]), tuple(int(e) for e in d["experts"]), d["dtype"],
+                   int(d["hidden_size"]), d["hidden_act"], tuple(TensorLocation.from_json(t) for t in d["tensors"]))
+
+
+def function_id(model: str, layer: int, block: int) -> str:
+    return f"{model}.L{layer}.B{block}"
+
+
+def function_specs(ckpt: Checkpoint, blocks: list[list[int]], dtype: str) -> list[FunctionSpec]:
+    """One spec per (MoE layer, block of experts)."""
+    c = ckpt.config
+    return [FunctionSpec(ckpt.digest, layer, b, tuple(experts), dtype, c.hidden_size, c.hidden_act,
+                         tuple(ckpt.expert_tensors(layer, experts)))
+            for layer in ckpt.moe_layers() for b, experts in enumerate(blocks)]

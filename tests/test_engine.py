@@ -1,0 +1,76 @@
+"""The engine as a user drives it: generate, stats, sampling, stop rules, errors, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import faasmoe
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    with faasmoe.load(tiny, experts_per_function=2) as e:
+        yield e
+
+
+def test_generate_reports_invocations_cold_starts_and_phase_times(tiny):
+    with faasmoe.load(tiny, experts_per_function=4) as e:
+        first = e.generate("Hello", max_tokens=6, ignore_eos=True)
+        second = e.generate("Hello", max_tokens=6, ignore_eos=True)
+    assert first.token_ids == second.token_ids and len(first.token_ids) == 6
+    assert first.stats["cold_starts"] > 0 and first.stats["invocations"] >= first.stats["cold_starts"]
+    assert second.stats["cold_starts"] == 0 and second.stats["warm_hits"] == second.stats["invocations"] > 0
+    for key in ("load_s", "tokenize_s", "prefill_s", "decode_s", "total_s", "decode_ms_per_token"):
+        assert second.stats[key] >= 0
+    assert first.finish_reason == "length" and first.prompt_tokens == 1
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    a = engine.generate("Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    b = engine.generate("Once upon a time", max_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    c = engine.generate("Once upon a time", max_tokens=8, temperature=1.0, seed=8)
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+
+
+def test_stop_string_ends_generation_and_is_not_returned(engine):
+    full = engine.generate("Hi", max_tokens=10, ignore_eos=True)
+    assert len(full.text) > 2
+    stop = full.text[2:4]
+    cut = engine.generate("Hi", max_tokens=10, ignore_eos=True, stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 5000}, "context"),
+])
+def test_requests_the_model_cannot_serve_are_refused(engine, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        engine.generate("Hi", **kwargs)
+
+
+def test_empty_prompt_and_unknown_token_ids_are_refused(engine):
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([], max_tokens=2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.generate([10**7], max_tokens=2)
+
+
+def test_instances_killed_between_steps_change_nothing(tiny):
+    with faasmoe.load(tiny, experts_per_function=1) as e:
+        clean = e.generate("Fault tolerance", max_tokens=8, ignore_eos=True)
+        for inst in e.platform.instances():
+            os.kill(inst.pid, signal.SIGKILL)
+        again = e.generate("Fault tolerance", max_tokens=8, ignore_eos=True)
+    assert again.token_ids == clean.token_ids
+    assert again.stats["crashes"] > 0 and again.stats["retries"] == again.stats["crashes"]
+
+
+def test_prewarm_starts_every_function(tiny):
+    with faasmoe.load(tiny, experts_per_function=4, prewarm=True) as e:
+        assert len(e.platform.instances()) == len(e.specs) == 3 * 2
+        result = e.generate("Hello", max_tokens=3)
+    assert result.stats["cold_starts"] == 0

@@ -1,0 +1,66 @@
+"""The first invariant: the distributed model gives the monolithic transformers model's logits and tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import faasmoe
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+CASES = [("tiny", 1), ("tiny", 2), ("tiny", 8), ("sparse2-normtopk", 2), ("sparse2-normtopk", 8),
+         ("tied-mlponly-window", 3)]
+
+
+@pytest.mark.parametrize("variant,k", CASES, ids=[f"{v}-k{k}" for v, k in CASES])
+def test_logits_and_greedy_tokens_equal_transformers(checkpoint, reference, variant, k):
+    path = checkpoint(variant)
+    ref = reference(path)
+    with faasmoe.load(path, experts_per_function=k) as engine:
+        ids = engine.encode(PROMPT)
+        logits = engine.logits(ids)
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+        assert logits.shape == expected.shape
+        assert (logits - expected).abs().max().item() < 1e-4
+
+        result = engine.generate(ids, max_tokens=12)
+        with torch.no_grad():
+            out = ref.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        assert result.token_ids == out[0, len(ids):].tolist()
+        assert result.stats["invocations"] > 0
+
+
+def test_variants_exercise_the_config_options(checkpoint):
+    """Guard the test matrix itself: each variant really sets what it claims."""
+    from faasmoe.checkpoint import Checkpoint
+
+    sparse = Checkpoint(checkpoint("sparse2-normtopk"))
+    assert sparse.moe_layers() == [1, 3] and sparse.config.norm_topk_prob
+    tied = Checkpoint(checkpoint("tied-mlponly-window"))
+    assert tied.config.tie_word_embeddings and "lm_head.weight" not in tied.tensors
+    assert 1 not in tied.moe_layers() and "sliding_attention" in tied.config.layer_types
+    assert not tied.config.qkv_bias
+
+
+def test_long_prompt_crosses_the_sliding_window(checkpoint, reference):
+    path = checkpoint("tied-mlponly-window")
+    with faasmoe.load(path, experts_per_function=8) as engine:
+        ids = engine.encode("one two three four five six seven eight nine ten eleven twelve")
+        assert len(ids) > 6
+        with torch.no_grad():
+            expected = reference(path)(torch.tensor([ids])).logits[0]
+        assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+
+
+def test_batched_step_equals_single_sequences(tiny):
+    """Sequences stepped together (one dispatch per layer for all) give what each gives alone."""
+    from faasmoe.control.sequence import SamplingParams
+
+    prompts = ["Hello there", "A much longer prompt about mixture of experts models", "1 2 3"]
+    with faasmoe.load(tiny, experts_per_function=2) as engine:
+        alone = [engine.generate(p, max_tokens=8, ignore_eos=True).token_ids for p in prompts]
+        seqs = [engine.new_sequence(engine.encode(p), SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
+        while not all(s.finished for s in seqs):
+            engine.step(seqs)
+        assert [s.output_ids for s in seqs] == alone

@@ -1,0 +1,218 @@
+"""The embedded platform: real processes, scale to zero, cold starts, scale-out, retries, bad frames."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.functions import wire
+from faasmoe.functions.expert import ExpertFunction
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import function_specs
+from faasmoe.platforms import InvocationError, PlatformConfig
+from faasmoe.platforms.local import LocalPlatform
+
+
+@pytest.fixture(scope="module")
+def specs(tiny):
+    return function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")
+
+
+def frame_for(spec, tokens: int = 3, seed: int = 0) -> tuple[bytes, wire.Invocation]:
+    g = torch.Generator().manual_seed(seed)
+    inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block, torch.randn(tokens, 64, generator=g),
+                          torch.arange(tokens, dtype=torch.int32),
+                          torch.tensor([spec.experts[i % len(spec.experts)] for i in range(tokens)], dtype=torch.int32),
+                          torch.rand(tokens, generator=g))
+    return wire.encode_invocation(inv), inv
+
+
+def expected(spec, inv) -> torch.Tensor:
+    return ExpertFunction(spec).compute(inv)
+
+
+def platform(**cfg) -> LocalPlatform:
+    p = LocalPlatform(PlatformConfig(**cfg))
+    p.start()
+    return p
+
+
+def test_result_equals_in_process_computation(specs):
+    with LocalPlatform(PlatformConfig()) as p:
+        for s in specs[:3]:
+            p.deploy(s)
+        calls = [(s.id, frame_for(s, seed=i)[0]) for i, s in enumerate(specs[:3])]
+        replies = p.invoke_many(calls)
+        for i, (s, reply) in enumerate(zip(specs[:3], replies)):
+            out = wire.decode_result(reply, torch.float32, 3, 64)
+            assert torch.equal(out, expected(s, frame_for(s, seed=i)[1]))
+        stats = p.log.stats
+        assert all(stats[s.id].cold_starts == 1 for s in specs[:3])
+
+
+def test_instance_scales_to_zero_after_keep_alive_and_cold_starts_again(specs):
+    s = specs[0]
+    frame, _ = frame_for(s)
+    p = platform(keep_alive_s=0.3)
+    try:
+        p.deploy(s)
+        p.invoke(s.id, frame)
+        p.invoke(s.id, frame)
+        pid = p.instances()[0].pid
+        st = p.log.stats[s.id]
+        assert (st.cold_starts, st.warm_hits, st.instances) == (1, 1, 1)
+        deadline = time.time() + 10
+        while p.instances() and time.time() < deadline:
+            time.sleep(0.05)
+        assert p.instances() == [] and st.evictions == 1 and st.instances == 0
+        assert _gone(pid)  # the process is gone, its memory returned
+        p.invoke(s.id, frame)
+        assert st.cold_starts == 2
+        events = [e.kind for e in p.log.recent if e.function == s.id]
+        assert events == ["cold_start", "eviction", "cold_start"]
+        cold = [e for e in p.log.recent if e.kind == "cold_start"]
+        assert all(e.duration_s > 0 and e.load_s is not None for e in cold)
+    finally:
+        p.close()
+
+
+def test_killed_instance_does_not_lose_the_call(specs):
+    s = specs[1]
+    frame, inv = frame_for(s)
+    with LocalPlatform(PlatformConfig()) as p:
+        p.deploy(s)
+        p.invoke(s.id, frame)
+        pid = p.instances()[0].pid
+        os.kill(pid, signal.SIGSTOP)  # the call below is delivered to it and never answered
+        batch = p.submit([(s.id, frame)])
+        os.kill(pid, signal.SIGKILL)
+        reply = p.gather(batch)[0]
+        assert torch.equal(wire.decode_result(reply, torch.float32, 3, 64), expected(s, inv))
+        st = p.log.stats[s.id]
+        assert st.crashes == 1 and st.retries == 1 and st.cold_starts == 2
+        assert pid not in [i.pid for i in p.instances()]
+
+
+def test_hung_instance_times_out_and_the_call_is_retried(specs):
+    s = specs[2]
+    frame, inv = frame_for(s)
+    with LocalPlatform(PlatformConfig(invoke_timeout_s=0.5)) as p:
+        p.deploy(s)
+        p.invoke(s.id, frame)
+        pid = p.instances()[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        reply = p.invoke(s.id, frame)
+        assert _gone(pid)  # the hung instance was killed, not left behind
+        assert torch.equal(wire.decode_result(reply, torch.float32, 3, 64), expected(s, inv))
+        assert p.log.stats[s.id].timeouts == 1
+
+
+def test_call_fails_clearly_when_every_attempt_dies(specs):
+    s = specs[3]
+    frame, _ = frame_for(s)
+    with LocalPlatform(PlatformConfig(invoke_timeout_s=0.3, max_retries=1)) as p:
+        p.deploy(s)
+        stopper = threading.Event()
+
+        def stop_new_instances():  # freeze every instance as soon as it appears
+            while not stopper.is_set():
+                for i in p.instances():
+                    try:
+                        os.kill(i.pid, signal.SIGSTOP)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(0.002)
+
+        t = threading.Thread(target=stop_new_instances)
+        t.start()
+        try:
+            with pytest.raises(InvocationError, match=s.id):
+                p.invoke(s.id, frame)
+        finally:
+            stopper.set()
+            t.join()
+
+
+def test_scales_out_under_concurrent_load_up_to_the_limit(specs):
+    s = specs[4]
+    frame, _ = frame_for(s, tokens=64)
+    with LocalPlatform(PlatformConfig(max_instances=3)) as p:
+        p.deploy(s)
+        barrier = threading.Barrier(6)
+        errors = []
+
+        def worker():
+            barrier.wait()
+            try:
+                for _ in range(5):
+                    p.invoke(s.id, frame)
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        st = p.log.stats[s.id]
+        assert not errors
+        assert st.invocations == 30 and st.cold_starts + st.warm_hits == 30
+        assert 2 <= st.peak_instances <= 3
+
+
+def test_malformed_payload_gets_an_error_reply_and_the_instance_survives(specs):
+    s = specs[0]
+    frame, inv = frame_for(s)
+    other = specs[1]
+    bad = {
+        "truncated": frame[:-5],
+        "random bytes": os.urandom(200),
+        "empty": b"",
+        "wrong function": frame_for(other)[0],
+        "nan": wire.encode_invocation(wire.Invocation(inv.model, inv.layer, inv.block, inv.hidden * float("nan"),
+                                                      inv.token, inv.expert, inv.weight)),
+        "token out of range": wire.encode_invocation(wire.Invocation(inv.model, inv.layer, inv.block, inv.hidden,
+                                                                     inv.token + 10, inv.expert, inv.weight)),
+    }
+    with LocalPlatform(PlatformConfig()) as p:
+        p.deploy(s)
+        p.invoke(s.id, frame)
+        pid = p.instances()[0].pid
+        for name, payload in bad.items():
+            reply = p.invoke(s.id, payload)
+            with pytest.raises(wire.FunctionError):
+                wire.decode_result(reply, torch.float32, 3, 64)
+        assert p.instances()[0].pid == pid and p.log.stats[s.id].crashes == 0
+        assert torch.equal(wire.decode_result(p.invoke(s.id, frame), torch.float32, 3, 64), expected(s, inv))
+
+
+def test_close_stops_every_instance(specs):
+    p = platform()
+    for s in specs[:4]:
+        p.deploy(s)
+    p.invoke_many([(s.id, frame_for(s)[0]) for s in specs[:4]])
+    pids = [i.pid for i in p.instances()] + [p.pids()["zygote"]]
+    assert len(pids) == 5
+    p.close()
+    assert all(_gone(x) for x in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.time() + timeout
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.02)
+    return not _alive(pid)
