@@ -1,4 +1,4 @@
-"""The `faasmoe` command line: init-model, generate, bench-engine, serve."""
+"""The `faasmoe` command line: serve, generate, init-model, bench-engine."""
 
 from __future__ import annotations
 
@@ -125,6 +125,77 @@ def bench_engine_cmd(
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         typer.echo(f"wrote {out}")
+
+
+@app.command()
+def serve(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or YAML file: tenants, keys, limits, model, "
+                                                                       "platform, keep-alive, k, mode. Flags override it."),
+    host: Optional[str] = typer.Option(None, help="Address to listen on (default: 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port to listen on (default: 8000)."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: models/tiny, created if missing)."),
+    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the directory name)."),
+    preset: Optional[str] = typer.Option(None, help="Preset to create at --model if it is missing (default: tiny)."),
+    layers: Optional[int] = typer.Option(None, help="Layers of the created preset (default: the preset's)."),
+    mode: Optional[str] = typer.Option(None, help="shared: one orchestrator batching all tenants; private: one "
+                                                  "orchestrator process per tenant (default: shared)."),
+    platform: Optional[str] = typer.Option(None, help="FaaS platform of the expert functions (default: local)."),
+    keep_alive: Optional[float] = typer.Option(None, help="Seconds an idle function instance stays warm (default: 30)."),
+    experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",
+                                                       help="Experts per function (default: 1)."),
+    max_instances: Optional[int] = typer.Option(None, help="Instances per function under load (default: 4)."),
+    max_batch: Optional[int] = typer.Option(None, help="Sequences stepped together (default: 16)."),
+    max_queue: Optional[int] = typer.Option(None, help="Requests waiting before 429 (default: 64)."),
+    tenant: list[str] = typer.Option([], "--tenant", help="NAME:KEY, repeatable; a quick start without a config file "
+                                                          "(default limits). Without any, one 'default' tenant "
+                                                          "with a fresh key."),
+    admin_key: Optional[str] = typer.Option(None, help="Key for /metrics (default: generated and printed)."),
+    prewarm: Optional[bool] = typer.Option(None, "--prewarm/--no-prewarm", help="Start every function at start-up."),
+    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default: the checkpoint's)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Start the OpenAI-compatible server (experts as functions on the embedded FaaS platform by default)."""
+    from pydantic import ValidationError
+
+    from faasmoe.checkpoint import CheckpointError
+    from faasmoe.serving.app import serve as run_server
+    from faasmoe.serving.config import load_config
+
+    tenants = []
+    for t in tenant:
+        name, sep, key = t.partition(":")
+        if not sep:
+            _fail(f"--tenant expects NAME:KEY, got {t!r}")
+        tenants.append({"name": name, "key": key})
+    try:
+        cfg = load_config(config, host=host, port=port, model=model, model_name=model_name, preset=preset,
+                          preset_layers=layers, mode=mode, platform=platform, keep_alive_s=keep_alive,
+                          experts_per_function=experts_per_function, max_instances=max_instances, max_batch=max_batch,
+                          max_queue=max_queue, tenants=tenants, admin_key=admin_key, prewarm=prewarm, dtype=dtype)
+    except (ValidationError, ValueError, OSError) as e:
+        _fail(f"invalid configuration: {e}")
+    if not (cfg.model / "config.json").is_file():
+        from faasmoe.init_model import init_model
+
+        typer.echo(f"model {cfg.model} not found: creating it from preset {cfg.preset!r}")
+        try:
+            init_model(cfg.preset, cfg.model, layers=cfg.preset_layers)
+        except ValueError as e:
+            _fail(str(e))
+    try:
+        from faasmoe.checkpoint import Checkpoint
+
+        Checkpoint(cfg.model)
+    except CheckpointError as e:
+        _fail(str(e))
+    base = f"http://{cfg.host}:{cfg.port}"
+    typer.echo(f"faasmoe: serving {cfg.served_model_name!r} from {cfg.model} in {cfg.mode} mode on the "
+               f"{cfg.platform} platform, {cfg.experts_per_function} expert(s) per function, keep-alive {cfg.keep_alive_s:g} s")
+    typer.echo(f"listening on {base}  (OpenAI base URL: {base}/v1)")
+    for t in cfg.tenants:
+        typer.echo(f"  tenant {t.name}: API key {t.key}")
+    typer.echo(f"  /metrics admin key: {cfg.admin_key}")
+    run_server(cfg, log_level)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class Generation:
 class Engine:
     def __init__(self, model: str | Path, *, experts_per_function: int = 1, platform: str = "local",
                  platform_config: PlatformConfig | None = None, dtype: str | None = None, prewarm: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, platform_options: dict[str, Any] | None = None):
         t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
@@ -58,7 +58,7 @@ class Engine:
         self.blocks = contiguous_blocks(c.num_experts, experts_per_function)
         self.experts_per_function = experts_per_function
         self.specs: list[FunctionSpec] = function_specs(ckpt, self.blocks, str(self.dtype).removeprefix("torch."))
-        self.platform = create_platform(platform, platform_config)
+        self.platform = create_platform(platform, platform_config, **(platform_options or {}))
         self.platform.start()
         try:
             for spec in self.specs:
@@ -84,12 +84,7 @@ class Engine:
 
     def prewarm(self) -> None:
         """Cold-start one instance of every function now, so the first request finds them warm."""
-        calls = []
-        for s in self.specs:  # an invocation with no routing pairs: the function answers zeros
-            inv = wire.Invocation(bytes.fromhex(s.model), s.layer, s.block, torch.zeros(1, s.hidden_size,
-                                  dtype=self.dtype), *(torch.zeros(0, dtype=dt) for dt in (torch.int32,) * 2 + (torch.float32,)))
-            calls.append((s.id, wire.encode_invocation(inv)))
-        self.platform.invoke_many(calls)
+        self.platform.invoke_many(prewarm_calls(self.specs))
 
     # -- generation ----------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -102,20 +97,24 @@ class Engine:
     def max_context(self) -> int:
         return int(self.config.max_position_embeddings)
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, tenant: str = "default") -> Sequence:
-        """A sequence ready to step; raises ValueError for a request the model cannot serve."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError, saying why, for a request this model cannot serve."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        need = len(prompt_ids) + params.max_tokens
-        if need > self.max_context:
+        if len(prompt_ids) + params.max_tokens > self.max_context:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
                              f"model's context of {self.max_context} tokens")
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return Sequence(list(prompt_ids), params, self.model.new_cache(need), self.eos_ids, tenant)
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, tenant: str = "default") -> Sequence:
+        """A sequence ready to step, with its KV cache allocated for prompt + max_tokens."""
+        self.check_request(prompt_ids, params)
+        return Sequence(list(prompt_ids), params, self.model.new_cache(len(prompt_ids) + params.max_tokens),
+                        self.eos_ids, tenant)
 
     def step(self, seqs: list[Sequence]) -> None:
         """Advance every unfinished sequence by one token, all in one batched forward pass."""
@@ -180,6 +179,18 @@ def _eos_ids(path: Path, config, tokenizer) -> set[int]:
         v = json.loads(gen.read_text()).get("eos_token_id")
         ids.update(v if isinstance(v, list) else [v] if v is not None else [])
     return ids
+
+
+def prewarm_calls(specs: list[FunctionSpec]) -> list[tuple[str, bytes]]:
+    """One call per function with no routing pairs (the function answers zeros): enough to cold-start it."""
+    calls = []
+    for s in specs:
+        dtype = torch_dtype(s.dtype)
+        empty = torch.zeros(0, dtype=torch.int32)
+        inv = wire.Invocation(bytes.fromhex(s.model), s.layer, s.block, torch.zeros(1, s.hidden_size, dtype=dtype),
+                              empty, empty, torch.zeros(0))
+        calls.append((s.id, wire.encode_invocation(inv)))
+    return calls
 
 
 def load(model: str | Path, **options) -> Engine:

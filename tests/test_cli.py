@@ -38,3 +38,56 @@ def test_help_explains_every_flag():
     for flag in ("--model", "--prompt", "--max-tokens", "--temperature", "--experts-per-function", "--keep-alive",
                  "--platform", "--json"):
         assert flag in r.stdout
+
+
+def test_serve_creates_a_missing_model_answers_and_stops_everything_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import psutil
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    model = tmp_path / "fresh"
+    proc = subprocess.Popen([sys.executable, "-m", "faasmoe", "serve", "--model", str(model), "--layers", "1",
+                             "--port", str(port), "--tenant", "t1:sk-test-key-1", "--keep-alive", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline
+            time.sleep(0.2)
+        assert (model / "config.json").is_file()
+        r = httpx.post(f"{base}/v1/completions", headers={"Authorization": "Bearer sk-test-key-1"},
+                       json={"model": "fresh", "prompt": "hi", "max_tokens": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) >= 2  # the zygote and at least one function instance
+        with httpx.stream("POST", f"{base}/v1/completions", headers={"Authorization": "Bearer sk-test-key-1"},
+                          json={"model": "fresh", "prompt": "hi", "max_tokens": 1000, "ignore_eos": True,
+                                "stream": True}, timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)  # shutdown with a request running: it ends, it does not hang
+            rest = list(lines)
+        assert proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+        rest = [line for line in rest if line]
+        assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
+        gone, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = proc.stdout.read()
+    assert "listening on" in out and "sk-test-key-1" in out and "creating it" in out

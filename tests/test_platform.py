@@ -197,10 +197,28 @@ def test_close_stops_every_instance(specs):
     for s in specs[:4]:
         p.deploy(s)
     p.invoke_many([(s.id, frame_for(s)[0]) for s in specs[:4]])
-    pids = [i.pid for i in p.instances()] + [p.pids()["zygote"]]
-    assert len(pids) == 5
+    pids = [i.pid for i in p.instances()]
+    assert len(pids) == 4 and "zygote" in p.pids()
     p.close()
     assert all(_gone(x) for x in pids)
+
+
+def test_instances_die_with_the_zygote(specs):
+    """Nothing outlives its platform's process: instances are killed when their zygote goes."""
+    from faasmoe.platforms.zygote import Zygote
+
+    zygote = Zygote()
+    p = LocalPlatform(PlatformConfig())
+    p.start()
+    p._zygote = zygote  # a private zygote, so the shared one stays up for the other tests
+    try:
+        p.deploy(specs[0])
+        p.invoke(specs[0].id, frame_for(specs[0])[0])
+        pid = p.instances()[0].pid
+        zygote.close()
+        assert _gone(pid)
+    finally:
+        p.close()
 
 
 def _alive(pid: int) -> bool:

@@ -14,6 +14,10 @@ def create_platform(name: str, config: PlatformConfig | None = None, **options) 
         from faasmoe.platforms.local import LocalPlatform
 
         return LocalPlatform(config)
+    if name == "gateway":  # internal: a private-mode orchestrator reaching the server's platform
+        from faasmoe.platforms.gateway import GatewayPlatform
+
+        return GatewayPlatform(config, address=options["address"])
     raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
 
 

@@ -1,6 +1,7 @@
 """The embedded FaaS platform (`local`, the default): instances are real processes on this machine.
 
-Instances are forked by a zygote that has already imported torch, serve one Unix
+Instances are forked by a zygote (shared by the platforms of this process) that has
+already imported torch, serve one Unix
 socket each and take one call at a time. An instance idle for `keep_alive_s` is
 stopped (scale to zero: its process exits and its memory goes back to the OS); the
 next call cold-starts a new one. When every instance of a function is busy, a new
@@ -16,12 +17,9 @@ between (measured here: a loop-based version spent 0.5 ms per call in overhead).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,6 +30,7 @@ from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.transport import recv_frame, send_frame
+from faasmoe.platforms.zygote import Zygote, ZygoteError
 
 
 class InstanceStartError(InvocationError):
@@ -77,8 +76,7 @@ class LocalPlatform(Platform):
         super().__init__(config or PlatformConfig())
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Condition()  # guards pools and instances; notified when one frees up
-        self._zygote: subprocess.Popen | None = None
-        self._zygote_lock = threading.Lock()
+        self._zygote: Zygote | None = None
         self._dir = tempfile.mkdtemp(prefix="faasmoe-")
         self._seq = itertools.count()
         self._closed = threading.Event()
@@ -86,9 +84,7 @@ class LocalPlatform(Platform):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS=str(self.config.threads_per_instance))
-        self._zygote = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.zygote"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self._zygote = Zygote.shared()
         self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
         self._reaper.start()
 
@@ -107,12 +103,6 @@ class LocalPlatform(Platform):
                 for inst in list(pool.instances):
                     self._stop(pool, inst)
             self._lock.notify_all()
-        if self._zygote and self._zygote.poll() is None:
-            self._zygote.stdin.close()  # the zygote exits; any instance still alive dies with it
-            try:
-                self._zygote.wait(5)
-            except subprocess.TimeoutExpired:
-                self._zygote.kill()
         if self._reaper:
             self._reaper.join(timeout=2)
         try:
@@ -236,20 +226,13 @@ class LocalPlatform(Platform):
     def _fork(self, spec: FunctionSpec) -> _Instance:
         name = f"{spec.id}.{next(self._seq)}"
         path = os.path.join(self._dir, f"{name}.sock")
-        req = json.dumps({"spec": spec.to_json(), "socket": path, "threads": self.config.threads_per_instance})
-        with self._zygote_lock:
-            z = self._zygote
-            if z is None or z.poll() is not None:
-                raise InstanceStartError("the platform's zygote process is not running")
-            try:
-                z.stdin.write(req + "\n")
-                z.stdin.flush()
-                line = z.stdout.readline()
-            except OSError as e:
-                raise InstanceStartError(f"the platform's zygote process died: {e}") from e
-        if not line:
-            raise InstanceStartError("the platform's zygote process died")
-        return _Instance(name, int(json.loads(line)["pid"]), path)
+        if self._zygote is None:
+            raise InstanceStartError("the platform is not started")
+        try:
+            pid = self._zygote.fork(spec.to_json(), path, self.config.threads_per_instance)
+        except ZygoteError as e:
+            raise InstanceStartError(str(e)) from e
+        return _Instance(name, pid, path)
 
     def _await_ready(self, call: _Call) -> None:
         """Connect to a forked instance and wait for its READY frame: the end of its cold start."""
@@ -338,7 +321,7 @@ class LocalPlatform(Platform):
     def pids(self) -> dict[str, int]:
         with self._lock:
             out = {f"instance:{i.name}": i.pid for p in self._pools.values() for i in p.instances}
-        if self._zygote and self._zygote.poll() is None:
+        if self._zygote and self._zygote.alive:
             out["zygote"] = self._zygote.pid
         return out
 

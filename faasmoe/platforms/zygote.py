@@ -1,24 +1,87 @@
 """The zygote: a process that has imported torch and the handler once, and forks instances on request.
 
 A cold start then costs a fork plus the weight load, not a new interpreter and a
-torch import (about 1 s here). Protocol on stdin/stdout, one JSON line each way:
-`{"spec": {...}, "socket": path, "threads": n}` -> `{"pid": n}`. The zygote reaps
-its children and exits when the platform closes its stdin; the children die with it.
+torch import (about 2 s here). One zygote serves every platform of a process
+(`Zygote.shared()`). Protocol on its stdin/stdout, one JSON line each way:
+`{"spec": {...}, "socket": path, "threads": n}` -> `{"pid": n}`. It exits when its
+stdin closes (its parent process is gone); its children die with it.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
+import subprocess
 import sys
+import threading
 
-from faasmoe.platforms import worker  # noqa: F401 - the import is the point: torch and the handler, once
+
+class ZygoteError(RuntimeError):
+    pass
+
+
+class Zygote:
+    """Client side: start the zygote process and ask it for forks."""
+
+    _shared: "Zygote | None" = None
+    _shared_lock = threading.Lock()
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._proc = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.zygote"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1,
+                                      env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    @classmethod
+    def shared(cls) -> "Zygote":
+        """The process-wide zygote, started on first use (and again if it died)."""
+        with cls._shared_lock:
+            if cls._shared is None or not cls._shared.alive:
+                cls._shared = cls()
+                atexit.register(cls._shared.close)
+            return cls._shared
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def fork(self, spec_json: dict, socket_path: str, threads: int) -> int:
+        """A new instance process serving `socket_path`; returns its pid."""
+        req = json.dumps({"spec": spec_json, "socket": socket_path, "threads": threads})
+        with self._lock:
+            if not self.alive:
+                raise ZygoteError("the zygote process is not running")
+            try:
+                self._proc.stdin.write(req + "\n")
+                self._proc.stdin.flush()
+                line = self._proc.stdout.readline()
+            except OSError as e:
+                raise ZygoteError(f"the zygote process died: {e}") from e
+        if not line:
+            raise ZygoteError("the zygote process died")
+        return int(json.loads(line)["pid"])
+
+    def close(self) -> None:
+        if self.alive:
+            self._proc.stdin.close()  # the zygote exits; any instance still alive dies with it
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
 
 
 def run() -> None:
+    """Zygote side: import once, then fork on every request line."""
+    from faasmoe.platforms import worker  # the import is the point: torch and the handler, once
+
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
-    worker.die_with_parent(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then closes our stdin
     out = sys.stdout
     for line in sys.stdin:
         req = json.loads(line)

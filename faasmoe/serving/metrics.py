@@ -1,0 +1,68 @@
+"""Prometheus metrics of a server: per-tenant traffic and latency, queue, and the function pool.
+
+Request and token counters and the latency histograms are updated by the HTTP layer
+as requests end; the function pool's figures are read from the platform's records at
+each scrape, so they are never stale and cost nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from faasmoe.platforms.base import Platform
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _FunctionPool:
+    """Custom collector: the platform's per-function counters at scrape time."""
+
+    def __init__(self, platform: Platform):
+        self.platform = platform
+
+    def collect(self):
+        stats = dict(self.platform.log.stats)
+        fams = {
+            "invocations": CounterMetricFamily("faasmoe_function_invocations", "Function invocations", labels=["function"]),
+            "cold_starts": CounterMetricFamily("faasmoe_function_cold_starts", "Cold starts", labels=["function"]),
+            "warm_hits": CounterMetricFamily("faasmoe_function_warm_hits", "Invocations served warm", labels=["function"]),
+            "evictions": CounterMetricFamily("faasmoe_function_evictions", "Instances scaled to zero", labels=["function"]),
+            "crashes": CounterMetricFamily("faasmoe_function_crashes", "Instances that died mid-call", labels=["function"]),
+            "timeouts": CounterMetricFamily("faasmoe_function_timeouts", "Calls that timed out", labels=["function"]),
+            "cold_start_s": CounterMetricFamily("faasmoe_function_cold_start_seconds", "Time spent cold-starting",
+                                                labels=["function"]),
+        }
+        warm = GaugeMetricFamily("faasmoe_function_warm_instances", "Running instances", labels=["function"])
+        for fid, s in stats.items():
+            for attr, fam in fams.items():
+                fam.add_metric([fid], getattr(s, attr))
+            warm.add_metric([fid], s.instances)
+        yield from fams.values()
+        yield warm
+
+
+class Metrics:
+    def __init__(self, platform: Platform, queue_depth: Callable[[], int], running: Callable[[], int]):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("faasmoe_requests", "HTTP requests by tenant, endpoint and status",
+                                ["tenant", "endpoint", "status"], registry=r)
+        self.tokens = Counter("faasmoe_tokens", "Tokens by tenant and kind (prompt, completion)",
+                              ["tenant", "kind"], registry=r)
+        self.ttft = Histogram("faasmoe_time_to_first_token_seconds", "Time to first token", ["tenant"],
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("faasmoe_time_per_output_token_seconds", "Time per output token after the first",
+                              ["tenant"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("faasmoe_batch_size", "Sequences per scheduler step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        Gauge("faasmoe_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(queue_depth)
+        Gauge("faasmoe_running_requests", "Requests being generated", registry=r).set_function(running)
+        r.register(_FunctionPool(platform))
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.batch.observe(batch_size)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,194 @@
+"""The step scheduler: continuous batching over one engine, across every tenant.
+
+A thread loops: admit waiting requests into the running batch (round-robin over
+tenants, so none starves another), advance the whole batch by one token with one
+`engine.step` (so at every MoE layer the tokens of all running requests, whatever
+their tenant, go out in one dispatch), hand each request its new text, drop the
+finished. Requests join and leave at any step. It knows nothing of HTTP: a request
+carries an `emit` callback, which the HTTP layer or the private-mode IPC provides.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from faasmoe.control.sequence import SamplingParams, Sequence
+from faasmoe.engine import Engine
+
+log = logging.getLogger("faasmoe.scheduler")
+
+Event = dict[str, Any]  # {"type": "text", "text": ...} | {"type": "done", "finish_reason", "usage", "error"?}
+
+
+class QueueFull(RuntimeError):
+    """No room to wait for a batch slot: the caller answers 429."""
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    tenant: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the scheduler thread
+    seq: Sequence | None = None
+    cancelled: bool = False
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    step_s: float = 0.0
+    tokens: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
+
+
+class StepScheduler:
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64, max_queued_per_tenant: int = 16,
+                 on_step: Callable[[int, float], None] | None = None):
+        self.engine = engine
+        self.max_batch, self.max_queue, self.max_queued_per_tenant = max_batch, max_queue, max_queued_per_tenant
+        self.on_step = on_step
+        self.stats = SchedulerStats()
+        self._waiting: OrderedDict[str, deque[Request]] = OrderedDict()  # tenant -> its queue, in turn order
+        self._running: list[Request] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="faasmoe-scheduler", daemon=True)
+
+    # -- called from other threads -----------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        """Queue a request; ValueError if the model cannot serve it, QueueFull if there is no room."""
+        self.engine.check_request(req.prompt_ids, req.params)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            queued = self._waiting.get(req.tenant)
+            if self.queue_depth() >= self.max_queue:
+                raise QueueFull(f"the server queue is full ({self.max_queue} requests waiting)")
+            if queued is not None and len(queued) >= self.max_queued_per_tenant:
+                raise QueueFull(f"tenant {req.tenant} has {len(queued)} requests waiting already")
+            self._waiting.setdefault(req.tenant, deque()).append(req)
+            self._cond.notify()
+
+    def cancel(self, req: Request) -> None:
+        """Free the request's slot at the next step (a client that went away)."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    def queue_depth(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def running(self) -> int:
+        return len(self._running)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping; every waiting and running request gets a 'cancelled' end."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # -- the scheduler thread ----------------------------------------------------------------
+    def _admit(self) -> None:
+        """Round-robin over tenants with waiting requests until the batch is full."""
+        while len(self._running) < self.max_batch and self._waiting:
+            tenant, queue = next(iter(self._waiting.items()))
+            req = queue.popleft()
+            self._waiting.move_to_end(tenant)
+            if not queue:
+                del self._waiting[tenant]
+            if req.cancelled:
+                self._end(req, "cancelled")
+                continue
+            try:
+                req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.tenant)
+            except ValueError as e:
+                self._end(req, "error", str(e))
+                continue
+            self._running.append(req)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                for req in [r for r in self._running if r.cancelled]:
+                    self._running.remove(req)
+                    self._end(req, "cancelled")
+                self._admit()
+                batch = list(self._running)
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                self.engine.step([r.seq for r in batch])
+            except Exception as e:  # a function failed for good: these requests fail, the server goes on
+                log.error("step failed: %s", e)
+                with self._cond:
+                    for req in batch:
+                        if req in self._running:
+                            self._running.remove(req)
+                        self._end(req, "error", str(e))
+                continue
+            dt = time.perf_counter() - t0
+            self._account(len(batch), dt)
+            with self._cond:
+                for req in batch:
+                    delta = req.seq.new_text()
+                    if delta:
+                        self._emit(req, {"type": "text", "text": delta})
+                    if req.seq.finished:
+                        self._running.remove(req)
+                        self._end(req, req.seq.finish_reason)
+        with self._cond:  # shutting down: nobody is left waiting for an answer that will not come
+            for req in self._running + [r for q in self._waiting.values() for r in q]:
+                self._end(req, "cancelled", "the server is shutting down")
+            self._running.clear()
+            self._waiting.clear()
+
+    def _account(self, batch: int, dt: float) -> None:
+        st = self.stats
+        st.steps += 1
+        st.step_s += dt
+        st.tokens += batch
+        st.batch_sizes[batch] = st.batch_sizes.get(batch, 0) + 1
+        if self.on_step:
+            self.on_step(batch, dt)
+
+    @staticmethod
+    def _end(req: Request, reason: str, error: str | None = None) -> None:
+        seq = req.seq
+        event: Event = {"type": "done", "finish_reason": reason,
+                        "usage": {"prompt_tokens": len(req.prompt_ids),
+                                  "completion_tokens": len(seq.output_ids) if seq else 0}}
+        if error:
+            event["error"] = error
+        if seq is not None:
+            seq.finish(reason, error)
+            delta = seq.new_text()
+            if delta and reason in ("stop", "length"):
+                StepScheduler._emit(req, {"type": "text", "text": delta})
+        StepScheduler._emit(req, event)
+
+    @staticmethod
+    def _emit(req: Request, event: Event) -> None:
+        try:
+            req.emit(event)
+        except Exception as e:  # a consumer that is gone must not stop the scheduler; its slot is freed
+            log.info("request %s: consumer gone (%s)", req.id, e)
+            req.cancelled = True

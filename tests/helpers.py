@@ -1,0 +1,48 @@
+"""Run a real faasmoe server (uvicorn on a free loopback port) for the duration of a test."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+import time
+
+import httpx
+import uvicorn
+
+from faasmoe.serving.app import create_app
+from faasmoe.serving.config import ServerConfig
+
+ADMIN = "sk-admin-test-0000"
+
+
+@contextlib.contextmanager
+def running_server(**settings):
+    """Yield the base URL of a server started with `settings` (ServerConfig fields); stop it after."""
+    settings.setdefault("admin_key", ADMIN)
+    config = ServerConfig(**settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", timeout_graceful_shutdown=2))
+    server.install_signal_handlers = lambda: None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 300
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def metric_sum(base: str, name: str) -> float:
+    """Sum of every series of a metric, read from /metrics with the admin key."""
+    text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
