@@ -198,7 +198,8 @@ def test_close_stops_every_instance(specs):
         p.deploy(s)
     p.invoke_many([(s.id, frame_for(s)[0]) for s in specs[:4]])
     pids = [i.pid for i in p.instances()]
-    assert len(pids) == 4 and "zygote" in p.pids()
+    roles = sorted(label.role for label in p.processes().values())
+    assert len(pids) == 4 and roles == ["function"] * 4 + ["zygote"]
     p.close()
     assert all(_gone(x) for x in pids)
 

@@ -173,14 +173,18 @@ def test_usage_is_per_tenant_and_metrics_need_the_admin_key(server):
     assert bob["usage"] == before["usage"]  # alice's request is nowhere in bob's answer
     assert "alice" not in json.dumps(bob) and "carol" not in json.dumps(bob)
     assert alice["usage"]["completion_tokens"] > 0
+    bill = alice["bill"]  # metered: the shared processes' cost, split by token share
+    assert 0 < bill["token_share"] <= 1 and bill["cpu_seconds"] > 0 and bill["gb_seconds"] > 0
     assert httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 403
     assert httpx.get(f"{server}/metrics").status_code == 401
     text = httpx.get(f"{server}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).text
     for name in ("faasmoe_requests_total", "faasmoe_tokens_total", "faasmoe_time_to_first_token_seconds",
                  "faasmoe_time_per_output_token_seconds", "faasmoe_function_invocations_total",
                  "faasmoe_function_cold_starts_total", "faasmoe_function_warm_hits_total",
-                 "faasmoe_function_warm_instances", "faasmoe_queue_depth"):
+                 "faasmoe_function_warm_instances", "faasmoe_queue_depth", "faasmoe_process_cpu_seconds_total",
+                 "faasmoe_process_gb_seconds_total", "faasmoe_process_memory_bytes"):
         assert name in text
+    assert 'role="control-plane"' in text and 'role="zygote"' in text
     assert 'tenant="alice"' in text
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from faasmoe.functions.spec import FunctionSpec
+from faasmoe.metering.meter import Label
 
 EventKind = Literal["cold_start", "warm_hit", "eviction", "crash", "timeout", "start_failed"]
 
@@ -158,8 +159,8 @@ class Platform(ABC):
     def instances(self) -> list[InstanceInfo]:
         return []
 
-    def pids(self) -> dict[str, int]:
-        """Process ids of every process this platform runs, by a label (for metering)."""
+    def processes(self) -> dict[int, Label]:
+        """Every process this platform runs on this machine, labelled by role (for metering)."""
         return {}
 
     def __enter__(self) -> "Platform":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
+from faasmoe.metering.meter import Label
 from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.transport import recv_frame, send_frame
 from faasmoe.platforms.zygote import Zygote, ZygoteError
@@ -318,11 +319,11 @@ class LocalPlatform(Platform):
             return [InstanceInfo(p.spec.id, i.name, i.pid, i.busy, i.started_at, i.last_used)
                     for p in self._pools.values() for i in p.instances]
 
-    def pids(self) -> dict[str, int]:
+    def processes(self) -> dict[int, Label]:
         with self._lock:
-            out = {f"instance:{i.name}": i.pid for p in self._pools.values() for i in p.instances}
+            out = {i.pid: Label("function") for p in self._pools.values() for i in p.instances}
         if self._zygote and self._zygote.alive:
-            out["zygote"] = self._zygote.pid
+            out[self._zygote.pid] = Label("zygote")
         return out
 
 

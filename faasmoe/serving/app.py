@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from faasmoe.control.sequence import SamplingParams
+from faasmoe.metering.meter import Meter, tenant_bill
 from faasmoe.serving import schemas as S
 from faasmoe.serving.backend import Backend, create_backend
 from faasmoe.serving.config import ServerConfig
@@ -114,10 +115,12 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         b = backend or await asyncio.to_thread(create_backend, config, lambda n, s: state["metrics"].on_step(n, s))
         state["backend"] = b
-        state["metrics"] = Metrics(b.platform, b.queue_depth, b.running)
+        state["meter"] = meter = Meter(b.processes, interval=config.meter_interval_s).start()
+        state["metrics"] = Metrics(b.platform, b.queue_depth, b.running, meter)
         try:
             yield
         finally:
+            meter.stop()
             await asyncio.to_thread(b.close)
 
     app = FastAPI(title="faasmoe", version="0.1.0", lifespan=lifespan,
@@ -185,9 +188,13 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     async def usage(tenant: Tenant = Depends(tenant_of)) -> dict:
         """The calling tenant's own usage and limits; nothing of any other tenant."""
         c = tenant.config
+        everyone = sum(t.usage.total_tokens for t in tenants)
+        share = tenant.usage.total_tokens / everyone if everyone else 0.0
         return {"tenant": tenant.name, "usage": tenant.usage.to_json(), "in_flight": tenant.in_flight,
                 "limits": {"max_concurrency": c.max_concurrency, "tokens_per_minute": c.tokens_per_minute,
-                           "max_queued": c.max_queued}}
+                           "max_queued": c.max_queued},
+                # what this tenant cost: its own processes, plus its token share of the shared ones
+                "bill": tenant_bill(state["meter"], tenant.name, share)}
 
     @app.get("/metrics", response_class=Response)
     async def metrics(_: None = Depends(operator)) -> Response:

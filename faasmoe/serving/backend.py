@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from faasmoe.engine import Engine
+from faasmoe.metering.meter import Label
 from faasmoe.platforms import create_platform
 from faasmoe.platforms.base import Platform
 from faasmoe.serving.config import ServerConfig
@@ -32,6 +33,7 @@ log = logging.getLogger("faasmoe.backend")
 
 class Backend(ABC):
     mode: str
+    server_role: str = "server"  # what the server process itself is, for metering
     platform: Platform
     tokenizer: object
     max_context: int
@@ -59,15 +61,16 @@ class Backend(ABC):
     def close(self) -> None:
         """Cancel what runs, stop every process and function instance this backend started."""
 
-    def pids(self) -> dict[str, int]:
-        """Every process serving this backend, by role label (for metering)."""
-        return {"server": os.getpid(), **self.platform.pids()}
+    def processes(self) -> dict[int, Label]:
+        """Every process serving this backend, labelled by role and tenant (for metering)."""
+        return {os.getpid(): Label(self.server_role), **self.platform.processes()}
 
 
 class SharedBackend(Backend):
     """One orchestrator for every tenant: cross-tenant continuous batching in this process."""
 
     mode = "shared"
+    server_role = "control-plane"
 
     def __init__(self, config: ServerConfig, on_step=None):
         self.engine = Engine(config.model, experts_per_function=config.experts_per_function, platform=config.platform,
@@ -233,9 +236,9 @@ class PrivateBackend(Backend):
     def running(self) -> int:
         return sum(self._in_flight.values())
 
-    def pids(self) -> dict[str, int]:
-        out = super().pids()
-        out.update({f"orchestrator:{t}": p.pid for t, p in self._procs.items() if p.poll() is None})
+    def processes(self) -> dict[int, Label]:
+        out = super().processes()
+        out.update({p.pid: Label("orchestrator", t) for t, p in self._procs.items() if p.poll() is None})
         return out
 
     def begin_shutdown(self) -> None:

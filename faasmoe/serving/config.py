@@ -62,6 +62,7 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(600.0, gt=0, description="a request running longer fails with 504")
     admin_key: str | None = Field(None, description="guards /metrics; generated and printed if unset")
+    meter_interval_s: float = Field(0.5, gt=0, description="how often every process's CPU and memory is sampled")
     tenants: list[TenantConfig] = Field(default_factory=list)
 
     @field_validator("tenants")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from faasmoe.metering.meter import Meter
 from faasmoe.platforms.base import Platform
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -44,8 +45,32 @@ class _FunctionPool:
         yield warm
 
 
+class _Processes:
+    """Custom collector: CPU and memory of every process serving, by role and tenant, from the meter."""
+
+    def __init__(self, meter: Meter):
+        self.meter = meter
+
+    def collect(self):
+        cpu = CounterMetricFamily("faasmoe_process_cpu_seconds", "CPU-seconds of faasmoe's processes",
+                                  labels=["role", "tenant"])
+        gbs = CounterMetricFamily("faasmoe_process_gb_seconds", "Memory (PSS) integrated over time, GB-seconds",
+                                  labels=["role", "tenant"])
+        mem = GaugeMetricFamily("faasmoe_process_memory_bytes", "Memory of faasmoe's processes now",
+                                labels=["role", "tenant", "kind"])
+        count = GaugeMetricFamily("faasmoe_processes", "Processes alive now", labels=["role", "tenant"])
+        for (role, tenant), d in self.meter.by(lambda lb: (lb.role, lb.tenant or "")).items():
+            cpu.add_metric([role, tenant], d["cpu_seconds"])
+            gbs.add_metric([role, tenant], d["gb_seconds"])
+            for kind in ("rss", "pss", "uss"):
+                mem.add_metric([role, tenant, kind], d[f"{kind}_bytes"])
+            count.add_metric([role, tenant], d["alive"])
+        yield from (cpu, gbs, mem, count)
+
+
 class Metrics:
-    def __init__(self, platform: Platform, queue_depth: Callable[[], int], running: Callable[[], int]):
+    def __init__(self, platform: Platform, queue_depth: Callable[[], int], running: Callable[[], int],
+                 meter: Meter | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("faasmoe_requests", "HTTP requests by tenant, endpoint and status",
                                 ["tenant", "endpoint", "status"], registry=r)
@@ -60,6 +85,8 @@ class Metrics:
         Gauge("faasmoe_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(queue_depth)
         Gauge("faasmoe_running_requests", "Requests being generated", registry=r).set_function(running)
         r.register(_FunctionPool(platform))
+        if meter is not None:
+            r.register(_Processes(meter))
 
     def on_step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)
