@@ -127,6 +127,84 @@ def bench_engine_cmd(
         typer.echo(f"wrote {out}")
 
 
+def _range(text: str, name: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition(":")
+    try:
+        a, b = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise typer.BadParameter(f"{name} expects MIN:MAX, got {text!r}") from None
+    if not 1 <= a <= b:
+        raise typer.BadParameter(f"{name} expects 1 <= MIN <= MAX, got {text!r}")
+    return a, b
+
+
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("runs/bench"), help="Directory for results.json, results.md and the plots."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny preset, short load, small sweep: minutes, not hours."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint (created if missing; default: models/bench-tiny with "
+                                                    "--quick, else models/qwen1.5-moe-a2.7b-bench)."),
+    layers: Optional[int] = typer.Option(None, help="Layers of the real preset when the checkpoint is created "
+                                                    "(default: 1, what 24 GiB allows for 6 Baseline tenants)."),
+    tenants: int = typer.Option(6, help="Tenants (the paper's figures imply 6)."),
+    rate: list[float] = typer.Option([], help="Requests/s per tenant, repeatable (cycled over tenants)."),
+    arrival: str = typer.Option("poisson", help="poisson, or bursty (on/off periods at 3x the rate)."),
+    duration: Optional[float] = typer.Option(None, help="Seconds during which requests arrive."),
+    max_requests: Optional[int] = typer.Option(None, help="Requests per tenant at most."),
+    prompt_tokens: Optional[str] = typer.Option(None, help="Prompt length range MIN:MAX in tokens."),
+    output_tokens: Optional[str] = typer.Option(None, help="Output length range MIN:MAX in tokens."),
+    seed: int = typer.Option(0, help="Seed of the workload: the same requests for every strategy."),
+    experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",
+                                                       help="k of faasmoe's main runs."),
+    sweep: list[int] = typer.Option([], help="k values to sweep for faasmoe's strategies, repeatable "
+                                             "(default: 1, 2, 4, ... all)."),
+    no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the granularity sweep."),
+    keep_alive: Optional[float] = typer.Option(None, help="Function keep-alive in seconds."),
+    strategy: list[str] = typer.Option([], help="Strategies to run, repeatable (default: all four)."),
+    platform: str = typer.Option("local", help="FaaS platform of faasmoe's strategies."),
+) -> None:
+    """Baseline vs FaaSMoE Private vs FaaSMoE Shared vs Local Distribution, one after the other, same load."""
+    from faasmoe.bench.load import Workload
+    from faasmoe.bench.multitenant import STRATEGIES, BenchConfig, run_bench
+    from faasmoe.checkpoint import Checkpoint
+    from faasmoe.init_model import init_model
+
+    for s_ in strategy:
+        if s_ not in STRATEGIES:
+            _fail(f"unknown strategy {s_!r}; choose from {', '.join(STRATEGIES)}")
+    if arrival not in ("poisson", "bursty"):
+        _fail("--arrival is poisson or bursty")
+    model = model or Path("models/bench-tiny" if quick else "models/qwen1.5-moe-a2.7b-bench")
+    if not (model / "config.json").is_file():
+        typer.echo(f"creating {model}")
+        if quick:
+            init_model("tiny", model)
+        else:
+            init_model("qwen1.5-moe-a2.7b", model, layers=layers or 1)
+    experts = Checkpoint(model).config.num_experts
+    k = experts_per_function or (2 if quick else 4)
+    if not sweep and not no_sweep:
+        sweep = sorted({min(2**i, experts) for i in range(experts.bit_length() + 1)})
+        if quick:
+            sweep = [1, experts]
+    workload = Workload(
+        tenants=tenants, rates=rate or ([2.0] if quick else [0.2]), arrival=arrival,  # type: ignore[arg-type]
+        duration_s=duration or (8.0 if quick else 120.0), max_requests=max_requests,
+        prompt_tokens=_range(prompt_tokens, "--prompt-tokens") if prompt_tokens else ((8, 32) if quick else (32, 128)),
+        output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else ((8, 16) if quick else (32, 64)),
+        seed=seed)
+    cfg = BenchConfig(model=model.resolve(), workload=workload, experts_per_function=k, sweep=[] if no_sweep else sweep,
+                      sweep_strategies=("faasmoe-shared",) if quick else ("faasmoe-private", "faasmoe-shared"),
+                      keep_alive_s=keep_alive if keep_alive is not None else (5.0 if quick else 30.0),
+                      strategies=tuple(strategy) or STRATEGIES, platform=platform)
+    report = run_bench(cfg, out)
+    typer.echo((out / "results.md").read_text())
+    errors = sum(r["errors"] for r in report["strategies"].values())
+    if errors:
+        typer.secho(f"{errors} requests failed", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or YAML file: tenants, keys, limits, model, "
@@ -138,7 +216,9 @@ def serve(
     preset: Optional[str] = typer.Option(None, help="Preset to create at --model if it is missing (default: tiny)."),
     layers: Optional[int] = typer.Option(None, help="Layers of the created preset (default: the preset's)."),
     mode: Optional[str] = typer.Option(None, help="shared: one orchestrator batching all tenants; private: one "
-                                                  "orchestrator process per tenant (default: shared)."),
+                                                  "orchestrator process per tenant; monolithic: transformers' "
+                                                  "model with every expert resident, no functions, for "
+                                                  "comparison (default: shared)."),
     platform: Optional[str] = typer.Option(None, help="FaaS platform of the expert functions (default: local)."),
     keep_alive: Optional[float] = typer.Option(None, help="Seconds an idle function instance stays warm (default: 30)."),
     experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",

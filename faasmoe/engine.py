@@ -43,48 +43,39 @@ class Generation:
         return asdict(self)
 
 
-class Engine:
-    def __init__(self, model: str | Path, *, experts_per_function: int = 1, platform: str = "local",
-                 platform_config: PlatformConfig | None = None, dtype: str | None = None, prewarm: bool = False,
-                 threads: int | None = None, platform_options: dict[str, Any] | None = None):
-        t0 = time.perf_counter()
+class BaseEngine:
+    """What every engine shares: tokenizer, stop ids, request checks, sampling, the generate loop.
+
+    A subclass provides `model` with `new_cache(capacity)` and `forward(chunks) -> logits [B, V]`,
+    and `counters()`.
+    """
+
+    def __init__(self, model: str | Path, dtype: str | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.checkpoint = ckpt = Checkpoint(model)
-        c = self.config = ckpt.config
+        self.config = ckpt.config
         self.dtype = torch_dtype(dtype or ckpt.dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), local_files_only=True)
-        self.eos_ids = frozenset(_eos_ids(ckpt.path, c, self.tokenizer))
-        self.blocks = contiguous_blocks(c.num_experts, experts_per_function)
-        self.experts_per_function = experts_per_function
-        self.specs: list[FunctionSpec] = function_specs(ckpt, self.blocks, str(self.dtype).removeprefix("torch."))
-        self.platform = create_platform(platform, platform_config, **(platform_options or {}))
-        self.platform.start()
-        try:
-            for spec in self.specs:
-                self.platform.deploy(spec)
-            self.dispatcher = ExpertDispatcher(self.platform, ckpt.digest, self.blocks, c.num_experts, self.dtype)
-            self.model = ControlPlane(ckpt, self.dtype, self.dispatcher)
-            if prewarm:
-                self.prewarm()
-        except BaseException:
-            self.platform.close()
-            raise
-        self.load_s = time.perf_counter() - t0
+        self.eos_ids = frozenset(_eos_ids(ckpt.path, self.config, self.tokenizer))
+        self.load_s = 0.0
 
-    # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        self.platform.close()
+        pass
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def prewarm(self) -> None:
-        """Cold-start one instance of every function now, so the first request finds them warm."""
-        self.platform.invoke_many(prewarm_calls(self.specs))
+    def counters(self) -> dict[str, float]:
+        """Cumulative counters (invocations, ...); `generate` reports their change over a call."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Fixed facts about the deployment, reported with every generation."""
+        return {}
 
     # -- generation ----------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
@@ -141,13 +132,47 @@ class Engine:
         after = self.counters()
         n = len(seq.output_ids)
         stats = {k: after[k] - before[k] for k in after}
+        stats.update(self.describe())
         stats.update(
-            prompt_tokens=len(ids), completion_tokens=n, experts_per_function=self.experts_per_function,
-            functions=len(self.specs), load_s=self.load_s, tokenize_s=t_tok - t0, prefill_s=t_prefill - t_tok,
+            prompt_tokens=len(ids), completion_tokens=n, load_s=self.load_s, tokenize_s=t_tok - t0, prefill_s=t_prefill - t_tok,
             decode_s=t_end - t_prefill, total_s=t_end - t0,
             decode_ms_per_token=1000 * (t_end - t_prefill) / (n - 1) if n > 1 else None,
         )
         return Generation(seq.text, seq.output_ids, len(ids), seq.finish_reason, stats)
+
+class Engine(BaseEngine):
+    """The distributed model: this process runs the control plane, a FaaS platform runs the experts."""
+
+    def __init__(self, model: str | Path, *, experts_per_function: int = 1, platform: str = "local",
+                 platform_config: PlatformConfig | None = None, dtype: str | None = None, prewarm: bool = False,
+                 threads: int | None = None, platform_options: dict[str, Any] | None = None):
+        t0 = time.perf_counter()
+        super().__init__(model, dtype, threads)
+        ckpt, c = self.checkpoint, self.config
+        self.blocks = contiguous_blocks(c.num_experts, experts_per_function)
+        self.experts_per_function = experts_per_function
+        self.specs: list[FunctionSpec] = function_specs(ckpt, self.blocks, str(self.dtype).removeprefix("torch."))
+        self.platform = create_platform(platform, platform_config, **(platform_options or {}))
+        self.platform.start()
+        try:
+            for spec in self.specs:
+                self.platform.deploy(spec)
+            self.dispatcher = ExpertDispatcher(self.platform, ckpt.digest, self.blocks, c.num_experts, self.dtype)
+            self.model = ControlPlane(ckpt, self.dtype, self.dispatcher)
+            if prewarm:
+                self.prewarm()
+        except BaseException:
+            self.platform.close()
+            raise
+        self.load_s = time.perf_counter() - t0
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.platform.close()
+
+    def prewarm(self) -> None:
+        """Cold-start one instance of every function now, so the first request finds them warm."""
+        self.platform.invoke_many(prewarm_calls(self.specs))
 
     @torch.inference_mode()
     def logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -155,6 +180,10 @@ class Engine:
         seq = self.new_sequence(list(token_ids), SamplingParams(max_tokens=1))
         chunk = seq.next_chunk()
         return self.model.forward([chunk], all_logits=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {"experts_per_function": self.experts_per_function, "functions": len(self.specs),
+                "platform": self.platform.name}
 
     def counters(self) -> dict[str, float]:
         """Cumulative invocation, cold start, warm hit and dispatch counters of this engine."""

@@ -86,6 +86,7 @@ class LocalPlatform(Platform):
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._zygote = Zygote.shared()
+        self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
         self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
         self._reaper.start()
 

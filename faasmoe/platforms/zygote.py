@@ -2,8 +2,8 @@
 
 A cold start then costs a fork plus the weight load, not a new interpreter and a
 torch import (about 2 s here). One zygote serves every platform of a process
-(`Zygote.shared()`). Protocol on its stdin/stdout, one JSON line each way:
-`{"spec": {...}, "socket": path, "threads": n}` -> `{"pid": n}`. It exits when its
+(`Zygote.shared()`). Protocol on its stdin/stdout, JSON lines: first `{"ready": true}` once imported, then
+`{"spec": {...}, "socket": path, "threads": n}` -> `{"pid": n}` per instance. It exits when its
 stdin closes (its parent process is gone); its children die with it.
 """
 
@@ -30,6 +30,7 @@ class Zygote:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._ready = False
         self._proc = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.zygote"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, bufsize=1,
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -43,6 +44,15 @@ class Zygote:
                 atexit.register(cls._shared.close)
             return cls._shared
 
+    def wait_ready(self) -> None:
+        """Block until the zygote has imported torch and the handler (its first line says so)."""
+        with self._lock:
+            if not self._ready:
+                line = self._proc.stdout.readline()
+                if not line or not json.loads(line).get("ready"):
+                    raise ZygoteError(f"the zygote process failed to start (exit code {self._proc.poll()})")
+                self._ready = True
+
     @property
     def alive(self) -> bool:
         return self._proc.poll() is None
@@ -54,6 +64,7 @@ class Zygote:
     def fork(self, spec_json: dict, socket_path: str, threads: int) -> int:
         """A new instance process serving `socket_path`; returns its pid."""
         req = json.dumps({"spec": spec_json, "socket": socket_path, "threads": threads})
+        self.wait_ready()
         with self._lock:
             if not self.alive:
                 raise ZygoteError("the zygote process is not running")
@@ -83,6 +94,8 @@ def run() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then closes our stdin
     out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
     for line in sys.stdin:
         req = json.loads(line)
         pid = os.fork()

@@ -67,14 +67,22 @@ class Backend(ABC):
 
 
 class SharedBackend(Backend):
-    """One orchestrator for every tenant: cross-tenant continuous batching in this process."""
+    """One orchestrator for every tenant: cross-tenant continuous batching in this process.
 
-    mode = "shared"
-    server_role = "control-plane"
+    With `--mode monolithic` the same scheduler drives transformers' model with every expert resident:
+    the Baseline, behind the same API."""
 
     def __init__(self, config: ServerConfig, on_step=None):
-        self.engine = Engine(config.model, experts_per_function=config.experts_per_function, platform=config.platform,
-                             platform_config=config.platform_config(), dtype=config.dtype, prewarm=config.prewarm)
+        if config.mode == "monolithic":
+            from faasmoe.monolithic import MonolithicEngine
+
+            self.mode, self.server_role = "monolithic", "baseline"
+            self.engine = MonolithicEngine(config.model, dtype=config.dtype)
+        else:
+            self.mode, self.server_role = "shared", "control-plane"
+            self.engine = Engine(config.model, experts_per_function=config.experts_per_function,
+                                 platform=config.platform, platform_config=config.platform_config(),
+                                 dtype=config.dtype, prewarm=config.prewarm)
         self.platform = self.engine.platform
         self.tokenizer = self.engine.tokenizer
         self.max_context = self.engine.max_context
@@ -262,4 +270,4 @@ class PrivateBackend(Backend):
 
 
 def create_backend(config: ServerConfig, on_step=None) -> Backend:
-    return SharedBackend(config, on_step) if config.mode == "shared" else PrivateBackend(config)
+    return PrivateBackend(config) if config.mode == "private" else SharedBackend(config, on_step)

@@ -47,7 +47,7 @@ class ServerConfig(BaseModel):
     model_name: str | None = Field(None, description="the id clients pass as `model` (default: the directory name)")
     preset: str = Field("tiny", description="what to create at `model` if it is missing")
     preset_layers: int | None = None
-    mode: Literal["shared", "private"] = "shared"
+    mode: Literal["shared", "private", "monolithic"] = "shared"
     platform: str = "local"
     experts_per_function: int = Field(1, ge=1)
     keep_alive_s: float = Field(30.0, ge=0)

@@ -1,0 +1,182 @@
+"""A multi-tenant load generator for any OpenAI-compatible server.
+
+Each tenant has its own arrival process (Poisson at its own rate, or bursty on/off),
+prompt and output lengths drawn from uniform ranges, all from one seed: every
+strategy of a benchmark receives exactly the same requests at the same offsets.
+Prompts are token ids (so their lengths are exact) and outputs use `ignore_eos`
+(so every strategy generates the same number of tokens). Requests stream, so time
+to first token and time per output token are measured at the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import httpx
+
+
+@dataclass
+class Workload:
+    tenants: int = 6
+    rates: list[float] = field(default_factory=lambda: [0.5])  # requests/s per tenant (cycled over tenants)
+    arrival: Literal["poisson", "bursty"] = "poisson"
+    burst_on_s: float = 5.0  # bursty: mean length of an on period (3x the rate) and of an off period (silent)
+    duration_s: float = 60.0  # requests arrive during this window
+    max_requests: int | None = None  # per tenant
+    prompt_tokens: tuple[int, int] = (16, 64)
+    output_tokens: tuple[int, int] = (16, 32)
+    seed: int = 0
+
+    def rate(self, tenant: int) -> float:
+        return self.rates[tenant % len(self.rates)]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float  # seconds after the start
+    tenant: int
+    prompt: tuple[int, ...]
+    max_tokens: int
+
+
+def schedule(w: Workload) -> list[Arrival]:
+    """Every request of the run, in time order; the same for the same workload and seed.
+
+    Poisson: exponential gaps at the tenant's rate over the whole window. Bursty: on and off
+    periods (exponential, mean `burst_on_s` each) with Poisson arrivals at 3x the rate while on.
+    """
+    out: list[Arrival] = []
+    for t in range(w.tenants):
+        rng = random.Random(f"{w.seed}:{t}")
+        if w.arrival == "bursty":
+            windows, start = [], 0.0
+            while start < w.duration_s:
+                on = rng.expovariate(1 / w.burst_on_s)
+                windows.append((start, min(start + on, w.duration_s), 3 * w.rate(t)))
+                start += on + rng.expovariate(1 / w.burst_on_s)
+        else:
+            windows = [(0.0, w.duration_s, w.rate(t))]
+        n = 0
+        for begin, end, rate in windows:
+            now = begin + rng.expovariate(rate)
+            while now < end and (w.max_requests is None or n < w.max_requests):
+                plen = rng.randint(*w.prompt_tokens)
+                prompt = tuple(rng.randint(1000, 30000) for _ in range(plen))
+                out.append(Arrival(now, t, prompt, rng.randint(*w.output_tokens)))
+                n += 1
+                now += rng.expovariate(rate)
+    return sorted(out, key=lambda a: a.at)
+
+
+@dataclass
+class Result:
+    tenant: int
+    at: float
+    ok: bool
+    status: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    latency_s: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Target:
+    """Where one tenant's requests go."""
+
+    base_url: str
+    key: str
+    model: str
+
+
+async def _one(client: httpx.AsyncClient, a: Arrival, target: Target, t0: float) -> Result:
+    await asyncio.sleep(max(0.0, t0 + a.at - time.perf_counter()))
+    start = time.perf_counter()
+    res = Result(a.tenant, a.at, False, 0, len(a.prompt))
+    body = {"model": target.model, "prompt": list(a.prompt), "max_tokens": a.max_tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    first = None
+    try:
+        async with client.stream("POST", f"{target.base_url}/v1/completions", json=body,
+                                 headers={"Authorization": f"Bearer {target.key}"}) as r:
+            res.status = r.status_code
+            if r.status_code != 200:
+                res.error = (await r.aread()).decode(errors="replace")[:500]
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                msg = json.loads(line[6:])
+                if "error" in msg:
+                    res.error = msg["error"].get("message", "error")
+                    return res
+                if msg.get("usage"):
+                    res.completion_tokens = msg["usage"]["completion_tokens"]
+                elif first is None and msg["choices"] and msg["choices"][0].get("text"):
+                    first = time.perf_counter()
+    except httpx.HTTPError as e:
+        res.error = f"{type(e).__name__}: {e}"
+        return res
+    end = time.perf_counter()
+    res.ok = res.completion_tokens == a.max_tokens
+    if not res.ok:
+        res.error = f"{res.completion_tokens} of {a.max_tokens} tokens"
+    res.latency_s = end - start
+    if first is not None:
+        res.ttft_s = first - start
+        if res.completion_tokens > 1:
+            res.tpot_s = (end - first) / (res.completion_tokens - 1)
+    return res
+
+
+async def run_load(arrivals: list[Arrival], targets: dict[int, Target], timeout_s: float = 600.0,
+                   progress=None) -> list[Result]:
+    """Send every arrival at its time to its tenant's target; one Result each."""
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def tracked(a: Arrival) -> Result:
+            r = await _one(client, a, targets[a.tenant], t0)
+            if progress is not None:
+                progress(r)
+            return r
+
+        return list(await asyncio.gather(*(tracked(a) for a in arrivals)))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(results: list[Result], wall_s: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+    tokens = sum(r.completion_tokens for r in ok)
+    return {
+        "requests": len(results), "completed": len(ok), "errors": len(results) - len(ok),
+        "completion_tokens": tokens, "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "throughput_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
+        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p95_s": percentile(tpot, 0.95),
+        "latency_mean_s": statistics.mean(r.latency_s for r in ok) if ok else None,
+        "error_examples": [r.error for r in results if not r.ok][:3],
+    }
+
+
+def workload_json(w: Workload) -> dict:
+    return asdict(w)
