@@ -71,7 +71,11 @@ def generate(
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
     experts_per_function: int = typer.Option(1, "--experts-per-function", "-k",
                                              help="Experts per function, 1 .. all experts of a layer."),
-    platform: str = typer.Option("local", help="FaaS platform that runs the expert functions."),
+    platform: str = typer.Option("local", help="FaaS platform that runs the expert functions: local (embedded), "
+                                               "http (functions hosted elsewhere, see --functions) or ray."),
+    functions: Optional[Path] = typer.Option(None, help="http platform: the manifest written by `faasmoe package`."),
+    function_token: Optional[str] = typer.Option(None, help="http platform: token sent as X-Faasmoe-Token."),
+    ray_address: Optional[str] = typer.Option(None, help="ray platform: cluster address (default: start a local Ray)."),
     keep_alive: float = typer.Option(30.0, help="Seconds an idle function instance stays warm."),
     max_instances: int = typer.Option(4, help="Instances per function under concurrent load."),
     invoke_timeout: float = typer.Option(60.0, help="Seconds before a function call is abandoned and retried."),
@@ -83,8 +87,11 @@ def generate(
     from faasmoe.checkpoint import CheckpointError
 
     try:
+        options = {"local": {}, "http": {"manifest": functions, "token": function_token},
+                   "ray": {"address": ray_address}}.get(platform, {})
         engine = faasmoe.load(model, experts_per_function=experts_per_function, platform=platform, dtype=dtype,
-                              platform_config=_platform_config(keep_alive, max_instances, invoke_timeout))
+                              platform_config=_platform_config(keep_alive, max_instances, invoke_timeout),
+                              platform_options=options)
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
     with engine:
@@ -115,12 +122,14 @@ def bench_engine_cmd(
     repeats: int = typer.Option(3, help="Measured runs of each side, interleaved."),
     experts_per_function: list[int] = typer.Option([1, 4], "--experts-per-function", "-k",
                                                    help="Granularities to measure (repeatable)."),
+    platform: list[str] = typer.Option(["local"], help="Platforms to measure (repeatable): local, ray."),
     out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
 ) -> None:
     """Side by side in one run: faasmoe (warm) vs the monolithic transformers model on the same weights."""
     from faasmoe.bench.engine import run_engine_bench
 
-    report = run_engine_bench(model, layers=layers, tokens=tokens, repeats=repeats, ks=experts_per_function)
+    report = run_engine_bench(model, layers=layers, tokens=tokens, repeats=repeats, ks=experts_per_function,
+                              platforms=platform)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -162,6 +171,11 @@ def bench(
     keep_alive: Optional[float] = typer.Option(None, help="Function keep-alive in seconds."),
     strategy: list[str] = typer.Option([], help="Strategies to run, repeatable (default: all four)."),
     platform: str = typer.Option("local", help="FaaS platform of faasmoe's strategies."),
+    chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
+                                                      "killing a random function instance every --chaos-interval "
+                                                      "seconds; report completed requests and output mismatches."),
+    chaos_interval: float = typer.Option(0.5, help="Seconds between instance kills in --chaos."),
+    chaos_mode: str = typer.Option("shared", help="Server mode for --chaos: shared or private."),
 ) -> None:
     """Baseline vs FaaSMoE Private vs FaaSMoE Shared vs Local Distribution, one after the other, same load."""
     from faasmoe.bench.load import Workload
@@ -197,12 +211,50 @@ def bench(
                       sweep_strategies=("faasmoe-shared",) if quick else ("faasmoe-private", "faasmoe-shared"),
                       keep_alive_s=keep_alive if keep_alive is not None else (5.0 if quick else 30.0),
                       strategies=tuple(strategy) or STRATEGIES, platform=platform)
+    if chaos:
+        from faasmoe.bench.chaos import run_chaos
+
+        r = run_chaos(cfg, out, chaos_interval, chaos_mode)
+        typer.echo(f"chaos ({r['mode']} mode, {r['tenants']} tenants, a random instance killed every "
+                   f"{r['kill_interval_s']:g} s: {r['instances_killed']} kills): {r['requests_sent']} requests sent, "
+                   f"{r['completed']} completed ({r['completed_percent']:.1f} %), {r['failed']} failed, "
+                   f"{r['mismatches']} of {r['compared']} outputs differ from the fault-free run")
+        if r["failed"] or r["mismatches"]:
+            raise typer.Exit(1)
+        return
     report = run_bench(cfg, out)
     typer.echo((out / "results.md").read_text())
     errors = sum(r["errors"] for r in report["strategies"].values())
     if errors:
         typer.secho(f"{errors} requests failed", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+@app.command("package")
+def package_cmd(
+    model: Path = typer.Option(..., help="The checkpoint whose experts to package."),
+    target: str = typer.Option(..., help="tinyfaas, openfaas or knative."),
+    out: Path = typer.Option(..., help="Directory to write the packages and manifest.json into."),
+    experts_per_function: int = typer.Option(1, "--experts-per-function", "-k", help="Experts per function."),
+    base_url: Optional[str] = typer.Option(None, help="URL template per function, with {name}, {port} or {index} "
+                                                      "(default: the target's usual gateway form)."),
+    start_port: int = typer.Option(9000, help="{port} of the first function (then +1 each)."),
+    reference_weights: bool = typer.Option(False, help="Point at the checkpoint's files instead of copying each "
+                                                       "function's tensors into its package."),
+    keep_alive: float = typer.Option(30.0, help="Scale-to-zero delay written into the deploy files."),
+    max_instances: int = typer.Option(4, help="Maximum instances written into the deploy files."),
+) -> None:
+    """Package every expert function for an external FaaS platform, plus a manifest for --platform http."""
+    from faasmoe.checkpoint import CheckpointError
+    from faasmoe.package import package
+
+    try:
+        manifest = package(model, experts_per_function, target, out, base_url=base_url, start_port=start_port,
+                           copy_weights=not reference_weights, keep_alive_s=keep_alive, max_instances=max_instances)
+    except (CheckpointError, ValueError) as e:
+        _fail(str(e))
+    n = len(json.loads(manifest.read_text())["functions"])
+    typer.echo(f"wrote {n} {target} function packages under {out / 'functions'} and {manifest}")
 
 
 @app.command()
@@ -219,7 +271,12 @@ def serve(
                                                   "orchestrator process per tenant; monolithic: transformers' "
                                                   "model with every expert resident, no functions, for "
                                                   "comparison (default: shared)."),
-    platform: Optional[str] = typer.Option(None, help="FaaS platform of the expert functions (default: local)."),
+    platform: Optional[str] = typer.Option(None, help="FaaS platform of the expert functions: local, http or ray "
+                                                      "(default: local)."),
+    functions: Optional[Path] = typer.Option(None, help="http platform: the manifest written by `faasmoe package`."),
+    function_token: Optional[str] = typer.Option(None, help="http platform: token sent as X-Faasmoe-Token."),
+    ray_address: Optional[str] = typer.Option(None, help="ray platform: cluster address to join (default: start a "
+                                                         "local Ray on 127.0.0.1)."),
     keep_alive: Optional[float] = typer.Option(None, help="Seconds an idle function instance stays warm (default: 30)."),
     experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",
                                                        help="Experts per function (default: 1)."),
@@ -249,7 +306,8 @@ def serve(
         tenants.append({"name": name, "key": key})
     try:
         cfg = load_config(config, host=host, port=port, model=model, model_name=model_name, preset=preset,
-                          preset_layers=layers, mode=mode, platform=platform, keep_alive_s=keep_alive,
+                          preset_layers=layers, mode=mode, platform=platform, functions=functions,
+                          function_token=function_token, ray_address=ray_address, keep_alive_s=keep_alive,
                           experts_per_function=experts_per_function, max_instances=max_instances, max_batch=max_batch,
                           max_queue=max_queue, tenants=tenants, admin_key=admin_key, prewarm=prewarm, dtype=dtype)
     except (ValidationError, ValueError, OSError) as e:

@@ -157,6 +157,7 @@ class Engine(BaseEngine):
         try:
             for spec in self.specs:
                 self.platform.deploy(spec)
+            self.platform.finish_deploy()
             self.dispatcher = ExpertDispatcher(self.platform, ckpt.digest, self.blocks, c.num_experts, self.dtype)
             self.model = ControlPlane(ckpt, self.dtype, self.dispatcher)
             if prewarm:

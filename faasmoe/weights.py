@@ -37,16 +37,22 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
-def map_tensor(loc: TensorLocation, fd: int) -> torch.Tensor:
+def map_tensor(loc: TensorLocation, fd: int, populate: bool = True) -> torch.Tensor:
     start = loc.offset - loc.offset % PAGE
-    mm = mmap.mmap(fd, loc.offset + loc.nbytes - start, flags=_FLAGS, prot=mmap.PROT_READ, offset=start)
+    flags = _FLAGS if populate else mmap.MAP_SHARED
+    mm = mmap.mmap(fd, loc.offset + loc.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
     t = torch.frombuffer(mm, dtype=torch_dtype(loc.dtype), count=loc.nbytes // DTYPES[loc.dtype][0],
                          offset=loc.offset - start)
     return t.view(loc.shape)  # the tensor keeps `mm` alive
 
 
-def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise."""
+def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
+                lazy: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise.
+
+    Tensors named in `lazy` are not populated: their pages are read when first touched. That suits a
+    table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's row 4 KiB).
+    """
     out: dict[str, torch.Tensor] = {}
     fds: dict[str, int] = {}
     try:
@@ -54,7 +60,7 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype) -> dict
             fd = fds.get(loc.file)
             if fd is None:
                 fd = fds[loc.file] = os.open(loc.file, os.O_RDONLY)
-            t = map_tensor(loc, fd)
+            t = map_tensor(loc, fd, populate=loc.name not in lazy)
             out[loc.name] = t if t.dtype == dtype else t.to(dtype)
     finally:
         for fd in fds.values():

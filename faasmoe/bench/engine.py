@@ -65,29 +65,35 @@ def dispatch_cost(engine, reps: int = 30) -> dict:
             "platform_ms": statistics.mean(v["platform_ms"] for v in layers.values())}
 
 
-def cold_start_cost(spec, reps: int = 5) -> dict:
-    """Cold start of one function (fork from the zygote, map weights, ready) vs reading its bytes."""
-    from faasmoe.functions import wire
-    from faasmoe.platforms import PlatformConfig
-    from faasmoe.platforms.local import LocalPlatform
+def cold_start_cost(spec, platform: str = "local", reps: int = 5, options: dict | None = None) -> dict:
+    """Cold start of one function on a platform (local: fork from the zygote, map weights, ready) vs a plain
+    read of its weight bytes."""
+    from faasmoe.engine import prewarm_calls
+    from faasmoe.platforms import PlatformConfig, create_platform
     from faasmoe.weights import read_bytes
 
     read = _median_ms(lambda: read_bytes(spec.tensors), reps)  # page cache warm, as for the cold starts
-    frame = wire.encode_invocation(wire.Invocation(
-        bytes.fromhex(spec.model), spec.layer, spec.block, torch.zeros(1, spec.hidden_size, dtype=getattr(torch, spec.dtype)),
-        torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), torch.zeros(0)))
-    with LocalPlatform(PlatformConfig(keep_alive_s=3600)) as platform:
-        platform.deploy(spec)
-        platform.invoke(spec.id, frame)  # the first waits for the zygote's imports: not a cold start to count
-        platform.scale_to_zero()
-        for _ in range(reps):
-            platform.invoke(spec.id, frame)
-            platform.scale_to_zero()
-        starts = [e for e in platform.log.recent if e.kind == "cold_start"][1:]
+    frame = prewarm_calls([spec])[0][1]
+    p = create_platform(platform, PlatformConfig(keep_alive_s=1.0), **(options or {}))
+    p.start()
+    try:
+        p.deploy(spec)
+        for _ in range(reps + 1):  # the first may wait for imports or deployment: not counted
+            p.invoke(spec.id, frame)
+            p.scale_to_zero()
+            deadline = time.monotonic() + 60
+            while p.instances() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        starts = [e for e in p.log.recent if e.kind == "cold_start"][1:]
+    finally:
+        p.close()
+    if not starts:
+        return {"bytes": spec.nbytes, "read_ms": read, "cold_start_ms": None, "load_in_instance_ms": None,
+                "ratio": None}
     cold = 1000 * statistics.median(e.duration_s for e in starts)
     load = 1000 * statistics.median(e.load_s for e in starts)
     return {"bytes": spec.nbytes, "read_ms": read, "cold_start_ms": cold, "load_in_instance_ms": load,
-            "ratio": cold / read}
+            "ratio": cold / read, "samples": len(starts)}
 
 
 def ensure_model(model: Path, layers: int) -> Path:
@@ -100,7 +106,7 @@ def ensure_model(model: Path, layers: int) -> Path:
 
 
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
-                     ks: list[int] = (1, 4)) -> dict:
+                     ks: list[int] = (1, 4), platforms: list[str] = ("local",)) -> dict:
     import faasmoe
     from faasmoe.platforms import PlatformConfig
     from transformers import Qwen2MoeForCausalLM
@@ -110,39 +116,49 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     mono.eval()
     report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {}}
     for k in ks:
-        with faasmoe.load(model, experts_per_function=k, prewarm=True,
-                          platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
-            ids = engine.encode(PROMPT)
-            engine.generate(ids, max_tokens=4, ignore_eos=True)  # warm every path once
-            mono_ms, faas_ms, same = [], [], []
-            for _ in range(repeats):  # interleaved: noise hits both sides alike
-                m, mono_tokens = monolithic_decode(mono, ids, tokens)
-                g = engine.generate(ids, max_tokens=tokens, ignore_eos=True)
-                mono_ms.append(m)
-                faas_ms.append(g.stats["decode_ms_per_token"])
-                same.append(g.token_ids == mono_tokens)
-            moe_layers = len(engine.checkpoint.moe_layers())
-            run = {
-                "experts_per_function": k, "functions": len(engine.specs),
-                "monolithic_ms_per_token": statistics.median(mono_ms), "faasmoe_ms_per_token": statistics.median(faas_ms),
-                "greedy_tokens_match": all(same),
-                "invocations_per_token": g.stats["invocations"] / g.stats["completion_tokens"],
-            }
-            run["ratio"] = run["faasmoe_ms_per_token"] / run["monolithic_ms_per_token"]
-            run["decode_gap_per_moe_layer_ms"] = (run["faasmoe_ms_per_token"] - run["monolithic_ms_per_token"]) / moe_layers
-            run["dispatch"] = dispatch_cost(engine)
-            run["cold_start"] = cold_start_cost(engine.specs[0])
-            report["runs"][str(k)] = run
+        for platform in platforms:
+            with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
+                              platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
+                run = _measure(engine, mono, tokens, repeats)
+            run["platform"] = platform
+            run["cold_start"] = cold_start_cost(engine.specs[0], platform)
+            report["runs"][f"{platform}/k{k}"] = run
             _print_run(run)
     return report
 
 
+def _measure(engine, mono, tokens: int, repeats: int) -> dict:
+    ids = engine.encode(PROMPT)
+    engine.generate(ids, max_tokens=4, ignore_eos=True)  # warm every path once
+    mono_ms, faas_ms, same = [], [], []
+    for _ in range(repeats):  # interleaved: noise hits both sides alike
+        m, mono_tokens = monolithic_decode(mono, ids, tokens)
+        g = engine.generate(ids, max_tokens=tokens, ignore_eos=True)
+        mono_ms.append(m)
+        faas_ms.append(g.stats["decode_ms_per_token"])
+        same.append(g.token_ids == mono_tokens)
+    moe_layers = len(engine.checkpoint.moe_layers())
+    run = {
+        "experts_per_function": engine.experts_per_function, "functions": len(engine.specs),
+        "monolithic_ms_per_token": statistics.median(mono_ms), "faasmoe_ms_per_token": statistics.median(faas_ms),
+        "greedy_tokens_match": all(same),
+        "invocations_per_token": g.stats["invocations"] / g.stats["completion_tokens"],
+    }
+    run["ratio"] = run["faasmoe_ms_per_token"] / run["monolithic_ms_per_token"]
+    run["decode_gap_per_moe_layer_ms"] = (run["faasmoe_ms_per_token"] - run["monolithic_ms_per_token"]) / moe_layers
+    run["dispatch"] = dispatch_cost(engine)
+    return run
+
+
 def _print_run(r: dict) -> None:
     d, c = r["dispatch"], r["cold_start"]
-    print(f"k={r['experts_per_function']:<3} decode: faasmoe {r['faasmoe_ms_per_token']:.1f} ms/token vs monolithic "
+    print(f"{r['platform']} k={r['experts_per_function']:<3} decode: faasmoe {r['faasmoe_ms_per_token']:.1f} ms/token vs monolithic "
           f"{r['monolithic_ms_per_token']:.1f} ({r['ratio']:.2f}x, greedy tokens match: {r['greedy_tokens_match']}), "
           f"{r['invocations_per_token']:.1f} invocations/token")
     print(f"       MoE layer dispatch: {d['platform_ms']:.2f} ms through the platform, overhead "
           f"{d['overhead_ms']:+.2f} ms vs in-process; decode gap {r['decode_gap_per_moe_layer_ms']:+.2f} ms per MoE layer")
+    if c["cold_start_ms"] is None:
+        print("       cold start: not observed")
+        return
     print(f"       cold start: {c['cold_start_ms']:.1f} ms (weight load {c['load_in_instance_ms']:.1f} ms) vs plain read of "
           f"its {c['bytes'] / 2**20:.1f} MiB {c['read_ms']:.1f} ms ({c['ratio']:.2f}x)")

@@ -86,6 +86,7 @@ class Result:
     tpot_s: float | None = None
     latency_s: float = 0.0
     error: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -120,8 +121,9 @@ async def _one(client: httpx.AsyncClient, a: Arrival, target: Target, t0: float)
                     return res
                 if msg.get("usage"):
                     res.completion_tokens = msg["usage"]["completion_tokens"]
-                elif first is None and msg["choices"] and msg["choices"][0].get("text"):
-                    first = time.perf_counter()
+                elif msg["choices"] and msg["choices"][0].get("text"):
+                    first = first or time.perf_counter()
+                    res.text += msg["choices"][0]["text"]
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
         return res

@@ -80,7 +80,9 @@ class ControlPlane:
         c = self.config = ckpt.config
         self.dtype = dtype
         self.dispatcher = dispatcher
-        w = map_tensors(ckpt.control_plane_tensors(), dtype)  # never the routed experts
+        # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
+        lazy = frozenset() if c.tie_word_embeddings else frozenset({"model.embed_tokens.weight"})
+        w = map_tensors(ckpt.control_plane_tensors(), dtype, lazy)
         self.nbytes = sum(t.numel() * t.element_size() for t in w.values())
         self.h, self.g = c.num_attention_heads, c.num_key_value_heads
         self.d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

@@ -91,6 +91,8 @@ class ExpertFunction:
             self.check(inv)
             with torch.inference_mode():
                 out = self.compute(inv)
+            if not bool(torch.isfinite(out).all()):  # finite but absurd inputs can overflow: say so, send no NaN
+                raise wire.WireError("the experts' output is not finite (inputs out of any sane range)")
             return wire.encode_result(self.model, self.spec.layer, self.spec.block, out)
         except wire.WireError as e:
             return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.model, self.spec.layer,

@@ -134,6 +134,9 @@ class Platform(ABC):
     def deploy(self, spec: FunctionSpec) -> None:
         """Register a function; no instance starts until it is invoked (scale from zero)."""
 
+    def finish_deploy(self) -> None:
+        """Every function is deployed: a platform that batches deployments applies them now."""
+
     @abstractmethod
     def submit(self, calls: Sequence[tuple[str, bytes]]) -> Any:
         """Start every (function id, frame) call; returns a handle for `gather` without waiting for replies."""

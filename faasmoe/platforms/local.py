@@ -148,14 +148,14 @@ class LocalPlatform(Platform):
                 reply = recv_frame(call.inst.sock)
                 if reply is None:
                     raise ConnectionError("connection closed")
-            except InstanceStartError:
-                self._drop(call)
-                raise
-            except (OSError, wire.WireError) as e:  # socket.timeout is an OSError
-                kind = "timeout" if isinstance(e, TimeoutError) else "crash"
-                call.errors.append(f"instance {call.inst.name} "
-                                   + ("timed out" if kind == "timeout" else f"died ({type(e).__name__})"))
-                self._record(call.function, call.inst.name, kind, time.perf_counter() - call.sent_at)
+            except (OSError, wire.WireError, InstanceStartError) as e:  # socket.timeout is an OSError
+                if isinstance(e, InstanceStartError):  # killed, hung or failing while it started
+                    call.errors.append(str(e))
+                else:
+                    kind = "timeout" if isinstance(e, TimeoutError) else "crash"
+                    call.errors.append(f"instance {call.inst.name} "
+                                       + ("timed out" if kind == "timeout" else f"died ({type(e).__name__})"))
+                    self._record(call.function, call.inst.name, kind, time.perf_counter() - call.sent_at)
                 self._drop(call)
                 if len(call.errors) > self.config.max_retries:
                     raise InvocationError(f"function {call.function} failed after {len(call.errors)} attempts: "

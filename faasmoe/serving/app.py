@@ -64,6 +64,7 @@ class Outcome:
     finish_reason: str | None = None
     error: str | None = None
     settled: bool = False
+    request_id: str = ""
 
 
 class BodyLimit:
@@ -110,6 +111,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     tenants = Tenants(config.tenants)
     bearer = HTTPBearer(auto_error=False, description="A tenant's API key")
     state: dict = {}
+    in_flight: dict[str, tuple[str, GenRequest]] = {}  # request id -> (tenant, request), while it runs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -196,6 +198,26 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 # what this tenant cost: its own processes, plus its token share of the shared ones
                 "bill": tenant_bill(state["meter"], tenant.name, share)}
 
+    def _own_request(tenant: Tenant, request_id: str) -> GenRequest:
+        entry = in_flight.get(request_id)
+        if entry is None or entry[0] != tenant.name:  # another tenant's id looks exactly like an unknown one
+            raise APIError(404, f"no running request {request_id!r}", code="not_found", param="request_id")
+        return entry[1]
+
+    @app.get("/v1/requests/{request_id}")
+    async def request_status(request_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        """A running request of the caller's own (its id is in every streamed chunk and in X-Request-Id)."""
+        req = _own_request(tenant, request_id)
+        return {"id": req.id, "status": "cancelling" if req.cancelled else "running",
+                "prompt_tokens": len(req.prompt_ids), "max_tokens": req.params.max_tokens,
+                "completion_tokens": len(req.seq.output_ids) if req.seq else 0}
+
+    @app.delete("/v1/requests/{request_id}")
+    async def cancel_request(request_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
+        """Cancel a running request of the caller's own; its slot is freed at the next step."""
+        backend_().cancel(_own_request(tenant, request_id))
+        return {"id": request_id, "cancelled": True}
+
     @app.get("/metrics", response_class=Response)
     async def metrics(_: None = Depends(operator)) -> Response:
         return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4")
@@ -275,6 +297,8 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                          emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         outcome = Outcome(prompt_tokens=len(ids))
         started = time.perf_counter()
+        in_flight[req.id] = (tenant.name, req)
+        outcome.request_id = req.id
         try:
             await b.submit(req)
         except (ValueError, QueueFull) as e:
@@ -290,8 +314,10 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
             return StreamingResponse(_stream(request, tenant, endpoint, req, queue, outcome, started, created,
                                              include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Request-Id": req.id})
-        ok = await _collect(request, req, queue, outcome, started)
-        _settle(tenant, endpoint, outcome, started)
+        try:
+            ok = await _collect(request, req, queue, outcome, started)
+        finally:
+            _settle(tenant, endpoint, outcome, started)
         if not ok:
             return _failure(outcome)
         usage = S.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
@@ -396,6 +422,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         if outcome.settled:
             return
         outcome.settled = True
+        in_flight.pop(outcome.request_id, None)
         ok = outcome.status == 200
         if outcome.status in (400, 429):  # refused by the backend: nothing was served
             tenants.refund(tenant, outcome.prompt_tokens)

@@ -82,7 +82,8 @@ class SharedBackend(Backend):
             self.mode, self.server_role = "shared", "control-plane"
             self.engine = Engine(config.model, experts_per_function=config.experts_per_function,
                                  platform=config.platform, platform_config=config.platform_config(),
-                                 dtype=config.dtype, prewarm=config.prewarm)
+                                 platform_options=config.platform_options(), dtype=config.dtype,
+                                 prewarm=config.prewarm)
         self.platform = self.engine.platform
         self.tokenizer = self.engine.tokenizer
         self.max_context = self.engine.max_context
@@ -129,11 +130,12 @@ class PrivateBackend(Backend):
         self.max_context = int(ckpt.config.max_position_embeddings)
         self.vocab_size = int(ckpt.config.vocab_size)
         dtype = config.dtype or ckpt.dtype
-        self.platform = create_platform(config.platform, config.platform_config())
+        self.platform = create_platform(config.platform, config.platform_config(), **config.platform_options())
         self.platform.start()
         self.specs = function_specs(ckpt, contiguous_blocks(ckpt.config.num_experts, config.experts_per_function), dtype)
         for spec in self.specs:
             self.platform.deploy(spec)
+        self.platform.finish_deploy()
         self._dir = tempfile.mkdtemp(prefix="faasmoe-private-")
         self.gateway = GatewayServer(self.platform, os.path.join(self._dir, "gateway.sock"))
         self.gateway.start()

@@ -49,10 +49,14 @@ class ServerConfig(BaseModel):
     preset_layers: int | None = None
     mode: Literal["shared", "private", "monolithic"] = "shared"
     platform: str = "local"
+    functions: Path | None = Field(None, description="http platform: the manifest `faasmoe package` wrote")
+    function_token: str | None = Field(None, description="http platform: X-Faasmoe-Token sent to functions")
+    ray_address: str | None = Field(None, description="ray platform: a cluster to join (default: start a local one)")
     experts_per_function: int = Field(1, ge=1)
     keep_alive_s: float = Field(30.0, ge=0)
     max_instances: int = Field(4, ge=1)
     invoke_timeout_s: float = Field(60.0, gt=0)
+    cold_start_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0)
     prewarm: bool = False
     dtype: str | None = None
@@ -62,7 +66,7 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(600.0, gt=0, description="a request running longer fails with 504")
     admin_key: str | None = Field(None, description="guards /metrics; generated and printed if unset")
-    meter_interval_s: float = Field(0.5, gt=0, description="how often every process's CPU and memory is sampled")
+    meter_interval_s: float = Field(2.0, gt=0, description="how often every process's CPU and memory is sampled")
     tenants: list[TenantConfig] = Field(default_factory=list)
 
     @field_validator("tenants")
@@ -90,9 +94,18 @@ class ServerConfig(BaseModel):
     def served_model_name(self) -> str:
         return self.model_name or self.model.name
 
+    def platform_options(self) -> dict:
+        """What the chosen platform needs besides PlatformConfig."""
+        if self.platform == "http":
+            return {"manifest": self.functions, "token": self.function_token}
+        if self.platform == "ray":
+            return {"address": self.ray_address}
+        return {}
+
     def platform_config(self) -> PlatformConfig:
         return PlatformConfig(keep_alive_s=self.keep_alive_s, max_instances=self.max_instances,
-                              invoke_timeout_s=self.invoke_timeout_s, max_retries=self.max_retries)
+                              invoke_timeout_s=self.invoke_timeout_s, cold_start_timeout_s=self.cold_start_timeout_s,
+                              max_retries=self.max_retries)
 
 
 def load_config(path: Path | None, **overrides) -> ServerConfig:

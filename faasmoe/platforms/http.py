@@ -1,0 +1,119 @@
+"""The `http` platform: call expert functions that another FaaS platform hosts, at URLs from a manifest.
+
+`faasmoe package` writes the manifest (function id -> URL, and whether bodies are
+binary or base64 text). Each call is an HTTP POST of the wire frame; calls of a layer
+go out concurrently from a thread pool over pooled connections. Scaling is the host
+platform's business; what it reveals in the packaged handler's response headers
+(instance id, first call) is recorded as cold starts and warm hits.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from faasmoe.functions.spec import FunctionSpec
+from faasmoe.platforms.base import InstanceEvent, InvocationError, Platform, PlatformConfig
+
+
+def load_manifest(path: str | Path) -> dict:
+    try:
+        m = json.loads(Path(path).read_text())
+        assert isinstance(m["functions"], dict)
+    except (OSError, ValueError, KeyError, AssertionError) as e:
+        raise ValueError(f"{path}: not a faasmoe function manifest ({e})") from e
+    return m
+
+
+class HttpPlatform(Platform):
+    name = "http"
+
+    def __init__(self, config: PlatformConfig, manifest: str | Path, token: str | None = None,
+                 max_concurrency: int = 64):
+        super().__init__(config)
+        self.manifest = load_manifest(manifest)
+        self.base64 = self.manifest.get("encoding", "binary") == "base64"
+        self.token = token
+        self._client = httpx.Client(timeout=httpx.Timeout(config.invoke_timeout_s, connect=10.0),
+                                    limits=httpx.Limits(max_connections=max_concurrency,
+                                                        max_keepalive_connections=max_concurrency))
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="faasmoe-http")
+        self._seen: dict[str, set[str]] = {}  # function -> instance ids seen
+        self._lock = threading.Lock()
+
+    def url(self, function_id: str) -> str:
+        entry = self.manifest["functions"].get(function_id)
+        if entry is None:
+            raise InvocationError(f"function {function_id} is not in the manifest (packaged for another model "
+                                  f"or another experts-per-function?)")
+        return entry["url"]
+
+    def deploy(self, spec: FunctionSpec) -> None:
+        self.url(spec.id)
+        self.log.function(spec.id)
+
+    def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[Future]:
+        return [self._pool.submit(self._call, fid, frame) for fid, frame in calls]
+
+    def gather(self, batch: list[Future]) -> list[bytes]:
+        return [f.result() for f in batch]
+
+    def _call(self, function_id: str, frame: bytes) -> bytes:
+        url = self.url(function_id)
+        stats = self.log.function(function_id)
+        with self._lock:
+            stats.invocations += 1
+        headers = {"Content-Type": "text/plain" if self.base64 else "application/octet-stream"}
+        if self.token:
+            headers["X-Faasmoe-Token"] = self.token
+        body = base64.b64encode(frame) if self.base64 else frame
+        errors = []
+        for attempt in range(self.config.max_retries + 1):
+            t0 = time.perf_counter()
+            try:
+                r = self._client.post(url, content=body, headers=headers)
+            except httpx.TimeoutException:
+                errors.append("timed out")
+                self._record("timeout", function_id, "?", time.perf_counter() - t0)
+                continue
+            except httpx.TransportError as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                self._record("crash", function_id, "?", time.perf_counter() - t0)
+                continue
+            if r.status_code >= 500:
+                errors.append(f"HTTP {r.status_code}")
+                continue
+            if r.status_code != 200:
+                raise InvocationError(f"function {function_id} at {url} answered HTTP {r.status_code}: "
+                                      f"{r.text[:200]}")
+            dt = time.perf_counter() - t0
+            instance = r.headers.get("X-Faasmoe-Instance", "?")
+            cold = r.headers.get("X-Faasmoe-Cold") == "1"
+            load_s = float(r.headers.get("X-Faasmoe-Load-S", "nan"))
+            with self._lock:
+                if attempt:
+                    stats.retries += attempt
+                stats.busy_s += dt
+                seen = self._seen.setdefault(function_id, set())
+                seen.add(instance)
+                stats.instances = len(seen)
+                stats.peak_instances = max(stats.peak_instances, stats.instances)
+            self._record("cold_start" if cold else "warm_hit", function_id, instance, dt, load_s if cold else None)
+            return base64.b64decode(r.content) if self.base64 else r.content
+        raise InvocationError(f"function {function_id} at {url} failed after {len(errors)} attempts: "
+                              + "; ".join(errors))
+
+    def _record(self, kind: str, fid: str, instance: str, duration: float, load_s: float | None = None) -> None:
+        with self._lock:
+            self.log.record(InstanceEvent(kind, fid, instance, time.time(), duration, load_s))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()

@@ -1,0 +1,137 @@
+"""Hostile bytes at a function: every malformed frame gets an error reply, never a crash (property-based)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.functions import wire
+from faasmoe.functions.expert import ExpertFunction
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import function_specs
+from faasmoe.platforms import PlatformConfig
+from faasmoe.platforms.local import LocalPlatform
+from faasmoe.platforms.transport import recv_frame, send_frame
+
+
+@pytest.fixture(scope="module")
+def fn(tiny):
+    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")[0]
+    return ExpertFunction(spec)
+
+
+def valid_frame(fn, T: int = 3) -> bytes:
+    s = fn.spec
+    return wire.encode_invocation(wire.Invocation(
+        bytes.fromhex(s.model), s.layer, s.block, torch.ones(T, s.hidden_size), torch.arange(T, dtype=torch.int32),
+        torch.tensor([s.experts[t % len(s.experts)] for t in range(T)], dtype=torch.int32), torch.full((T,), 0.5)))
+
+
+def answer_kind(reply: bytes) -> int:
+    return wire.decode_header(reply).kind
+
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(st.binary(max_size=4096))
+def test_random_bytes_get_an_error_frame(fn, data):
+    assert answer_kind(fn.handle(data)) == wire.ERROR
+
+
+@SETTINGS
+@given(st.data())
+def test_mutated_valid_frames_get_a_result_or_an_error_never_an_exception(fn, data):
+    frame = bytearray(valid_frame(fn, data.draw(st.integers(1, 6))))
+    op = data.draw(st.sampled_from(["flip", "truncate", "extend", "header"]))
+    if op == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(frame) - 1))
+            frame[i] = data.draw(st.integers(0, 255))
+    elif op == "truncate":
+        frame = frame[: data.draw(st.integers(0, len(frame) - 1))]
+    elif op == "extend":
+        frame += data.draw(st.binary(min_size=1, max_size=64))
+    else:  # rewrite one header field with an arbitrary u32 (T, H, P, layer, block)
+        offset = data.draw(st.sampled_from([16, 20, 24, 28, 32]))
+        struct.pack_into("<I", frame, offset, data.draw(st.integers(0, 2**32 - 1)))
+    reply = fn.handle(bytes(frame))
+    kind = answer_kind(reply)
+    assert kind in (wire.RESULT, wire.ERROR)
+    if kind == wire.RESULT:
+        h = wire.decode_header(reply)
+        assert torch.isfinite(wire.decode_result(reply, h.dtype, h.T, h.H)).all()
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "wrong dtype", "wrong hidden size", "expert of another block",
+                                  "other model"])
+def test_well_formed_but_wrong_frames_are_refused(fn, case):
+    s = fn.spec
+    T = 2
+    hidden = torch.ones(T, s.hidden_size)
+    expert = torch.tensor([s.experts[0]] * T, dtype=torch.int32)
+    model = bytes.fromhex(s.model)
+    if case == "nan":
+        hidden[0, 0] = float("nan")
+    elif case == "inf":
+        hidden[1, 3] = float("inf")
+    elif case == "wrong dtype":
+        hidden = hidden.to(torch.bfloat16)
+    elif case == "wrong hidden size":
+        hidden = torch.ones(T, s.hidden_size + 1)
+    elif case == "expert of another block":
+        expert = torch.tensor([7] * T, dtype=torch.int32)
+    else:
+        model = b"\x00" * 8
+    frame = wire.encode_invocation(wire.Invocation(model, s.layer, s.block, hidden, torch.arange(T, dtype=torch.int32),
+                                                   expert, torch.full((T,), 0.5)))
+    reply = fn.handle(frame)
+    assert answer_kind(reply) == wire.ERROR and s.id in wire.error_message(reply)
+
+
+def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_path):
+    import os
+    import signal
+    import time
+
+    from faasmoe.platforms.zygote import Zygote
+
+    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")[0]
+    path = str(tmp_path / "fn.sock")
+    zygote = Zygote.shared()
+    zygote.wait_ready()
+    pid = zygote.fork(spec.to_json(), path, 1)  # an instance process, talked to directly
+
+    def connect() -> socket.socket:
+        deadline = time.time() + 30
+        while True:
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(path)
+                assert wire.decode_header(recv_frame(s)).kind == wire.READY
+                return s
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.time() < deadline
+                time.sleep(0.01)
+
+    try:
+        s = connect()
+        s.sendall(struct.pack("<I", 2**32 - 1))  # a length it must not try to read
+        reply = recv_frame(s)
+        assert answer_kind(reply) == wire.ERROR and "exceeds" in wire.error_message(reply)
+        s.close()
+        s = connect()  # the instance is still there and still serves
+        send_frame(s, os.urandom(100))
+        assert answer_kind(recv_frame(s)) == wire.ERROR
+        send_frame(s, valid_frame(ExpertFunction(spec)))
+        assert answer_kind(recv_frame(s)) == wire.RESULT
+        s.close()
+    finally:
+        os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,162 @@
+"""Functions packaged for external FaaS platforms, run as plain HTTP servers, called with --platform http."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+import faasmoe
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.engine import prewarm_calls
+from faasmoe.functions import wire
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import function_specs
+from faasmoe.package import package
+from faasmoe.platforms import InvocationError, PlatformConfig
+from faasmoe.platforms.http import HttpPlatform
+
+K = 4
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _serve_packages(manifest_path: Path, token: str | None = None) -> list[subprocess.Popen]:
+    """Run every packaged function as a plain HTTP server, on its own vendored code (not the installed faasmoe)."""
+    manifest = json.loads(manifest_path.read_text())
+    procs = []
+    for f in manifest["functions"].values():
+        d = manifest_path.parent / "functions" / f["name"]
+        env = dict(os.environ, PYTHONPATH=str(d), **({"FAASMOE_TOKEN": token} if token else {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "faasmoe.functions.http_server", "--spec", "spec.json",
+                                       "--port", str(f["port"])], cwd=d, env=env, stdout=subprocess.PIPE, text=True))
+    for p in procs:
+        line = p.stdout.readline()
+        assert "listening" in line, line
+    return procs
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkg")
+    first = _free_ports(1)[0]
+    manifest = package(tiny, K, "knative", out, base_url="http://127.0.0.1:{port}/", start_port=first)
+    procs = _serve_packages(manifest, token="sk-fn-secret")
+    yield manifest
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_package_contents_for_every_target(tiny, tmp_path):
+    n_functions = 3 * (8 // K)
+    for target, files in {"knative": ("Dockerfile", "service.yaml"), "openfaas": ("handler.py",),
+                          "tinyfaas": ("fn.py",)}.items():
+        manifest = json.loads(package(tiny, K, target, tmp_path / target).read_text())
+        assert len(manifest["functions"]) == n_functions and manifest["model"] == Checkpoint(tiny).digest
+        assert manifest["encoding"] == ("base64" if target == "tinyfaas" else "binary")
+        for f in manifest["functions"].values():
+            d = tmp_path / target / "functions" / f["name"]
+            for name in files + ("spec.json", "requirements.txt", "weights.safetensors",
+                                 "faasmoe/functions/expert.py", "faasmoe/functions/wire.py"):
+                assert (d / name).is_file(), (target, name)
+            spec = json.loads((d / "spec.json").read_text())
+            assert {t["file"] for t in spec["tensors"]} == {"weights.safetensors"}
+            assert (d / "weights.safetensors").stat().st_size < 2 * sum(t["nbytes"] for t in spec["tensors"])
+    assert "com.openfaas.scale.zero" in (tmp_path / "openfaas" / "stack.yml").read_text()
+    svc = next((tmp_path / "knative" / "functions").iterdir()) / "service.yaml"
+    assert 'min-scale: "0"' in svc.read_text()
+
+
+def test_exact_logits_and_tokens_over_http(tiny, reference, packaged):
+    ids = [785, 6722, 315, 9625, 374, 12095, 13]
+    with faasmoe.load(tiny, experts_per_function=K, platform="http",
+                      platform_options={"manifest": packaged, "token": "sk-fn-secret"}) as engine:
+        logits = engine.logits(ids)
+        with torch.no_grad():
+            expected = reference(tiny)(torch.tensor([ids])).logits[0]
+        assert (logits - expected).abs().max().item() < 1e-4
+        result = engine.generate(ids, max_tokens=8)
+        with torch.no_grad():
+            out = reference(tiny).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        assert result.token_ids == out[0, len(ids):].tolist()
+        stats = engine.platform.log.stats
+        assert sum(s.cold_starts for s in stats.values()) == len(engine.specs)  # one process each, first call cold
+        assert sum(s.warm_hits for s in stats.values()) > 0
+
+
+def test_function_token_is_enforced(tiny, packaged):
+    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, K), "float32")[0]
+    platform = HttpPlatform(PlatformConfig(max_retries=0), packaged, token="wrong")
+    try:
+        with pytest.raises(InvocationError, match="401"):
+            platform.invoke(spec.id, prewarm_calls([spec])[0][1])
+    finally:
+        platform.close()
+    url = json.loads(packaged.read_text())["functions"][spec.id]["url"]
+    assert httpx.post(url, content=b"x").status_code == 401
+
+
+def test_tinyfaas_and_openfaas_entry_points_answer_frames(tiny, tmp_path):
+    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, K), "float32")[0]
+    g = torch.Generator().manual_seed(0)
+    inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block, torch.randn(2, 64, generator=g),
+                          torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
+                          torch.tensor([0.3, 0.7]))
+    frame = wire.encode_invocation(inv)
+    from faasmoe.functions.expert import ExpertFunction
+
+    expected = ExpertFunction(spec).compute(inv)
+    for target, call in (("tinyfaas", "print(fn.fn(sys.argv[1], {}))"),
+                         ("openfaas", "import base64\nclass E: body = base64.b64decode(sys.argv[1])\n"
+                                      "print(base64.b64encode(handler.handle(E(), None)['body']).decode())")):
+        manifest = json.loads(package(tiny, K, target, tmp_path / target).read_text())
+        d = tmp_path / target / "functions" / manifest["functions"][spec.id]["name"]
+        module = "fn" if target == "tinyfaas" else "handler"
+        r = subprocess.run([sys.executable, "-c", f"import sys\nimport {module}\n{call}",
+                            base64.b64encode(frame).decode()], cwd=d, env=dict(os.environ, PYTHONPATH=str(d)),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out = wire.decode_result(base64.b64decode(r.stdout.strip()), torch.float32, 2, 64)
+        assert torch.equal(out, expected), target
+
+
+def test_base64_bodies_over_http(tiny, tmp_path):
+    port = _free_ports(1)[0]
+    manifest = package(tiny, 8, "tinyfaas", tmp_path, base_url="http://127.0.0.1:{port}/", start_port=port)
+    m = json.loads(manifest.read_text())
+    # serve only the first function; one call proves base64 in both directions
+    procs = _serve_packages_subset(manifest, m, 1)
+    try:
+        spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 8), "float32")[0]
+        platform = HttpPlatform(PlatformConfig(), manifest)
+        reply = platform.invoke(spec.id, prewarm_calls([spec])[0][1])
+        platform.close()
+        assert torch.equal(wire.decode_result(reply, torch.float32, 1, 64), torch.zeros(1, 64))
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _serve_packages_subset(manifest_path: Path, manifest: dict, n: int) -> list[subprocess.Popen]:
+    sub = dict(manifest, functions=dict(list(manifest["functions"].items())[:n]))
+    path = manifest_path.parent / "subset.json"
+    path.write_text(json.dumps(sub))
+    return _serve_packages(path)
