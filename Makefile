@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 bench-engine: $(STAMP)
-	$(VENV)/bin/faasmoe bench-engine --out runs/bench-engine.json
+	$(VENV)/bin/faasmoe bench-engine -k 1 -k 4 -k 60 --out runs/bench-engine.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -168,7 +168,11 @@ def bench(
     sweep: list[int] = typer.Option([], help="k values to sweep for faasmoe's strategies, repeatable "
                                              "(default: 1, 2, 4, ... all)."),
     no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the granularity sweep."),
-    keep_alive: Optional[float] = typer.Option(None, help="Function keep-alive in seconds."),
+    sweep_strategy: list[str] = typer.Option([], help="Strategies to sweep k for, repeatable (default: "
+                                                      "faasmoe-shared with --quick, else faasmoe-private and "
+                                                      "faasmoe-shared)."),
+    keep_alive: Optional[float] = typer.Option(None, help="Function keep-alive in seconds (default: 5 with --quick "
+                                                          "on the local platform, else 30)."),
     strategy: list[str] = typer.Option([], help="Strategies to run, repeatable (default: all four)."),
     platform: str = typer.Option("local", help="FaaS platform of faasmoe's strategies."),
     chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
@@ -208,16 +212,18 @@ def bench(
         output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else ((8, 16) if quick else (32, 64)),
         seed=seed)
     cfg = BenchConfig(model=model.resolve(), workload=workload, experts_per_function=k, sweep=[] if no_sweep else sweep,
-                      sweep_strategies=("faasmoe-shared",) if quick else ("faasmoe-private", "faasmoe-shared"),
-                      keep_alive_s=keep_alive if keep_alive is not None else (5.0 if quick else 30.0),
+                      sweep_strategies=tuple(sweep_strategy) or (("faasmoe-shared",) if quick
+                                                                 else ("faasmoe-private", "faasmoe-shared")),
+                      keep_alive_s=keep_alive if keep_alive is not None else (5.0 if quick and platform == "local" else 30.0),
                       strategies=tuple(strategy) or STRATEGIES, platform=platform)
     if chaos:
         from faasmoe.bench.chaos import run_chaos
 
         r = run_chaos(cfg, out, chaos_interval, chaos_mode)
         typer.echo(f"chaos ({r['mode']} mode, {r['tenants']} tenants, a random instance killed every "
-                   f"{r['kill_interval_s']:g} s: {r['instances_killed']} kills): {r['requests_sent']} requests sent, "
-                   f"{r['completed']} completed ({r['completed_percent']:.1f} %), {r['failed']} failed, "
+                   f"{r['kill_interval_s']:g} s: {r['instances_killed']} kills, {r['calls_cut_by_kills']} calls "
+                   f"cut and retried): {r['requests_sent']} requests sent, {r['completed']} completed "
+                   f"({r['completed_percent']:.1f} %), {r['failed']} failed, "
                    f"{r['mismatches']} of {r['compared']} outputs differ from the fault-free run")
         if r["failed"] or r["mismatches"]:
             raise typer.Exit(1)

@@ -20,11 +20,13 @@ import psutil
 
 from faasmoe.bench.load import run_load, schedule
 from faasmoe.bench.machine import machine_info
-from faasmoe.bench.multitenant import BenchConfig, Target, _key, _start_server, _stop, _wait_healthy, label_tree
+from faasmoe.bench.multitenant import (BenchConfig, Target, _key, _scrape, _start_server, _stop, _wait_healthy,
+                                       label_tree)
 from faasmoe.metering.meter import Label
 
 
-def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: int) -> tuple[list, int]:
+def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: int) -> tuple[list, int, int]:
+    """The load through one server; its results, the instances killed, and the calls those kills cut short."""
     import tempfile
 
     tenants = [f"t{i}" for i in range(cfg.workload.tenants)]
@@ -55,17 +57,18 @@ def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: 
         stop.set()
         if thread:
             thread.join()
+        cut = int(_scrape([server])["crashes"])
     finally:
         stop.set()
         _stop([server])
-    return results, kills
+    return results, kills, cut
 
 
 def run_chaos(cfg: BenchConfig, out: Path, interval: float = 0.5, mode: str = "shared") -> dict:
     arrivals = schedule(cfg.workload)
     t0 = time.perf_counter()
-    clean, _ = _run(cfg, mode, arrivals, None, cfg.workload.seed)
-    faulty, kills = _run(cfg, mode, arrivals, interval, cfg.workload.seed)
+    clean, _, _ = _run(cfg, mode, arrivals, None, cfg.workload.seed)
+    faulty, kills, cut = _run(cfg, mode, arrivals, interval, cfg.workload.seed)
     clean_by = {(r.tenant, r.at): r for r in clean}
     mismatches = [r for r in faulty if r.ok and clean_by[(r.tenant, r.at)].ok and r.text != clean_by[(r.tenant, r.at)].text]
     completed = sum(r.ok for r in faulty)
@@ -74,6 +77,7 @@ def run_chaos(cfg: BenchConfig, out: Path, interval: float = 0.5, mode: str = "s
         "experts_per_function": cfg.experts_per_function, "tenants": cfg.workload.tenants,
         "requests_sent": len(faulty), "completed": completed, "failed": len(faulty) - completed,
         "completed_percent": 100.0 * completed / max(1, len(faulty)), "instances_killed": kills,
+        "calls_cut_by_kills": cut,
         "compared": sum(1 for r in faulty if r.ok and clean_by[(r.tenant, r.at)].ok),
         "mismatches": len(mismatches), "fault_free_failed": sum(not r.ok for r in clean),
         "errors": [r.error for r in faulty if not r.ok][:5], "wall_s": time.perf_counter() - t0,

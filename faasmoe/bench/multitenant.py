@@ -151,10 +151,10 @@ def label_tree(root: psutil.Process, root_label: Label) -> dict[int, Label]:
 
 
 def _scrape(servers: list[Server]) -> dict[str, float]:
-    """Invocations, cold starts, warm hits summed over the servers' /metrics."""
+    """Invocations, cold starts, warm hits, evictions, mid-call crashes summed over the servers' /metrics."""
     import re
 
-    sums = {"invocations": 0.0, "cold_starts": 0.0, "warm_hits": 0.0, "evictions": 0.0}
+    sums = {"invocations": 0.0, "cold_starts": 0.0, "warm_hits": 0.0, "evictions": 0.0, "crashes": 0.0}
     for s in servers:
         try:
             text = httpx.get(f"{s.base_url}/metrics", headers={"Authorization": "Bearer sk-bench-admin-0000"},

@@ -11,18 +11,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_all(report: dict, out: Path) -> list[Path]:
-    return [p for p in (_over_time(report, out, "pss_gb", "memory (PSS, GB)", "memory.png"),
-                        _over_time(report, out, "cpu_percent", "CPU (%)", "cpu.png"),
+    return [p for p in (_over_time(report, out, "pss_gb", "memory (PSS, GB)", "Memory", "memory.png"),
+                        _over_time(report, out, "cpu_percent", "CPU (%)", "CPU", "cpu.png"),
                         _tenants(report, out), _granularity(report, out)) if p]
 
 
-def _over_time(report: dict, out: Path, key: str, ylabel: str, name: str) -> Path:
+def _over_time(report: dict, out: Path, key: str, ylabel: str, what: str, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     for strategy, r in report["strategies"].items():
         ax.plot([s["t"] for s in r["timeline"]], [s[key] for s in r["timeline"]], label=strategy)
     ax.set_xlabel("time since the load started (s)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel.split(' (')[0].capitalize()} of all processes, {report['workload']['tenants']} tenants")
+    ax.set_title(f"{what} of all processes, {report['workload']['tenants']} tenants")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
