@@ -7,14 +7,17 @@ at a time per replica -> max_ongoing_requests 1, min_replicas 0 and initial_repl
 delay and metric intervals cut down so a first call is not held for Serve's defaults
 (30 s, 10 s). Serve's own policy samples ongoing requests, and an expert call lasts a
 millisecond, so it sees an idle deployment under steady traffic and scales it to zero
-(measured: thrashing, a cold start every few calls). `keep_alive_policy` fixes that:
+(measured: thrashing, a cold start every few calls). `KeepAlivePolicy` fixes that:
 each replica reports its call count (`record_autoscaling_stats`) and a deployment is
 scaled to zero only after keep-alive seconds without any call, the FaaS keep-alive.
-Measured with Ray 2.60 here: Serve applied a scale-to-zero about 30 s after the last
-call even when the policy asked for it after 2 s, and a replica's cold start (a new Ray
-worker process importing torch) took seconds, not the embedded platform's milliseconds. The control plane calls replicas through deployment handles,
-not the HTTP proxy (none is started). Worker processes import torch and the handler
-when they start (`worker_process_setup_hook`), so a replica's cold start does not.
+Measured with Ray 2.60 here: a replica's cold start took 5-6 s,
+not the embedded platform's milliseconds: Serve decides to scale up within 0.2 s, but Ray
+starts a fresh worker process for every replica actor (it did not reuse its prestarted
+idle workers), and that process pays Python, Ray's core worker, Serve and torch imports
+before the replica's constructor (2 ms to map the weights) runs. A worker setup hook that
+imported torch early did not help (it runs in the same fresh process) and made every Ray
+worker, the controller included, import torch; so there is none. The control plane calls
+replicas through deployment handles, not the HTTP proxy (none is started).
 
 Cold starts and warm hits come from the replicas themselves (each reply says whether
 it was its replica's first call); evictions and running replicas from polling
@@ -25,6 +28,7 @@ at the same path.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -36,12 +40,19 @@ from faasmoe.metering.meter import Label
 from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
 
 APP = "faasmoe"
+MIN_SENSIBLE_KEEP_ALIVE_S = 30
+log = logging.getLogger(__name__)
 
 
 def keep_alive_policy(ctx, keep_alive_s: float = 30.0) -> tuple[int, dict]:
-    """Serve autoscaling policy: replicas for the queue now, and none only after keep_alive_s without a call.
+    """Serve autoscaling policy: replicas for the queue now, and none only after keep_alive_s idle.
 
-    Runs in the Serve controller. `calls` is each replica's call counter (a change means traffic).
+    Runs in the Serve controller. Activity is any of: requests at the handles, a replica's call
+    counter (`calls`) growing (it drops when a replica
+    goes, which is not activity), a scale-up (Serve's cold-start fast path starts a replica without
+    asking this policy, and while it starts the handles' request count can read 0), or replicas
+    still starting. Without the last two a deployment went back to zero while its first replica
+    was starting (measured: a private-mode server on Ray never finished a request).
     """
     import math
 
@@ -50,18 +61,28 @@ def keep_alive_policy(ctx, keep_alive_s: float = 30.0) -> tuple[int, dict]:
     metrics = ctx.aggregated_metrics or {}
     calls = float(sum(metrics.get("calls", {}).values()))
     demand = float(ctx.total_num_requests or 0.0)
-    if demand > 0 or ("calls" in state and calls > state["calls"]):
-        state["active_at"] = now
-    state["calls"] = calls
-    target = ctx.config.get_target_ongoing_requests() if ctx.config else 1.0
-    if now - state.get("active_at", -math.inf) > keep_alive_s:
+    active = [state.get("active_at", -math.inf), ctx.last_scale_up_time or -math.inf]
+    if demand > 0 or calls > state.get("calls", 0.0) or ctx.current_num_replicas < ctx.target_num_replicas:
+        active.append(now)
+    state["active_at"], state["calls"] = max(active), calls
+    if now - state["active_at"] > keep_alive_s:
         return 0, state
+    target = ctx.config.get_target_ongoing_requests() if ctx.config else 1.0
     return max(1, math.ceil(demand / target)), state
 
 
-def preload() -> None:
-    """Ray's worker_process_setup_hook: pay the torch import when a worker starts, not in a cold start."""
-    import faasmoe.functions.expert  # noqa: F401
+class KeepAlivePolicy:
+    """`keep_alive_policy` as the class Serve instantiates once with `policy_kwargs`.
+
+    Serve forwards `policy_kwargs` only to a class, not to a plain function: with the function,
+    every deployment ran with the default 30 s whatever the keep-alive.
+    """
+
+    def __init__(self, keep_alive_s: float = 30.0):
+        self.keep_alive_s = keep_alive_s
+
+    def __call__(self, ctx) -> tuple[int, dict]:
+        return keep_alive_policy(ctx, self.keep_alive_s)
 
 
 class ExpertReplica:
@@ -122,13 +143,16 @@ class RayPlatform(Platform):
             from ray import serve
         except ImportError as e:
             raise RuntimeError("the ray platform needs Ray Serve: pip install 'faasmoe[ray]'") from e
+        if self.config.keep_alive_s < MIN_SENSIBLE_KEEP_ALIVE_S:
+            log.warning("keep-alive %.0f s on Ray, where a cold start takes seconds (more under load): a "
+                        "layer's functions can go to zero while the next layer's start, and every step cold-"
+                        "starts again; %d s or more is advised", self.config.keep_alive_s,
+                        MIN_SENSIBLE_KEEP_ALIVE_S)
         if not ray.is_initialized():
-            kwargs = dict(namespace="faasmoe", log_to_driver=False, configure_logging=False,
-                          runtime_env={"worker_process_setup_hook": "faasmoe.platforms.ray.preload",
-                                       "env_vars": metrics_env})
-            if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
+            kwargs = dict(namespace="faasmoe", log_to_driver=False, configure_logging=False)
+            if self.address:  # a cluster's workers get the settings through the job's runtime env
+                ray.init(address=self.address, runtime_env={"env_vars": metrics_env}, **kwargs)
+            else:  # a local Ray inherits this environment: no runtime env, so Ray's prestarted workers fit
                 ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
                          object_store_memory=256 * 2**20, **kwargs)
                 self._started_ray = True
@@ -165,7 +189,7 @@ class RayPlatform(Platform):
                        "target_ongoing_requests": 1, "upscale_delay_s": 0.0, "metrics_interval_s": interval,
                        "look_back_period_s": 2 * interval,
                        "downscale_delay_s": c.keep_alive_s, "downscale_to_zero_delay_s": 0.0,
-                       "policy": {"policy_function": "faasmoe.platforms.ray:keep_alive_policy",
+                       "policy": {"policy_function": "faasmoe.platforms.ray:KeepAlivePolicy",
                                   "policy_kwargs": {"keep_alive_s": c.keep_alive_s}}}
         replica = serve.deployment(ExpertReplica)
         bound = [replica.options(name=deployment_name(s.id), max_ongoing_requests=1, autoscaling_config=autoscaling,
