@@ -10,8 +10,8 @@ millisecond, so it sees an idle deployment under steady traffic and scales it to
 (measured: thrashing, a cold start every few calls). `KeepAlivePolicy` fixes that:
 each replica reports its call count (`record_autoscaling_stats`) and a deployment is
 scaled to zero only after keep-alive seconds without any call, the FaaS keep-alive.
-Measured with Ray 2.60 here: a replica's cold start took 5-6 s,
-not the embedded platform's milliseconds: Serve decides to scale up within 0.2 s, but Ray
+Measured with Ray 2.60 here: a replica's cold start took 5-8 s, not the embedded
+platform's milliseconds: Serve decides to scale up within 0.2 s, but Ray
 starts a fresh worker process for every replica actor (it did not reuse its prestarted
 idle workers), and that process pays Python, Ray's core worker, Serve and torch imports
 before the replica's constructor (2 ms to map the weights) runs. A worker setup hook that
@@ -48,8 +48,7 @@ def keep_alive_policy(ctx, keep_alive_s: float = 30.0) -> tuple[int, dict]:
     """Serve autoscaling policy: replicas for the queue now, and none only after keep_alive_s idle.
 
     Runs in the Serve controller. Activity is any of: requests at the handles, a replica's call
-    counter (`calls`) growing (it drops when a replica
-    goes, which is not activity), a scale-up (Serve's cold-start fast path starts a replica without
+    counter (`calls`) growing (it drops when a replica goes, which is not activity), a scale-up (Serve's cold-start fast path starts a replica without
     asking this policy, and while it starts the handles' request count can read 0), or replicas
     still starting. Without the last two a deployment went back to zero while its first replica
     was starting (measured: a private-mode server on Ray never finished a request).
