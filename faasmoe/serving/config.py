@@ -65,6 +65,11 @@ class ServerConfig(BaseModel):
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(600.0, gt=0, description="a request running longer fails with 504")
+    max_prompt_chars: int = Field(131_072, ge=1, description="longer prompts (in characters) get 400 before tokenizing")
+    max_connections: int = Field(512, ge=1, description="open connections at most; more get 503")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that sends no complete request headers "
+                                                            "within this time is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body not received within this time gets 408")
     admin_key: str | None = Field(None, description="guards /metrics; generated and printed if unset")
     meter_interval_s: float = Field(2.0, gt=0, description="how often every process's CPU and memory is sampled")
     tenants: list[TenantConfig] = Field(default_factory=list)
