@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+
 import pytest
 import torch
 
+from faasmoe.checkpoint import Checkpoint
 from faasmoe.functions import wire
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import function_specs, max_frame_bytes
+from faasmoe.platforms.transport import recv_frame, send_frame
 
 
 def invocation(dtype=torch.float32, T=4, H=16, P=6) -> wire.Invocation:
@@ -59,3 +66,24 @@ def test_pair_pointing_outside_the_tokens_is_refused():
     inv.token[0] = 99
     with pytest.raises(wire.WireError, match="outside"):
         wire.decode_invocation(wire.encode_invocation(inv))
+
+
+def test_max_frame_bytes_is_the_largest_legal_invocation(tiny):
+    for dtype in ("float32", "bfloat16"):
+        spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 4), dtype)[0]
+        T, k = 5, len(spec.experts)
+        inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block,
+                              torch.ones(T, spec.hidden_size, dtype=getattr(torch, dtype)),
+                              torch.arange(T, dtype=torch.int32).repeat_interleave(k),
+                              torch.tensor(spec.experts, dtype=torch.int32).repeat(T), torch.ones(T * k))
+        assert len(wire.encode_invocation(inv)) == max_frame_bytes(spec, T)  # every token to every expert
+
+
+def test_transport_refuses_a_length_over_the_limit_before_allocating():
+    a, b = socket.socketpair()
+    with a, b:
+        send_frame(a, b"x" * 100)
+        assert recv_frame(b, limit=100) == b"x" * 100
+        a.sendall(struct.pack("<I", 101))  # no body follows: only a check before reading can answer
+        with pytest.raises(wire.WireError, match="exceeds the 100-byte limit"):
+            recv_frame(b, limit=100)

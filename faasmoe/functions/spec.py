@@ -6,9 +6,17 @@ checkpoint: it maps the byte ranges listed here and is ready.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from faasmoe.checkpoint import Checkpoint, TensorLocation
+from faasmoe.functions.wire import HEADER_SIZE
+from faasmoe.weights import torch_dtype
+
+# Token rows one invocation may carry. A function refuses a larger frame before reading it, so a length
+# prefix or Content-Length cannot make it allocate more than this allows. Override: FAASMOE_MAX_TOKENS_PER_CALL.
+MAX_TOKENS_PER_CALL = 8192
+PAIR_BYTES = 12  # per routing pair: token i32, expert i32, weight f32
 
 
 @dataclass(frozen=True)
@@ -51,3 +59,26 @@ def function_specs(ckpt: Checkpoint, blocks: list[list[int]], dtype: str) -> lis
     return [FunctionSpec(ckpt.digest, layer, b, tuple(experts), dtype, c.hidden_size, c.hidden_act,
                          tuple(ckpt.expert_tensors(layer, experts)))
             for layer in ckpt.moe_layers() for b, experts in enumerate(blocks)]
+
+
+def max_tokens_per_call() -> int:
+    """The configured token cap per invocation: $FAASMOE_MAX_TOKENS_PER_CALL, else MAX_TOKENS_PER_CALL."""
+    value = os.environ.get("FAASMOE_MAX_TOKENS_PER_CALL", "")
+    try:
+        n = int(value) if value else MAX_TOKENS_PER_CALL
+    except ValueError:
+        raise ValueError(f"FAASMOE_MAX_TOKENS_PER_CALL={value!r} is not an integer") from None
+    if n < 1:
+        raise ValueError(f"FAASMOE_MAX_TOKENS_PER_CALL must be at least 1, not {n}")
+    return n
+
+
+def max_frame_bytes(spec: FunctionSpec, max_tokens: int | None = None) -> int:
+    """The largest invocation frame `spec`'s function can legally get: the one size rule every transport enforces.
+
+    max_tokens rows of hidden states, each routed to every expert of the block (a token
+    names an expert at most once), plus the header.
+    """
+    tokens = max_tokens_per_call() if max_tokens is None else max_tokens
+    row = spec.hidden_size * torch_dtype(spec.dtype).itemsize + PAIR_BYTES * len(spec.experts)
+    return HEADER_SIZE + tokens * row

@@ -6,7 +6,9 @@ socket each and take one call at a time. An instance idle for `keep_alive_s` is
 stopped (scale to zero: its process exits and its memory goes back to the OS); the
 next call cold-starts a new one. When every instance of a function is busy, a new
 one starts, up to `max_instances`; past that, calls wait their turn. A call whose
-instance dies or times out is retried on another instance.
+instance dies or times out is retried on another instance. A frame larger than its
+function may legally get (`spec.max_frame_bytes`) is answered with an error frame here,
+without bothering an instance that would refuse it anyway.
 
 The hot path is plain blocking sockets on the caller's thread: `submit` writes every
 frame of a MoE layer to its instance and returns; `gather` reads the replies. The
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from faasmoe.functions import wire
-from faasmoe.functions.spec import FunctionSpec
+from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label
 from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.transport import recv_frame, send_frame
@@ -55,6 +57,7 @@ class _Instance:
 @dataclass(eq=False)
 class _Pool:
     spec: FunctionSpec
+    max_frame: int  # the largest invocation its instances accept
     instances: list[_Instance] = field(default_factory=list)  # ready ones
     starting: int = 0
 
@@ -68,13 +71,16 @@ class _Call:
     cold: bool = False  # `inst` was forked for this call and is not ready yet
     sent_at: float = 0.0
     errors: list[str] = field(default_factory=list)
+    refused: bytes | None = None  # the error frame answering a frame no instance would accept
 
 
 class LocalPlatform(Platform):
     name = "local"
 
-    def __init__(self, config: PlatformConfig | None = None):
+    def __init__(self, config: PlatformConfig | None = None, test_hooks: dict | None = None):
+        """`test_hooks` is for tests only: passed to every instance (see `worker`), e.g. {"hang_on_frame": 1}."""
         super().__init__(config or PlatformConfig())
+        self._test_hooks = dict(test_hooks or {})
         self._pools: dict[str, _Pool] = {}
         self._lock = threading.Condition()  # guards pools and instances; notified when one frees up
         self._zygote: Zygote | None = None
@@ -93,7 +99,7 @@ class LocalPlatform(Platform):
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
             if spec.id not in self._pools:
-                self._pools[spec.id] = _Pool(spec)
+                self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec))
                 self.log.function(spec.id)
 
     def close(self) -> None:
@@ -124,10 +130,14 @@ class LocalPlatform(Platform):
                 raise KeyError(f"function {fid} is not deployed")
             self.log.function(fid).invocations += 1
             call = _Call(fid, frame, pool)
+            batch.append(call)
+            if len(frame) > pool.max_frame:
+                call.refused = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
+                                                 f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
+                continue
             self._lease(call, wait=False)
             if call.inst is not None and not call.cold:
                 self._send(call)
-            batch.append(call)
         return batch
 
     def gather(self, batch: list[_Call]) -> list[bytes]:
@@ -135,6 +145,8 @@ class LocalPlatform(Platform):
         return [self._complete(call) for call in batch]
 
     def _complete(self, call: _Call) -> bytes:
+        if call.refused is not None:
+            return call.refused
         stats = self.log.function(call.function)
         while True:
             try:
@@ -231,7 +243,8 @@ class LocalPlatform(Platform):
         if self._zygote is None:
             raise InstanceStartError("the platform is not started")
         try:
-            pid = self._zygote.fork(spec.to_json(), path, self.config.threads_per_instance)
+            spec_json = {**spec.to_json(), "test_hooks": self._test_hooks} if self._test_hooks else spec.to_json()
+            pid = self._zygote.fork(spec_json, path, self.config.threads_per_instance)
         except ZygoteError as e:
             raise InstanceStartError(str(e)) from e
         return _Instance(name, pid, path)

@@ -2,7 +2,8 @@
 
 Used between the embedded platform and its instances (Unix sockets) and by the
 gateway that lets other processes invoke functions. The length is checked
-against `wire.MAX_FRAME_BYTES` before anything is allocated.
+against a limit before anything is allocated: `wire.MAX_FRAME_BYTES` by default, the
+function's own `spec.max_frame_bytes` where an instance reads its invocations.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from faasmoe.functions.wire import MAX_FRAME_BYTES, WireError
 LEN = struct.Struct("<I")
 
 
-def _check_length(n: int) -> None:
-    if n > MAX_FRAME_BYTES:
-        raise WireError(f"frame of {n} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+def _check_length(n: int, limit: int) -> None:
+    if n > limit:
+        raise WireError(f"frame of {n} bytes exceeds the {limit}-byte limit")
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
@@ -36,13 +37,13 @@ def recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
     return buf
 
 
-def recv_frame(sock: socket.socket) -> bytearray | None:
-    """The next frame, or None on a clean end of stream."""
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME_BYTES) -> bytearray | None:
+    """The next frame, or None on a clean end of stream; WireError, before allocating, if it is over `limit`."""
     head = recv_exactly(sock, LEN.size)
     if head is None:
         return None
     (n,) = LEN.unpack(head)
-    _check_length(n)
+    _check_length(n, limit)
     body = recv_exactly(sock, n) if n else bytearray()
     if body is None:
         raise ConnectionError("peer closed the connection inside a frame")
@@ -54,10 +55,10 @@ def send_frame(sock: socket.socket, frame: bytes) -> None:
     sock.sendall(frame)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
+async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:
     """The next frame; asyncio.IncompleteReadError if the peer is gone."""
     (n,) = LEN.unpack(await reader.readexactly(LEN.size))
-    _check_length(n)
+    _check_length(n, limit)
     return await reader.readexactly(n)
 
 

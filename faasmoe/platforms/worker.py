@@ -3,7 +3,13 @@
 It binds its socket at once (so the platform can connect while it loads), maps its
 weights, then answers frames on each accepted connection, the first of which is a
 READY frame carrying its load time. A bad frame gets an error frame back and the
-instance carries on; only an unreadable stream closes that connection.
+instance carries on; only an unreadable stream closes that connection, and so does a
+length prefix over what the function can legally get (`spec.max_frame_bytes`), refused
+before anything is allocated.
+
+Test hook: a spec JSON carrying `"test_hooks": {"hang_on_frame": n}` (see
+`LocalPlatform(test_hooks=...)`) makes the instance hang for good on receiving its n-th
+frame, so tests get a timed-out call for sure instead of racing to SIGSTOP it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch
 
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
-from faasmoe.functions.spec import FunctionSpec
+from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.platforms.transport import recv_frame, send_frame
 
 
@@ -31,21 +37,26 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def serve(spec: FunctionSpec, socket_path: str, threads: int = 1) -> None:
+def serve(spec: FunctionSpec, socket_path: str, threads: int = 1, hang_on_frame: int = 0) -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     torch.set_num_threads(threads)
+    limit = max_frame_bytes(spec)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(socket_path)
     sock.listen(16)
     t0 = time.perf_counter()
     fn = ExpertFunction(spec)
     ready = wire.encode_ready(time.perf_counter() - t0)
+    received = 0
     while True:
         conn, _ = sock.accept()
         with conn:
             try:
                 send_frame(conn, ready)
-                while (frame := recv_frame(conn)) is not None:
+                while (frame := recv_frame(conn, limit)) is not None:
+                    received += 1
+                    if received == hang_on_frame:
+                        _hang()
                     send_frame(conn, fn.handle(frame))
             except wire.WireError as e:  # a length we will not read: say so, drop this connection only
                 try:
@@ -56,11 +67,18 @@ def serve(spec: FunctionSpec, socket_path: str, threads: int = 1) -> None:
                 pass
 
 
+def _hang() -> None:
+    """Test hook: never answer, never exit on our own (the platform's timeout and SIGKILL end us)."""
+    while True:
+        signal.pause()
+
+
 def main(spec_json: dict, socket_path: str, threads: int) -> None:
     """Entry point in a freshly forked child of the zygote."""
     die_with_parent()
     try:
-        serve(FunctionSpec.from_json(spec_json), socket_path, threads)
+        hooks = spec_json.get("test_hooks") or {}
+        serve(FunctionSpec.from_json(spec_json), socket_path, threads, int(hooks.get("hang_on_frame", 0)))
     except BaseException as e:  # noqa: BLE001 - report why the instance could not start, then exit
         print(f"faasmoe instance {socket_path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)
