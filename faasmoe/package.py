@@ -10,11 +10,25 @@ Targets: tinyfaas (`fn.py`, string payloads: frames travel base64-encoded), open
 (python3-http template `handler.py` + `stack.yml`, scale from zero), knative (a
 container serving HTTP on $PORT + a Service manifest with min-scale 0). Every package
 also runs as a plain HTTP server: `python -m faasmoe.functions.http_server --spec spec.json`.
+
+Every function requires a token (`X-Faasmoe-Token`). One is generated per package
+(`out/function-token`, mode 0600; reused when packaging into the same directory again),
+for `faasmoe serve --platform http --function-token "$(cat out/function-token)"`, and put
+where the target keeps secrets, never into the manifest or a deploy file meant to be
+committed: knative, the Secret manifest `out/knative-secret.yaml` (0600) that each
+Service reads through `secretKeyRef`; openfaas, the OpenFaaS secret named in stack.yml
+(`faas-cli secret create <name> --from-file out/function-token`), read from
+/var/openfaas/secrets/<name>; tinyfaas, which has neither secrets nor environment
+variables, a `function-token` file (0600) inside each function's folder, uploaded with it.
+`out/.gitignore` lists these files. The Knative Service is cluster-local and its container
+runs as an unprivileged user.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -36,8 +50,12 @@ VENDORED = ["functions/wire.py", "functions/expert.py", "functions/spec.py", "fu
 DEFAULT_URLS = {
     "tinyfaas": "http://127.0.0.1:8000/{name}",
     "openfaas": "http://127.0.0.1:8080/function/{name}",
-    "knative": "http://{name}.default.example.com/",
+    "knative": "http://{name}.default.svc.cluster.local/",  # cluster-local: call it from inside the cluster
 }
+
+TOKEN_FILE = "function-token"
+KNATIVE_SECRET_FILE = "knative-secret.yaml"
+UNPRIVILEGED_UID = 10001
 
 REQUIREMENTS = "numpy\n--extra-index-url https://download.pytorch.org/whl/cpu\ntorch==2.13.0\n"
 
@@ -59,6 +77,8 @@ def package(model: str | Path, experts_per_function: int, target: Target, out: s
     out = Path(out)
     (out / "functions").mkdir(parents=True, exist_ok=True)
     template = base_url or DEFAULT_URLS[target]
+    token = _package_token(out)
+    secret = secret_name(ckpt.digest)
     functions = {}
     for i, spec in enumerate(specs):
         name = function_name(spec)
@@ -73,18 +93,52 @@ def package(model: str | Path, experts_per_function: int, target: Target, out: s
             spec_json["tensors"] = [{**locs[t.name].to_json(), "file": "weights.safetensors"} for t in spec.tensors]
         (d / "spec.json").write_text(json.dumps(spec_json, indent=1))
         (d / "requirements.txt").write_text(REQUIREMENTS)
-        _write_target(target, d, name, keep_alive_s, max_instances)
+        _write_target(target, d, name, keep_alive_s, max_instances, secret, token)
         functions[spec.id] = {"name": name, "layer": spec.layer, "block": spec.block, "experts": list(spec.experts),
                               "url": template.format(name=name, port=start_port + i, index=i),
                               "port": start_port + i}
     if target == "openfaas":
-        _write_openfaas_stack(out, [f["name"] for f in functions.values()], keep_alive_s, max_instances)
+        _write_openfaas_stack(out, [f["name"] for f in functions.values()], keep_alive_s, max_instances, secret)
+    if target == "knative":
+        _write_secret(out / KNATIVE_SECRET_FILE, _knative_secret(secret, token))
+    (out / ".gitignore").write_text(f"# secrets: never commit them\n{TOKEN_FILE}\n{KNATIVE_SECRET_FILE}\n"
+                                    f"functions/*/{TOKEN_FILE}\n")
     manifest = {"model": ckpt.digest, "checkpoint": str(ckpt.path), "experts_per_function": experts_per_function,
                 "dtype": dtype, "target": target, "encoding": "base64" if target == "tinyfaas" else "binary",
-                "functions": functions}
+                "token_file": TOKEN_FILE, "functions": functions}
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=1))
     return path
+
+
+def secret_name(model_digest: str) -> str:
+    """The platform secret holding a model's function token (one per model, so packages of two models coexist)."""
+    return f"fm-{model_digest[:8]}-token"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    """Write a file only its owner can read, whatever the umask, and never through a wider existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def _package_token(out: Path) -> str:
+    """The package's function token: the one already in `out` (functions deployed from it keep working), else new."""
+    path = out / TOKEN_FILE
+    try:
+        token = path.read_text().strip()
+    except FileNotFoundError:
+        token = ""
+    token = token or secrets.token_urlsafe(32)
+    _write_secret(path, token + "\n")
+    return token
+
+
+def _knative_secret(name: str, token: str) -> str:
+    return (f"apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\ntype: Opaque\n"
+            f"stringData:\n  token: {json.dumps(token)}\n")
 
 
 def _vendor(d: Path) -> None:
@@ -97,51 +151,81 @@ def _vendor(d: Path) -> None:
         (pkg / "__init__.py").write_text("")
 
 
-def _write_target(target: str, d: Path, name: str, keep_alive_s: float, max_instances: int) -> None:
+def _write_target(target: str, d: Path, name: str, keep_alive_s: float, max_instances: int, secret: str,
+                  token: str) -> None:
     if target == "tinyfaas":
-        (d / "fn.py").write_text('''"""tinyFaaS entry point: payloads are strings, so frames travel base64-encoded."""
+        _write_secret(d / TOKEN_FILE, token + "\n")  # tinyFaaS has no secrets or env: the token travels in the zip
+        (d / "fn.py").write_text(f'''"""tinyFaaS entry point: payloads are strings, so frames travel base64-encoded.
+
+Requests must carry the function token ({TOKEN_FILE} beside this file) in X-Faasmoe-Token;
+tinyFaaS answers any exception with HTTP 500, so a missing or wrong token gets 500 here.
+"""
 import base64
 import os
 
-from faasmoe.functions.http_server import FunctionServer, load_spec
+from faasmoe.functions.http_server import TOKEN_HEADER, FunctionServer, header, load_spec, load_token
 
-_server = FunctionServer(load_spec(os.path.join(os.path.dirname(os.path.abspath(__file__)), "spec.json")))
+_here = os.path.dirname(os.path.abspath(__file__))
+_server = FunctionServer(load_spec(os.path.join(_here, "spec.json")), load_token(os.path.join(_here, "{TOKEN_FILE}")))
 
 
 def fn(input: str, headers: dict) -> str:
+    if not _server.authorized(header(headers or {{}}, TOKEN_HEADER)):
+        raise PermissionError(f"missing or wrong {{TOKEN_HEADER}}")
+    if len(input or "") > _server.max_body(True):
+        raise ValueError("frame too large for this function")
     reply, _ = _server.call(base64.b64decode(input))
     return base64.b64encode(reply).decode()
 ''')
         (d / "README.md").write_text(f"Upload to tinyFaaS: zip this folder and POST it to the management service:\n\n"
                                      f"    zip -r {name}.zip . && curl http://<host>:8080/upload --data "
                                      f"\"{{\\\"name\\\": \\\"{name}\\\", \\\"env\\\": \\\"python3\\\", "
-                                     f"\\\"threads\\\": 1, \\\"zip\\\": \\\"$(base64 -w 0 {name}.zip)\\\"}}\"\n")
+                                     f"\\\"threads\\\": 1, \\\"zip\\\": \\\"$(base64 -w 0 {name}.zip)\\\"}}\"\n\n"
+                                     f"The zip carries `{TOKEN_FILE}`, the secret callers must send as "
+                                     f"X-Faasmoe-Token: keep the zip private.\n")
     elif target == "openfaas":
-        (d / "handler.py").write_text('''"""OpenFaaS python3-http template handler: the body is a faasmoe wire frame."""
+        (d / "handler.py").write_text(f'''"""OpenFaaS python3-http template handler: the body is a faasmoe wire frame.
+
+Requests must carry the function token in X-Faasmoe-Token: the OpenFaaS secret `{secret}`
+(stack.yml), read from /var/openfaas/secrets/{secret} ($FAASMOE_TOKEN_FILE overrides the path).
+"""
 import os
 
-from faasmoe.functions.http_server import FunctionServer, load_spec
+from faasmoe.functions.http_server import TOKEN_HEADER, FunctionServer, header, load_spec, load_token
 
-_server = FunctionServer(load_spec(os.path.join(os.path.dirname(os.path.abspath(__file__)), "spec.json")))
+_here = os.path.dirname(os.path.abspath(__file__))
+_token = load_token(os.environ.get("FAASMOE_TOKEN_FILE") or "/var/openfaas/secrets/{secret}")
+_server = FunctionServer(load_spec(os.path.join(_here, "spec.json")), _token)
 
 
 def handle(event, context):
+    if not _server.authorized(header(event.headers or {{}}, TOKEN_HEADER)):
+        return {{"statusCode": 401, "body": f"missing or wrong {{TOKEN_HEADER}}", "headers": {{"Content-Type": "text/plain"}}}}
+    if len(event.body or b"") > _server.max_body(False):
+        return {{"statusCode": 413, "body": "frame too large", "headers": {{"Content-Type": "text/plain"}}}}
     reply, headers = _server.call(event.body)
-    return {"statusCode": 200, "body": reply, "headers": {"Content-Type": "application/octet-stream", **headers}}
+    return {{"statusCode": 200, "body": reply, "headers": {{"Content-Type": "application/octet-stream", **headers}}}}
 ''')
     elif target == "knative":
-        (d / "Dockerfile").write_text('''FROM python:3.11-slim
+        (d / "Dockerfile").write_text(f'''FROM python:3.11-slim
+RUN useradd --uid {UNPRIVILEGED_UID} --no-create-home --shell /usr/sbin/nologin faasmoe
 WORKDIR /function
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 COPY . .
 ENV PORT=8080
-CMD ["sh", "-c", "python -m faasmoe.functions.http_server --spec spec.json --host 0.0.0.0 --port $PORT"]
+# Knative routes to the pod's address, so listen on every interface; the server refuses to start
+# without FAASMOE_TOKEN (service.yaml sets it from the Secret `{secret}`) and answers 401 without it.
+ENV FAASMOE_FUNCTION_HOST=0.0.0.0
+USER {UNPRIVILEGED_UID}
+CMD ["sh", "-c", "python -m faasmoe.functions.http_server --spec spec.json --port $PORT"]
 ''')
         (d / "service.yaml").write_text(f'''apiVersion: serving.knative.dev/v1
 kind: Service
 metadata:
   name: {name}
+  labels:
+    networking.knative.dev/visibility: cluster-local
 spec:
   template:
     metadata:
@@ -155,14 +239,28 @@ spec:
         - image: registry.example.com/{name}:latest
           ports:
             - containerPort: 8080
+          env:
+            - name: FAASMOE_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {secret}
+                  key: token
+          securityContext:
+            runAsNonRoot: true
+            runAsUser: {UNPRIVILEGED_UID}
+            allowPrivilegeEscalation: false
+            capabilities:
+              drop: ["ALL"]
 ''')
 
 
-def _write_openfaas_stack(out: Path, names: list[str], keep_alive_s: float, max_instances: int) -> None:
-    lines = ["version: 1.0", "provider:", "  name: openfaas", "  gateway: http://127.0.0.1:8080", "functions:"]
+def _write_openfaas_stack(out: Path, names: list[str], keep_alive_s: float, max_instances: int,
+                          secret: str) -> None:
+    lines = [f"# first: faas-cli secret create {secret} --from-file {TOKEN_FILE}",
+             "version: 1.0", "provider:", "  name: openfaas", "  gateway: http://127.0.0.1:8080", "functions:"]
     for n in names:
         lines += [f"  {n}:", "    lang: python3-http", f"    handler: ./functions/{n}",
-                  f"    image: registry.example.com/{n}:latest", "    labels:",
+                  f"    image: registry.example.com/{n}:latest", "    secrets:", f"      - {secret}", "    labels:",
                   '      com.openfaas.scale.zero: "true"',
                   f'      com.openfaas.scale.zero-duration: "{int(keep_alive_s)}s"',
                   f'      com.openfaas.scale.max: "{max_instances}"']

@@ -38,13 +38,19 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _serve_packages(manifest_path: Path, token: str | None = None) -> list[subprocess.Popen]:
-    """Run every packaged function as a plain HTTP server, on its own vendored code (not the installed faasmoe)."""
+def _token(manifest_path: Path) -> str:
+    return (manifest_path.parent / "function-token").read_text().strip()
+
+
+def _serve_packages(manifest_path: Path) -> list[subprocess.Popen]:
+    """Run every packaged function as a plain HTTP server, on its own vendored code (not the installed faasmoe),
+    with the token `faasmoe package` generated."""
     manifest = json.loads(manifest_path.read_text())
     procs = []
     for f in manifest["functions"].values():
         d = manifest_path.parent / "functions" / f["name"]
-        env = dict(os.environ, PYTHONPATH=str(d), **({"FAASMOE_TOKEN": token} if token else {}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_")}
+        env.update(PYTHONPATH=str(d), FAASMOE_TOKEN_FILE=str(manifest_path.parent / "function-token"))
         procs.append(subprocess.Popen([sys.executable, "-m", "faasmoe.functions.http_server", "--spec", "spec.json",
                                        "--port", str(f["port"])], cwd=d, env=env, stdout=subprocess.PIPE, text=True))
     for p in procs:
@@ -58,7 +64,7 @@ def packaged(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("pkg")
     first = _free_ports(1)[0]
     manifest = package(tiny, K, "knative", out, base_url="http://127.0.0.1:{port}/", start_port=first)
-    procs = _serve_packages(manifest, token="sk-fn-secret")
+    procs = _serve_packages(manifest)
     yield manifest
     for p in procs:
         p.kill()
@@ -88,7 +94,7 @@ def test_package_contents_for_every_target(tiny, tmp_path):
 def test_exact_logits_and_tokens_over_http(tiny, reference, packaged):
     ids = [785, 6722, 315, 9625, 374, 12095, 13]
     with faasmoe.load(tiny, experts_per_function=K, platform="http",
-                      platform_options={"manifest": packaged, "token": "sk-fn-secret"}) as engine:
+                      platform_options={"manifest": packaged, "token": _token(packaged)}) as engine:
         logits = engine.logits(ids)
         with torch.no_grad():
             expected = reference(tiny)(torch.tensor([ids])).logits[0]
@@ -112,6 +118,15 @@ def test_function_token_is_enforced(tiny, packaged):
         platform.close()
     url = json.loads(packaged.read_text())["functions"][spec.id]["url"]
     assert httpx.post(url, content=b"x").status_code == 401
+    assert httpx.post(url, content=b"x", headers={"X-Faasmoe-Token": b"\xff\xfe"}).status_code == 401
+
+
+def test_packaged_server_refuses_to_start_without_a_token(packaged):
+    d = packaged.parent / "functions" / next(iter(json.loads(packaged.read_text())["functions"].values()))["name"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_")}
+    r = subprocess.run([sys.executable, "-m", "faasmoe.functions.http_server", "--spec", "spec.json", "--port", "0"],
+                       cwd=d, env=dict(env, PYTHONPATH=str(d)), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "no function token" in r.stderr
 
 
 def test_tinyfaas_and_openfaas_entry_points_answer_frames(tiny, tmp_path):
@@ -124,17 +139,33 @@ def test_tinyfaas_and_openfaas_entry_points_answer_frames(tiny, tmp_path):
     from faasmoe.functions.expert import ExpertFunction
 
     expected = ExpertFunction(spec).compute(inv)
-    for target, call in (("tinyfaas", "print(fn.fn(sys.argv[1], {}))"),
-                         ("openfaas", "import base64\nclass E: body = base64.b64decode(sys.argv[1])\n"
-                                      "print(base64.b64encode(handler.handle(E(), None)['body']).decode())")):
-        manifest = json.loads(package(tiny, K, target, tmp_path / target).read_text())
-        d = tmp_path / target / "functions" / manifest["functions"][spec.id]["name"]
+    # each entry point is called without a token, with a wrong one (both refused), then with the packaged one
+    calls = {
+        "tinyfaas": "def call(h):\n"
+                    "    try:\n        return fn.fn(sys.argv[1], h)\n"
+                    "    except PermissionError:\n        return 'refused'\n",
+        "openfaas": "import base64\n"
+                    "class E:\n    body = base64.b64decode(sys.argv[1])\n"
+                    "def call(h):\n    E.headers = h\n    r = handler.handle(E(), None)\n"
+                    "    return base64.b64encode(r['body']).decode() if r['statusCode'] == 200 else r['statusCode']\n",
+    }
+    for target, call in calls.items():
+        out_dir = tmp_path / target
+        manifest = json.loads(package(tiny, K, target, out_dir).read_text())
+        d = out_dir / "functions" / manifest["functions"][spec.id]["name"]
         module = "fn" if target == "tinyfaas" else "handler"
-        r = subprocess.run([sys.executable, "-c", f"import sys\nimport {module}\n{call}",
-                            base64.b64encode(frame).decode()], cwd=d, env=dict(os.environ, PYTHONPATH=str(d)),
-                           capture_output=True, text=True, timeout=120)
+        token = (out_dir / "function-token").read_text().strip()
+        script = (f"import sys\nimport {module}\n{call}print(call({{}}))\nprint(call({{'X-Faasmoe-Token': 'no'}}))\n"
+                  f"print(call({{'x-faasmoe-token': {token!r}}}))")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FAASMOE_")}
+        if target == "openfaas":  # the secret's path on OpenFaaS is /var/openfaas/secrets/<name>
+            env["FAASMOE_TOKEN_FILE"] = str(out_dir / "function-token")
+        r = subprocess.run([sys.executable, "-c", script, base64.b64encode(frame).decode()], cwd=d,
+                           env=dict(env, PYTHONPATH=str(d)), capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        out = wire.decode_result(base64.b64decode(r.stdout.strip()), torch.float32, 2, 64)
+        refused, wrong, reply = r.stdout.split()
+        assert refused == wrong == ("refused" if target == "tinyfaas" else "401"), target
+        out = wire.decode_result(base64.b64decode(reply), torch.float32, 2, 64)
         assert torch.equal(out, expected), target
 
 
@@ -146,7 +177,7 @@ def test_base64_bodies_over_http(tiny, tmp_path):
     procs = _serve_packages_subset(manifest, m, 1)
     try:
         spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 8), "float32")[0]
-        platform = HttpPlatform(PlatformConfig(), manifest)
+        platform = HttpPlatform(PlatformConfig(), manifest)  # no token given: the one beside the manifest
         reply = platform.invoke(spec.id, prewarm_calls([spec])[0][1])
         platform.close()
         assert torch.equal(wire.decode_result(reply, torch.float32, 1, 64), torch.zeros(1, 64))

@@ -5,6 +5,9 @@ binary or base64 text). Each call is an HTTP POST of the wire frame; calls of a 
 go out concurrently from a thread pool over pooled connections. Scaling is the host
 platform's business; what it reveals in the packaged handler's response headers
 (instance id, first call) is recorded as cold starts and warm hits.
+
+Packaged functions require their token in `X-Faasmoe-Token`: the `token` given, else the
+one in the manifest's `token_file` (written next to it by `faasmoe package`), if readable.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ def load_manifest(path: str | Path) -> dict:
     return m
 
 
+def _packaged_token(manifest_path: Path, manifest: dict) -> str | None:
+    """The token `faasmoe package` wrote beside the manifest, or None if there is none to read."""
+    name = manifest.get("token_file")
+    if not isinstance(name, str) or not name or Path(name).name != name:  # a file beside the manifest, nothing else
+        return None
+    try:
+        return (manifest_path.parent / name).read_text().strip() or None
+    except OSError:
+        return None
+
+
 class HttpPlatform(Platform):
     name = "http"
 
@@ -40,7 +54,7 @@ class HttpPlatform(Platform):
         super().__init__(config)
         self.manifest = load_manifest(manifest)
         self.base64 = self.manifest.get("encoding", "binary") == "base64"
-        self.token = token
+        self.token = token or _packaged_token(Path(manifest), self.manifest)
         self._client = httpx.Client(timeout=httpx.Timeout(config.invoke_timeout_s, connect=10.0),
                                     limits=httpx.Limits(max_connections=max_concurrency,
                                                         max_keepalive_connections=max_concurrency))
@@ -88,7 +102,7 @@ class HttpPlatform(Platform):
                 self._record("crash", function_id, "?", time.perf_counter() - t0)
                 continue
             if r.status_code >= 500:
-                errors.append(f"HTTP {r.status_code}")
+                errors.append(f"HTTP {r.status_code}: {r.text[:200]}" if r.text else f"HTTP {r.status_code}")
                 continue
             if r.status_code != 200:
                 raise InvocationError(f"function {function_id} at {url} answered HTTP {r.status_code}: "
