@@ -18,26 +18,28 @@ from pathlib import Path
 
 import psutil
 
+from faasmoe.bench import cleanup
 from faasmoe.bench.load import run_load, schedule
 from faasmoe.bench.machine import machine_info
 from faasmoe.bench.multitenant import (BenchConfig, Target, _key, _scrape, _start_server, _stop, _wait_healthy,
                                        label_tree)
 from faasmoe.metering.meter import Label
+from faasmoe.proctitle import set_title
 
 
 def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: int) -> tuple[list, int, int]:
     """The load through one server; its results, the instances killed, and the calls those kills cut short."""
-    import tempfile
-
     tenants = [f"t{i}" for i in range(cfg.workload.tenants)]
-    server = _start_server(cfg, mode, tenants, cfg.experts_per_function, Path(tempfile.mkdtemp(prefix="faasmoe-chaos-")))
+    set_title("bench", "chaos", mode, "killing" if kill_every else "fault-free")
+    workdir = cleanup.make_workdir()
+    servers = []
     kills = 0
     stop = threading.Event()
 
     def killer() -> None:
         nonlocal kills
         rng = random.Random(seed)
-        root = psutil.Process(server.proc.pid)
+        root = psutil.Process(servers[0].proc.pid)
         while not stop.wait(kill_every):
             victims = [pid for pid, lb in label_tree(root, Label("server")).items() if lb.role == "function"]
             if victims:
@@ -48,7 +50,9 @@ def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: 
                     pass
 
     try:
-        _wait_healthy([server], cfg.startup_timeout_s)
+        servers.append(_start_server(cfg, mode, tenants, cfg.experts_per_function, workdir))
+        server = servers[0]
+        _wait_healthy(servers, cfg.startup_timeout_s)
         targets = {i: Target(server.base_url, _key(t), cfg.model.name) for i, t in enumerate(tenants)}
         thread = threading.Thread(target=killer, daemon=True) if kill_every else None
         if thread:
@@ -60,7 +64,8 @@ def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: 
         cut = int(_scrape([server])["crashes"])
     finally:
         stop.set()
-        _stop([server])
+        _stop(servers)
+        cleanup.remove_workdir(workdir)
     return results, kills, cut
 
 

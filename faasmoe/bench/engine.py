@@ -10,12 +10,15 @@ Measured, on the same checkpoint and prompt, interleaved so machine noise hits b
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from faasmoe.bench import cleanup
 from faasmoe.bench.machine import machine_info
+from faasmoe.proctitle import set_title
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
 
@@ -116,19 +119,28 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     from faasmoe.platforms import PlatformConfig
     from transformers import Qwen2MoeForCausalLM
 
+    set_title("bench-engine")
     ensure_model(Path(model), layers)
     mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
     report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {}}
-    for k in ks:
-        for platform in platforms:
-            with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
-                              platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
-                run = _measure(engine, mono, tokens, repeats)
-            run["platform"] = platform
-            run["cold_start"] = cold_start_cost(engine.specs[0], platform)
-            report["runs"][f"{platform}/k{k}"] = run
-            _print_run(run)
+    # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
+    workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
+    tempfile.tempdir = str(workdir)
+    try:
+        for k in ks:
+            for platform in platforms:
+                set_title("bench-engine", platform, f"k={k}")
+                with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
+                                  platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
+                    run = _measure(engine, mono, tokens, repeats)
+                run["platform"] = platform
+                run["cold_start"] = cold_start_cost(engine.specs[0], platform)
+                report["runs"][f"{platform}/k{k}"] = run
+                _print_run(run)
+    finally:
+        tempfile.tempdir = previous_tmp
+        cleanup.remove_workdir(workdir)
     return report
 
 

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,11 @@ import httpx
 import psutil
 from tqdm import tqdm
 
+from faasmoe.bench import cleanup
 from faasmoe.bench.load import Arrival, Target, Workload, run_load, schedule, summarize, workload_json
 from faasmoe.bench.machine import machine_info
 from faasmoe.metering.meter import Label, Meter
+from faasmoe.proctitle import role_of, set_title
 
 STRATEGIES = ("baseline", "faasmoe-private", "faasmoe-shared", "local-distribution")
 FAASMOE = ("faasmoe-private", "faasmoe-shared")
@@ -90,8 +90,11 @@ def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workd
     log = workdir / f"{mode}-{port}.log"
     # Idle OpenMP threads sleep instead of spinning, in every strategy, so no one's CPU-seconds count busy-waiting.
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, "-m", "faasmoe", "serve", "--config", str(conf), "--log-level", "warning"],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if cfg.platform != "ray":  # the server's own temporary folders go in ours, removed even if it is SIGKILLed
+        env["TMPDIR"] = str(workdir)  # (not Ray's: its socket paths would grow past the 107-byte limit)
+    with log.open("w") as out:
+        proc = cleanup.spawn([sys.executable, "-m", "faasmoe", "serve", "--config", str(conf), "--log-level",
+                              "warning"], stdout=out, stderr=subprocess.STDOUT, env=env)
     return Server(proc, f"http://127.0.0.1:{port}", tenants, log)
 
 
@@ -114,39 +117,38 @@ def _wait_healthy(servers: list[Server], timeout: float) -> None:
 
 
 def _stop(servers: list[Server]) -> None:
+    """SIGTERM every server (each stops its orchestrators, zygote, instances, Ray); SIGKILL what is left of a
+    server's tree after a grace period (short when the bench itself is being stopped)."""
+    grace = 5.0 if cleanup.stopping() else 60.0
     for s in servers:
         if s.proc.poll() is None:
-            s.proc.send_signal(signal.SIGTERM)
+            s.proc.terminate()
     for s in servers:
-        try:
-            s.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
+        cleanup.stop_tree(s.proc, grace)
 
 
 def label_tree(root: psutil.Process, root_label: Label) -> dict[int, Label]:
-    """Every process under a server, labelled from its command line and its parent."""
+    """Every process under a server, labelled from its process title (faasmoe.proctitle) and its parent."""
     out = {root.pid: root_label}
     try:
         family = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return {}
-    cmd: dict[int, list[str]] = {}
+    roles: dict[int, tuple[str, str | None]] = {}
+    parents: dict[int, int] = {}
     for p in family:
         try:
-            cmd[p.pid] = p.cmdline()
-            ppid = p.ppid()
+            roles[p.pid], parents[p.pid] = role_of(p), p.ppid()
         except psutil.Error:
             continue
-        args = cmd[p.pid]
-        if "faasmoe.serving.orchestrator" in args:
-            out[p.pid] = Label("orchestrator", args[args.index("--tenant") + 1])
-        elif "faasmoe.platforms.zygote" in args:  # the zygote, or an instance it forked (same argv)
-            parent_is_zygote = "faasmoe.platforms.zygote" in cmd.get(ppid, [])
-            out[p.pid] = Label("function" if parent_is_zygote else "zygote")
+    for pid, (role, tenant) in roles.items():
+        if role == "orchestrator":
+            out[pid] = Label("orchestrator", tenant)
+        elif role in ("zygote", "function"):  # an instance not yet titled still has its zygote's title
+            parent_is_zygote = roles.get(parents[pid], ("", None))[0] == "zygote"
+            out[pid] = Label("function" if parent_is_zygote else role)
         else:
-            out[p.pid] = Label("other")
+            out[pid] = Label("other")
     return out
 
 
@@ -169,13 +171,15 @@ def _scrape(servers: list[Server]) -> dict[str, float]:
 
 def run_strategy(cfg: BenchConfig, name: str, k: int, arrivals: list[Arrival], bar: tqdm | None = None) -> dict:
     tenants = [f"t{i}" for i in range(cfg.workload.tenants)]
-    workdir = Path(tempfile.mkdtemp(prefix=f"faasmoe-bench-{name}-"))
-    if name == "baseline":
-        servers = [_start_server(cfg, "monolithic", [t], k, workdir) for t in tenants]
-    else:
-        mode = "shared" if name == "faasmoe-shared" else "private"
-        servers = [_start_server(cfg, mode, tenants, k, workdir, always_on=name == "local-distribution")]
+    set_title("bench", name if name == "baseline" else f"{name} k={k}")
+    workdir = cleanup.make_workdir()
+    servers: list[Server] = []
     try:
+        if name == "baseline":
+            servers += [_start_server(cfg, "monolithic", [t], k, workdir) for t in tenants]
+        else:
+            mode = "shared" if name == "faasmoe-shared" else "private"
+            servers.append(_start_server(cfg, mode, tenants, k, workdir, always_on=name == "local-distribution"))
         _wait_healthy(servers, cfg.startup_timeout_s)
         roots = [(psutil.Process(s.proc.pid), s) for s in servers]
 
@@ -203,6 +207,7 @@ def run_strategy(cfg: BenchConfig, name: str, k: int, arrivals: list[Arrival], b
         counters = _scrape(servers)
     finally:
         _stop(servers)
+        cleanup.remove_workdir(workdir)
     return _report(name, k, cfg, meter, results, wall, counters)
 
 

@@ -109,6 +109,20 @@ class ExpertReplica:
         return {"calls": float(self.calls)}
 
 
+def _reap(procs: list, grace_s: float = 5.0) -> None:
+    """Give Ray's processes grace_s to exit after `ray.shutdown()`, then SIGKILL the rest: the dashboard and
+    runtime-env agents have been seen outliving their raylet, even a SIGTERM."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 def deployment_name(function_id: str) -> str:
     return function_id.replace(".", "-")
 
@@ -210,6 +224,7 @@ class RayPlatform(Platform):
 
     def close(self) -> None:
         self._stop.set()
+        ours = self._ray_processes() if self._started_ray else []
         try:
             from ray import serve
 
@@ -222,6 +237,24 @@ class RayPlatform(Platform):
                 ray.shutdown()
         except Exception:  # closing must not raise on a Ray that is already gone
             pass
+        _reap(ours)
+
+    def _ray_processes(self) -> list:
+        """Every process of the Ray this platform started: its node processes (GCS, raylet, monitors, ...; the
+        session folder is in their command line) and their descendants (agents, Serve controller, replicas)."""
+        import psutil
+
+        try:
+            import ray
+
+            session = os.path.basename(ray._private.worker._global_node.get_session_dir_path())
+            out = []
+            for p in psutil.Process().children():
+                if session in " ".join(p.cmdline()):
+                    out += [p, *p.children(recursive=True)]
+            return out
+        except Exception:  # a private API that moved, a process that just went: close as before
+            return []
 
     # -- invocation --------------------------------------------------------------------------
     def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[list]:

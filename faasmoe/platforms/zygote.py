@@ -90,7 +90,9 @@ class Zygote:
 def run() -> None:
     """Zygote side: import once, then fork on every request line."""
     from faasmoe.platforms import worker  # the import is the point: torch and the handler, once
+    from faasmoe.proctitle import function_title, set_title
 
+    set_title("zygote")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then closes our stdin
     out = sys.stdout
@@ -104,9 +106,11 @@ def run() -> None:
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)  # the platform's pipes belong to the zygote alone
             os.dup2(devnull, 1)
+            set_title(*function_title(req["spec"]))
             worker.main(req["spec"], req["socket"], int(req.get("threads", 1)))
         out.write(json.dumps({"pid": pid}) + "\n")
         out.flush()
+    os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
 
 
 if __name__ == "__main__":

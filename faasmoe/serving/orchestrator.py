@@ -104,7 +104,23 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=64)
     p.add_argument("--platform-config", default="{}")
     p.add_argument("--dtype", default=None)
-    serve(p.parse_args())
+    args = p.parse_args()
+    import time
+
+    from faasmoe.proctitle import set_title
+
+    set_title("orchestrator", args.tenant)
+    parent = os.getppid()
+
+    def watch_parent() -> None:  # a server that died without stopping us (SIGKILL): stop like on SIGTERM
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)  # still here (SIGTERM came before serve() installed its handler, or shutdown hung)
+
+    threading.Thread(target=watch_parent, name="faasmoe-parent-watch", daemon=True).start()
+    serve(args)
 
 
 if __name__ == "__main__":
