@@ -1,16 +1,45 @@
-"""The `faasmoe` command line: serve, generate, init-model, bench-engine."""
+"""The `faasmoe` command line: serve, generate, init-model, package, bench, bench-engine."""
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Serve Mixture-of-Experts models with every expert a scale-to-zero FaaS function.")
+from faasmoe.serving.config import ServerConfig, TenantConfig
+
+# Plain click-style help: typer's rich panels show flags as `<bool>` and squeeze the text into a column.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+                  help="Serve Mixture-of-Experts models with every expert a scale-to-zero FaaS function.\n\n"
+                       "Start with `faasmoe serve` (an OpenAI-compatible server on 127.0.0.1:8000); "
+                       "every command explains itself with --help.")
+
+_SERVE = ServerConfig.model_fields
+_TENANT = TenantConfig.model_fields
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from faasmoe import __version__
+
+        typer.echo(f"faasmoe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(ctx: typer.Context,
+         version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print the version and exit.")) -> None:
+    """Checks shared by every command."""
+    if ctx.invoked_subcommand == "bench" and importlib.util.find_spec("matplotlib") is None:
+        _fail("faasmoe bench draws plots with matplotlib, which is not installed: pip install -e '.[bench]'")
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
@@ -31,17 +60,27 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-@app.command("init-model")
+@app.command("init-model", short_help="Write a checkpoint with random weights (tests, demos).")
 def init_model_cmd(
-    out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint into."),
-    preset: str = typer.Option("tiny", help="Architecture: 'tiny' (tests) or 'qwen1.5-moe-a2.7b' (real sizes)."),
-    layers: Optional[int] = typer.Option(None, help="Number of decoder layers (default: the preset's)."),
-    seed: int = typer.Option(0, help="Seed of the random weights; the same seed writes the same weights."),
-    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the preset's)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field, KEY=VALUE (JSON value), repeatable; "
-                                                     "e.g. --set norm_topk_prob=true --set decoder_sparse_step=2."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Directory to write the checkpoint into."),
+    preset: str = typer.Option("tiny", metavar="NAME", help="Architecture: tiny (tests, demos) or qwen1.5-moe-a2.7b "
+                                                            "(the real model's sizes)."),
+    layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
+                                         help="Number of decoder layers."),
+    seed: int = typer.Option(0, metavar="N", help="Seed of the random weights; the same seed writes the same "
+                                                   "weights."),
+    dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the preset's",
+                                        help="float32, bfloat16 or float16."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
+                                   help="Override a config field (VALUE read as JSON), repeatable; "
+                                        "e.g. --set norm_topk_prob=true --set decoder_sparse_step=2."),
 ) -> None:
-    """Write a random-weight Qwen2-MoE checkpoint (config, sharded safetensors, Qwen tokenizer)."""
+    """Write a Qwen2-MoE checkpoint with RANDOM weights (config, sharded safetensors, Qwen tokenizer).
+
+    The model generates gibberish: it is for tests, demos and benchmarks, which measure the system, not
+    the text. To serve a real model, download a Hugging Face checkpoint directory (e.g.
+    Qwen1.5-MoE-A2.7B) and pass it to --model.
+    """
     from faasmoe.init_model import init_model
 
     overrides = _parse_sets(set_)
@@ -54,32 +93,45 @@ def init_model_cmd(
     typer.echo(f"wrote {path}")
 
 
+# Where the expert functions run besides the embedded platform: the same flags for generate and serve.
+FUNCTIONS_OPTION = typer.Option(None, "--functions", metavar="FILE",
+                                help="http platform: the manifest written by `faasmoe package`.")
+FUNCTION_TOKEN_OPTION = typer.Option(None, "--function-token", metavar="TOKEN",
+                                     help="http platform: token sent as X-Faasmoe-Token.")
+RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", metavar="HOST:PORT", show_default="start a local Ray on 127.0.0.1",
+                                  help="ray platform: the cluster to join.")
+
+
 def _platform_config(keep_alive: float, max_instances: int, invoke_timeout: float):
     from faasmoe.platforms import PlatformConfig
 
     return PlatformConfig(keep_alive_s=keep_alive, max_instances=max_instances, invoke_timeout_s=invoke_timeout)
 
 
-@app.command()
+@app.command(short_help="Generate once from the command line.")
 def generate(
-    model: Path = typer.Option(..., help="A Qwen2-MoE checkpoint directory (Hugging Face layout)."),
-    prompt: str = typer.Option(..., help="The prompt text."),
-    max_tokens: int = typer.Option(32, help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.0, help="0 for greedy decoding."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),
-    seed: Optional[int] = typer.Option(None, help="Sampling seed (with temperature > 0)."),
-    chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template as a user message."),
-    experts_per_function: int = typer.Option(1, "--experts-per-function", "-k",
+    model: Path = typer.Option(..., metavar="DIR", help="A Qwen2-MoE checkpoint directory (Hugging Face layout)."),
+    prompt: str = typer.Option(..., metavar="TEXT", help="The prompt text."),
+    max_tokens: int = typer.Option(32, metavar="N", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, metavar="T", help="Sampling temperature; 0 decodes greedily."),
+    top_p: float = typer.Option(1.0, metavar="P", help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, metavar="N", show_default="random",
+                                       help="Sampling seed (with temperature > 0)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template as a user message."),
+    experts_per_function: int = typer.Option(1, "--experts-per-function", "-k", metavar="K",
                                              help="Experts per function, 1 .. all experts of a layer."),
-    platform: str = typer.Option("local", help="FaaS platform that runs the expert functions: local (embedded), "
-                                               "http (functions hosted elsewhere, see --functions) or ray."),
-    functions: Optional[Path] = typer.Option(None, help="http platform: the manifest written by `faasmoe package`."),
-    function_token: Optional[str] = typer.Option(None, help="http platform: token sent as X-Faasmoe-Token."),
-    ray_address: Optional[str] = typer.Option(None, help="ray platform: cluster address (default: start a local Ray)."),
-    keep_alive: float = typer.Option(30.0, help="Seconds an idle function instance stays warm."),
-    max_instances: int = typer.Option(4, help="Instances per function under concurrent load."),
-    invoke_timeout: float = typer.Option(60.0, help="Seconds before a function call is abandoned and retried."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default: the checkpoint's)."),
+    platform: str = typer.Option("local", metavar="NAME", help="FaaS platform that runs the expert functions: local "
+                                                               "(embedded), http (functions hosted elsewhere, see "
+                                                               "--functions) or ray."),
+    functions: Optional[Path] = FUNCTIONS_OPTION,
+    function_token: Optional[str] = FUNCTION_TOKEN_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    keep_alive: float = typer.Option(30.0, metavar="SECONDS", help="How long an idle function instance stays warm."),
+    max_instances: int = typer.Option(4, metavar="N", help="Instances per function under concurrent load."),
+    invoke_timeout: float = typer.Option(60.0, metavar="SECONDS",
+                                         help="A function call taking longer is abandoned and retried."),
+    dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
+                                        help="Compute dtype: float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, stats} as JSON."),
 ) -> None:
     """Generate text with the experts running as functions on a FaaS platform."""
@@ -114,16 +166,17 @@ def generate(
                 f"{s['cold_starts']} cold starts, {s['warm_hits']} warm hits]", fg=typer.colors.BRIGHT_BLACK, err=True)
 
 
-@app.command("bench-engine")
+@app.command("bench-engine", short_help="faasmoe vs the monolithic model, one request.")
 def bench_engine_cmd(
-    model: Path = typer.Option(Path("models/qwen1.5-moe-a2.7b-2l"), help="Checkpoint (created if missing)."),
-    layers: int = typer.Option(2, help="Layers of the real preset when the checkpoint must be created."),
-    tokens: int = typer.Option(32, help="Tokens to decode per measured run."),
-    repeats: int = typer.Option(3, help="Measured runs of each side, interleaved."),
-    experts_per_function: list[int] = typer.Option([1, 4], "--experts-per-function", "-k",
-                                                   help="Granularities to measure (repeatable)."),
-    platform: list[str] = typer.Option(["local"], help="Platforms to measure (repeatable): local, ray."),
-    out: Optional[Path] = typer.Option(None, help="Write the figures as JSON here."),
+    model: Path = typer.Option(Path("models/qwen1.5-moe-a2.7b-2l"), metavar="DIR",
+                               help="Checkpoint (created with random weights if missing)."),
+    layers: int = typer.Option(2, metavar="N", help="Layers of the real preset when the checkpoint must be created."),
+    tokens: int = typer.Option(32, metavar="N", help="Tokens to decode per measured run."),
+    repeats: int = typer.Option(3, metavar="N", help="Measured runs of each side, interleaved."),
+    experts_per_function: list[int] = typer.Option([1, 4], "--experts-per-function", "-k", metavar="K",
+                                                   help="Granularities to measure, repeatable."),
+    platform: list[str] = typer.Option(["local"], metavar="NAME", help="Platforms to measure, repeatable: local, ray."),
+    out: Optional[Path] = typer.Option(None, metavar="FILE", help="Write the figures as JSON here."),
 ) -> None:
     """Side by side in one run: faasmoe (warm) vs the monolithic transformers model on the same weights."""
     from faasmoe.bench.cleanup import session
@@ -149,41 +202,62 @@ def _range(text: str, name: str) -> tuple[int, int]:
     return a, b
 
 
-@app.command()
+@app.command(short_help="Compare four multi-tenant serving strategies.")
 def bench(
-    out: Path = typer.Option(Path("runs/bench"), help="Directory for results.json, results.md and the plots."),
+    out: Path = typer.Option(Path("runs/bench"), metavar="DIR",
+                             help="Directory for results.json, results.md and the plots."),
     quick: bool = typer.Option(False, "--quick", help="Tiny preset, short load, small sweep: minutes, not hours."),
-    model: Optional[Path] = typer.Option(None, help="Checkpoint (created if missing; default: models/bench-tiny with "
-                                                    "--quick, else models/qwen1.5-moe-a2.7b-bench)."),
-    layers: Optional[int] = typer.Option(None, help="Layers of the real preset when the checkpoint is created "
-                                                    "(default: 1, what 24 GiB allows for 6 Baseline tenants)."),
-    tenants: int = typer.Option(6, help="Tenants (the paper's figures imply 6)."),
-    rate: list[float] = typer.Option([], help="Requests/s per tenant, repeatable (cycled over tenants)."),
-    arrival: str = typer.Option("poisson", help="poisson, or bursty (on/off periods at 3x the rate)."),
-    duration: Optional[float] = typer.Option(None, help="Seconds during which requests arrive."),
-    max_requests: Optional[int] = typer.Option(None, help="Requests per tenant at most."),
-    prompt_tokens: Optional[str] = typer.Option(None, help="Prompt length range MIN:MAX in tokens."),
-    output_tokens: Optional[str] = typer.Option(None, help="Output length range MIN:MAX in tokens."),
-    seed: int = typer.Option(0, help="Seed of the workload: the same requests for every strategy."),
-    experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",
+    model: Optional[Path] = typer.Option(None, metavar="DIR", show_default="models/bench-tiny with --quick, else "
+                                                                           "models/qwen1.5-moe-a2.7b-bench",
+                                         help="Checkpoint (created with random weights if missing)."),
+    layers: Optional[int] = typer.Option(None, metavar="N", show_default="1, what 24 GiB allows for 6 Baseline tenants",
+                                         help="Layers of the real preset when the checkpoint is created."),
+    tenants: int = typer.Option(6, metavar="N", help="Tenants sending requests at the same time."),
+    rate: list[float] = typer.Option([], metavar="RPS", show_default="2 with --quick, else 0.2",
+                                     help="Requests/s per tenant, repeatable (cycled over tenants)."),
+    arrival: str = typer.Option("poisson", metavar="KIND", help="poisson, or bursty (on/off periods at 3x the rate)."),
+    duration: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="8 with --quick, else 120",
+                                             help="How long requests keep arriving."),
+    max_requests: Optional[int] = typer.Option(None, metavar="N", show_default="no limit",
+                                               help="Requests per tenant at most."),
+    prompt_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:32 with --quick, else 32:128",
+                                                help="Prompt length range in tokens."),
+    output_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:16 with --quick, else 32:64",
+                                                help="Output length range in tokens."),
+    seed: int = typer.Option(0, metavar="N", help="Seed of the workload: the same requests for every strategy."),
+    experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k", metavar="K",
+                                                       show_default="2 with --quick, else 4",
                                                        help="k of faasmoe's main runs."),
-    sweep: list[int] = typer.Option([], help="k values to sweep for faasmoe's strategies, repeatable "
-                                             "(default: 1, 2, 4, ... all)."),
+    sweep: list[int] = typer.Option([], metavar="K", show_default="1, 2, 4, ... all experts",
+                                    help="k values to sweep for faasmoe's strategies, repeatable."),
     no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the granularity sweep."),
-    sweep_strategy: list[str] = typer.Option([], help="Strategies to sweep k for, repeatable (default: "
-                                                      "faasmoe-shared with --quick, else faasmoe-private and "
-                                                      "faasmoe-shared)."),
-    keep_alive: Optional[float] = typer.Option(None, help="Function keep-alive in seconds (default: 5 with --quick "
-                                                          "on the local platform, else 30)."),
-    strategy: list[str] = typer.Option([], help="Strategies to run, repeatable (default: all four)."),
-    platform: str = typer.Option("local", help="FaaS platform of faasmoe's strategies."),
+    sweep_strategy: list[str] = typer.Option([], metavar="NAME", show_default="faasmoe-shared with --quick, else "
+                                                                              "faasmoe-private and faasmoe-shared",
+                                             help="Strategies to sweep k for, repeatable."),
+    keep_alive: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="5 with --quick on the local "
+                                                                                     "platform, else 30",
+                                               help="Function keep-alive."),
+    strategy: list[str] = typer.Option([], metavar="NAME", show_default="all four",
+                                       help="Strategies to run, repeatable: baseline, faasmoe-private, "
+                                            "faasmoe-shared, local-distribution."),
+    platform: str = typer.Option("local", metavar="NAME", help="FaaS platform of faasmoe's strategies."),
     chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
                                                       "killing a random function instance every --chaos-interval "
                                                       "seconds; report completed requests and output mismatches."),
-    chaos_interval: float = typer.Option(0.5, help="Seconds between instance kills in --chaos."),
-    chaos_mode: str = typer.Option("shared", help="Server mode for --chaos: shared or private."),
+    chaos_interval: float = typer.Option(0.5, metavar="SECONDS", help="Time between instance kills in --chaos."),
+    chaos_mode: str = typer.Option("shared", metavar="MODE", help="Server mode for --chaos: shared or private."),
 ) -> None:
-    """Baseline vs FaaSMoE Private vs FaaSMoE Shared vs Local Distribution, one after the other, same load."""
+    """Compare four ways of serving many tenants, one after the other under the same load, metered.
+
+    \b
+    baseline            a full-model server per tenant (transformers, every expert resident)
+    faasmoe-private     an orchestrator per tenant, experts as scale-to-zero functions
+    faasmoe-shared      one orchestrator batching every tenant's tokens into each function call
+    local-distribution  an orchestrator per tenant, expert blocks as always-on processes
+
+    Reports each one's CPU-seconds, GB-seconds (of PSS memory), latency percentiles and errors, then
+    runs faasmoe's strategies again for each k of the sweep (results.json, results.md, plots under --out).
+    """
     from faasmoe.bench.load import Workload
     from faasmoe.bench.cleanup import session
     from faasmoe.bench.multitenant import STRATEGIES, BenchConfig, run_bench
@@ -241,19 +315,22 @@ def bench(
         raise typer.Exit(1)
 
 
-@app.command("package")
+@app.command("package", short_help="Package the expert functions for another FaaS platform.")
 def package_cmd(
-    model: Path = typer.Option(..., help="The checkpoint whose experts to package."),
-    target: str = typer.Option(..., help="tinyfaas, openfaas or knative."),
-    out: Path = typer.Option(..., help="Directory to write the packages and manifest.json into."),
-    experts_per_function: int = typer.Option(1, "--experts-per-function", "-k", help="Experts per function."),
-    base_url: Optional[str] = typer.Option(None, help="URL template per function, with {name}, {port} or {index} "
-                                                      "(default: the target's usual gateway form)."),
-    start_port: int = typer.Option(9000, help="{port} of the first function (then +1 each)."),
-    reference_weights: bool = typer.Option(False, help="Point at the checkpoint's files instead of copying each "
-                                                       "function's tensors into its package."),
-    keep_alive: float = typer.Option(30.0, help="Scale-to-zero delay written into the deploy files."),
-    max_instances: int = typer.Option(4, help="Maximum instances written into the deploy files."),
+    model: Path = typer.Option(..., metavar="DIR", help="The checkpoint whose experts to package."),
+    target: str = typer.Option(..., metavar="NAME", help="tinyfaas, openfaas or knative."),
+    out: Path = typer.Option(..., metavar="DIR", help="Directory to write the packages and manifest.json into."),
+    experts_per_function: int = typer.Option(1, "--experts-per-function", "-k", metavar="K",
+                                             help="Experts per function."),
+    base_url: Optional[str] = typer.Option(None, metavar="TEMPLATE", show_default="the target's usual gateway form",
+                                           help="URL of each function, with {name}, {port} or {index}."),
+    start_port: int = typer.Option(9000, metavar="PORT", help="{port} of the first function (then +1 each)."),
+    reference_weights: bool = typer.Option(False, "--reference-weights",
+                                           help="Point at the checkpoint's files instead of copying each "
+                                                "function's tensors into its package."),
+    keep_alive: float = typer.Option(30.0, metavar="SECONDS", help="Scale-to-zero delay written into the deploy "
+                                                                   "files."),
+    max_instances: int = typer.Option(4, metavar="N", help="Maximum instances written into the deploy files."),
 ) -> None:
     """Package every expert function for an external FaaS platform, plus a manifest for --platform http."""
     from faasmoe.checkpoint import CheckpointError
@@ -268,65 +345,162 @@ def package_cmd(
     typer.echo(f"wrote {n} {target} function packages under {out / 'functions'} and {manifest}")
 
 
-@app.command()
-def serve(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="TOML or YAML file: tenants, keys, limits, model, "
-                                                                       "platform, keep-alive, k, mode. Flags override it."),
-    host: Optional[str] = typer.Option(None, help="Address to listen on (default: 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="Port to listen on (default: 8000)."),
-    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: models/tiny, created if missing)."),
-    model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the directory name)."),
-    preset: Optional[str] = typer.Option(None, help="Preset to create at --model if it is missing (default: tiny)."),
-    layers: Optional[int] = typer.Option(None, help="Layers of the created preset (default: the preset's)."),
-    mode: Optional[str] = typer.Option(None, help="shared: one orchestrator batching all tenants; private: one "
-                                                  "orchestrator process per tenant; monolithic: transformers' "
-                                                  "model with every expert resident, no functions, for "
-                                                  "comparison (default: shared)."),
-    platform: Optional[str] = typer.Option(None, help="FaaS platform of the expert functions: local, http or ray "
-                                                      "(default: local)."),
-    functions: Optional[Path] = typer.Option(None, help="http platform: the manifest written by `faasmoe package`."),
-    function_token: Optional[str] = typer.Option(None, help="http platform: token sent as X-Faasmoe-Token."),
-    ray_address: Optional[str] = typer.Option(None, help="ray platform: cluster address to join (default: start a "
-                                                         "local Ray on 127.0.0.1)."),
-    keep_alive: Optional[float] = typer.Option(None, help="Seconds an idle function instance stays warm (default: 30)."),
-    experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k",
-                                                       help="Experts per function (default: 1)."),
-    max_instances: Optional[int] = typer.Option(None, help="Instances per function under load (default: 4)."),
-    max_batch: Optional[int] = typer.Option(None, help="Sequences stepped together (default: 16)."),
-    max_queue: Optional[int] = typer.Option(None, help="Requests waiting before 429 (default: 64)."),
-    tenant: list[str] = typer.Option([], "--tenant", help="NAME:KEY, repeatable; a quick start without a config file "
-                                                          "(default limits). Without any, one 'default' tenant "
-                                                          "with a fresh key."),
-    admin_key: Optional[str] = typer.Option(None, help="Key for /metrics (default: generated and printed)."),
-    prewarm: Optional[bool] = typer.Option(None, "--prewarm/--no-prewarm", help="Start every function at start-up."),
-    dtype: Optional[str] = typer.Option(None, help="Compute dtype (default: the checkpoint's)."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
-) -> None:
-    """Start the OpenAI-compatible server (experts as functions on the embedded FaaS platform by default)."""
-    from pydantic import ValidationError
+def _d(field: str) -> Any:
+    """A server setting's default, shown in --help (the flags default to it, the config file may override it)."""
+    return (_TENANT if field in _TENANT else _SERVE)[field].default
 
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user typed the flag (or set its environment variable), as opposed to its default, which
+    must not override the config file."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_source: str) -> str:
+    """What a user needs to call the server, printed once it listens, so it is the last thing on screen."""
+    from faasmoe.init_model import has_random_weights
+
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    base = f"http://{host}:{port}"
+    lines = ["=" * 78, f"faasmoe is serving {cfg.served_model_name!r} at {base}/v1 (OpenAI API; Ctrl-C stops it)",
+             f"  model      {cfg.model}",
+             f"  mode       {cfg.mode}; experts on the {cfg.platform} platform, {cfg.experts_per_function} per "
+             f"function, keep-alive {cfg.keep_alive_s:g} s"]
+    if has_random_weights(cfg.model):
+        lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
+                  "             download a Qwen1.5-MoE-A2.7B checkpoint directory and serve it with --model DIR."]
+    lines.append("  tenants    (each sends Authorization: Bearer KEY)")
+    for t in cfg.tenants:
+        if cfg.key_generated(f"tenant:{t.name}"):
+            lines += [f"    {t.name}: key {t.key}",
+                      "      (generated anew at every start; choose one with --api-key KEY or FAASMOE_API_KEY)"]
+        else:
+            lines.append(f"    {t.name}: key {key_source.get(t.name, 'as configured')}")
+        lines.append(f"      limits: {t.max_concurrency} requests at once, {t.tokens_per_minute} tokens/minute, "
+                     f"{t.max_queued} queued")
+    if cfg.key_generated("admin_key"):
+        lines += [f"  admin key  {cfg.admin_key}  (for /metrics)", "             (generated; choose one with --admin-key)"]
+    else:
+        lines.append(f"  admin key  {admin_source}  (for /metrics)")
+    first = cfg.tenants[0]
+    key = first.key if cfg.key_generated(f"tenant:{first.name}") else "$KEY"
+    lines += [f"  try        curl {base}/v1/completions -H \"Authorization: Bearer {key}\" \\",
+              f"               -H 'Content-Type: application/json' -d '{{\"model\": \"{cfg.served_model_name}\", "
+              f"\"prompt\": \"Hello\", \"max_tokens\": 16}}'"]
+    if not _is_loopback(cfg.host):
+        lines += [f"  WARNING    listening on {cfg.host} over plain HTTP: API keys and texts cross the network in clear.",
+                  "             Put a TLS-terminating proxy in front of it, or listen on 127.0.0.1."]
+    lines.append("=" * 78)
+    return "\n".join(lines)
+
+
+@app.command(short_help="Start the OpenAI-compatible server.")
+def serve(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", metavar="FILE", show_default=False,
+                                          help="TOML or YAML file with any setting below, tenants, keys and limits "
+                                               "(see faasmoe.example.toml). Flags given override it."),
+    host: str = typer.Option(_d("host"), metavar="ADDRESS", help="Address to listen on; anything but loopback "
+                                                                 "serves plain HTTP beyond this machine."),
+    port: int = typer.Option(_d("port"), metavar="PORT", help="Port to listen on."),
+    model: Path = typer.Option(_d("model"), metavar="DIR",
+                               help="Qwen2-MoE checkpoint directory (Hugging Face layout). If missing, it is created "
+                                    "from --preset with RANDOM weights (gibberish text); for a real model, download "
+                                    "e.g. Qwen1.5-MoE-A2.7B and point --model at its directory."),
+    model_name: Optional[str] = typer.Option(None, metavar="NAME", show_default="the directory name",
+                                             help="Model id clients send."),
+    preset: str = typer.Option(_d("preset"), metavar="NAME", help="Preset to create at --model if it is missing: "
+                                                                  "tiny or qwen1.5-moe-a2.7b."),
+    layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
+                                         help="Layers of the created preset."),
+    mode: str = typer.Option(_d("mode"), metavar="MODE",
+                             help="shared: one orchestrator batching all tenants; private: one orchestrator process "
+                                  "per tenant; monolithic: transformers' model with every expert resident, no "
+                                  "functions, for comparison."),
+    platform: str = typer.Option(_d("platform"), metavar="NAME",
+                                 help="FaaS platform of the expert functions: local (embedded), http or ray."),
+    functions: Optional[Path] = FUNCTIONS_OPTION,
+    function_token: Optional[str] = FUNCTION_TOKEN_OPTION,
+    ray_address: Optional[str] = RAY_ADDRESS_OPTION,
+    keep_alive: float = typer.Option(_d("keep_alive_s"), metavar="SECONDS",
+                                     help="How long an idle function instance stays warm."),
+    experts_per_function: int = typer.Option(_d("experts_per_function"), "--experts-per-function", "-k", metavar="K",
+                                             help="Experts per function, 1 .. all experts of a layer."),
+    max_instances: int = typer.Option(_d("max_instances"), metavar="N", help="Instances per function under load."),
+    max_batch: int = typer.Option(_d("max_batch"), metavar="N", help="Sequences stepped together."),
+    max_queue: int = typer.Option(_d("max_queue"), metavar="N",
+                                  help="Requests waiting, all tenants together; more get 429."),
+    tenant: list[str] = typer.Option([], "--tenant", metavar="NAME:KEY", show_default=False,
+                                     help="A tenant and its API key (at least 8 characters), repeatable. Without "
+                                          "any (and no tenants in --config): one tenant, 'default'."),
+    api_key: Optional[str] = typer.Option(None, envvar="FAASMOE_API_KEY", metavar="KEY",
+                                          show_default="generated at every start",
+                                          help="API key of the 'default' tenant (at least 8 characters)."),
+    max_concurrency: int = typer.Option(_d("max_concurrency"), metavar="N",
+                                        help="Per tenant (each one): requests in flight at once; more get 429."),
+    tokens_per_minute: int = typer.Option(_d("tokens_per_minute"), metavar="N",
+                                          help="Per tenant: prompt + completion tokens per minute; more get 429."),
+    max_queued: int = typer.Option(_d("max_queued"), metavar="N",
+                                   help="Per tenant: requests waiting for a batch slot; more get 429."),
+    admin_key: Optional[str] = typer.Option(None, metavar="KEY", show_default="generated at every start",
+                                            help="Key that guards /metrics (at least 8 characters)."),
+    prewarm: bool = typer.Option(_d("prewarm"), "--prewarm/--no-prewarm",
+                                 help="Start every function at start-up instead of at its first call."),
+    dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
+                                        help="Compute dtype: float32, bfloat16 or float16."),
+    log_level: str = typer.Option("info", metavar="LEVEL", help="uvicorn log level: debug, info, warning, error."),
+) -> None:
+    """Start the OpenAI-compatible server (experts as functions on the embedded FaaS platform by default).
+
+    It prints, once it listens, the URL, the tenants with their keys and limits, and the admin key.
+    """
     from faasmoe.checkpoint import CheckpointError
+    from faasmoe.serving.app import ListenError, check_listen
     from faasmoe.serving.app import serve as run_server
-    from faasmoe.serving.config import load_config
+    from faasmoe.serving.config import ConfigError, load_config
 
     tenants = []
     for t in tenant:
         name, sep, key = t.partition(":")
         if not sep:
-            _fail(f"--tenant expects NAME:KEY, got {t!r}")
+            _fail("--tenant expects NAME:KEY (no ':' in what was given)")  # never echo: it may be a key
         tenants.append({"name": name, "key": key})
+    flags = {"host": host, "port": port, "model": model, "model_name": model_name, "preset": preset,
+             "preset_layers": layers, "mode": mode, "platform": platform, "functions": functions,
+             "function_token": function_token, "ray_address": ray_address, "keep_alive_s": keep_alive,
+             "experts_per_function": experts_per_function, "max_instances": max_instances, "max_batch": max_batch,
+             "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "dtype": dtype}
+    params = {"preset_layers": "layers", "keep_alive_s": "keep_alive"}
+    overrides = {k: v for k, v in flags.items() if _given(ctx, params.get(k, k))}
+    limits = {k: v for k, v in (("max_concurrency", max_concurrency), ("tokens_per_minute", tokens_per_minute),
+                                ("max_queued", max_queued)) if _given(ctx, k)}
+    key_from_flag = api_key is not None and ctx.get_parameter_source("api_key").name == "COMMANDLINE"
+    if key_from_flag and tenants:
+        _fail("--api-key is the key of the one 'default' tenant; with --tenant NAME:KEY each tenant has its own")
     try:
-        cfg = load_config(config, host=host, port=port, model=model, model_name=model_name, preset=preset,
-                          preset_layers=layers, mode=mode, platform=platform, functions=functions,
-                          function_token=function_token, ray_address=ray_address, keep_alive_s=keep_alive,
-                          experts_per_function=experts_per_function, max_instances=max_instances, max_batch=max_batch,
-                          max_queue=max_queue, tenants=tenants, admin_key=admin_key, prewarm=prewarm, dtype=dtype)
-    except (ValidationError, ValueError, OSError) as e:
+        cfg = load_config(config, default_key=api_key, tenant_limits=limits, tenants=tenants or None, **overrides)
+    except (ConfigError, OSError) as e:
         _fail(f"invalid configuration: {e}")
+    if key_from_flag and [t.key for t in cfg.tenants] != [api_key]:
+        _fail(f"--api-key is the key of the one 'default' tenant; {config} lists tenants, each with its own key")
+    try:
+        check_listen(cfg.host, cfg.port)  # before creating or loading a model, which can take minutes
+    except ListenError as e:
+        _fail(str(e))
     if not (cfg.model / "config.json").is_file():
         from faasmoe.init_model import init_model
 
-        typer.echo(f"model {cfg.model} not found: creating it from preset {cfg.preset!r}")
+        typer.echo(f"model {cfg.model} not found: creating it from preset {cfg.preset!r} (random weights)")
         try:
             init_model(cfg.preset, cfg.model, layers=cfg.preset_layers)
         except ValueError as e:
@@ -337,17 +511,20 @@ def serve(
         Checkpoint(cfg.model)
     except CheckpointError as e:
         _fail(str(e))
-    base = f"http://{cfg.host}:{cfg.port}"
-    typer.echo(f"faasmoe: serving {cfg.served_model_name!r} from {cfg.model} in {cfg.mode} mode on the "
-               f"{cfg.platform} platform, {cfg.experts_per_function} expert(s) per function, keep-alive {cfg.keep_alive_s:g} s")
-    typer.echo(f"listening on {base}  (OpenAI base URL: {base}/v1)")
-    for t in cfg.tenants:
-        typer.echo(f"  tenant {t.name}: API key {t.key}")
-    typer.echo(f"  /metrics admin key: {cfg.admin_key}")
+    if tenants:
+        key_source = {t["name"]: "as given with --tenant" for t in tenants}
+    elif api_key is not None and [t.key for t in cfg.tenants] == [api_key]:
+        key_source = {"default": "as given with --api-key" if key_from_flag else "from FAASMOE_API_KEY"}
+    else:
+        key_source = {t.name: f"as set in {config}" for t in cfg.tenants}
+    admin_source = "as given with --admin-key" if "admin_key" in overrides else f"as set in {config}"
     from faasmoe.proctitle import set_title
 
     set_title("serve", f":{cfg.port}")
-    run_server(cfg, log_level)
+    try:
+        run_server(cfg, log_level, on_ready=lambda bound: typer.echo(_banner(cfg, bound, key_source, admin_source)))
+    except ListenError as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from faasmoe.checkpoint import INDEX_FILE, tensor_shapes
 from faasmoe.weights import torch_dtype
 
 QWEN_EOS = [151643, 151645]  # <|endoftext|>, <|im_end|>
+# Written next to the weights, so the server can say the text will be gibberish (and a user listing the
+# directory sees it).
+RANDOM_WEIGHTS_MARKER = "FAASMOE_RANDOM_WEIGHTS"
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Qwen1.5-MoE-A2.7B's published config.json values; choose the layer count with `layers`.
@@ -118,7 +121,14 @@ def write_checkpoint(config: Qwen2MoeConfig, out: str | Path, seed: int = 0,
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     _write_generation_config(out)
     _write_tokenizer(out)
+    (out / RANDOM_WEIGHTS_MARKER).write_text(f"The weights here are random (`faasmoe init-model`, seed {seed}): "
+                                             "the model generates gibberish.\n")
     return out
+
+
+def has_random_weights(path: str | Path) -> bool:
+    """Whether `path` holds a checkpoint this module wrote (random weights), not a trained model."""
+    return (Path(path) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -9,11 +9,13 @@ events. Every error is an OpenAI-style JSON body with a 4xx/5xx status.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -450,6 +452,13 @@ class Server(uvicorn.Server):
     """uvicorn, but Ctrl-C / SIGTERM first ends running requests cleanly (an error event and [DONE] for a
     stream, 503 otherwise), then shuts down: no client is left hanging on a cut connection."""
 
+    on_ready: Callable[[int], None] | None = None  # called with the bound port once the server listens
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_ready is not None:
+            self.on_ready(self.servers[0].sockets[0].getsockname()[1])
+
     def handle_exit(self, sig, frame) -> None:
         backend = getattr(self.config.app, "state", None) and self.config.app.state.server.get("backend")
         if backend is not None and not self.should_exit:
@@ -457,7 +466,34 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve(config: ServerConfig, log_level: str = "info") -> None:
-    """Run the server until Ctrl-C or SIGTERM."""
-    Server(uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=log_level,
-                          timeout_graceful_shutdown=5)).run()
+class ListenError(OSError):
+    """The server cannot listen where asked (port taken, no permission, unknown host): one line, no traceback."""
+
+
+def check_listen(host: str, port: int) -> None:
+    """Fail before loading the model (which can take minutes) if the port cannot be bound."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ListenError(f"cannot listen on {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ListenError(f"port {port} on {host} is already in use; pick another with --port") from None
+            raise ListenError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+def serve(config: ServerConfig, log_level: str = "info", on_ready: Callable[[int], None] | None = None) -> None:
+    """Run the server until Ctrl-C or SIGTERM; `on_ready(port)` runs once it listens (so what it prints comes
+    after uvicorn's start-up lines). Raises ListenError, before loading anything, if it cannot listen."""
+    check_listen(config.host, config.port)
+    server = Server(uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=log_level,
+                                   timeout_graceful_shutdown=5))
+    server.on_ready = on_ready
+    server.run()

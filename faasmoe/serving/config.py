@@ -20,12 +20,16 @@ from __future__ import annotations
 import secrets
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from faasmoe.platforms import PlatformConfig
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, described without echoing any value (a value may be a key)."""
 
 
 class TenantConfig(BaseModel):
@@ -70,9 +74,24 @@ class ServerConfig(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that sends no complete request headers "
                                                             "within this time is closed")
     body_timeout_s: float = Field(30.0, gt=0, description="a request body not received within this time gets 408")
-    admin_key: str | None = Field(None, description="guards /metrics; generated and printed if unset")
+    admin_key: str | None = Field(None, min_length=8, description="guards /metrics; generated and printed if unset")
     meter_interval_s: float = Field(2.0, gt=0, description="how often every process's CPU and memory is sampled")
-    tenants: list[TenantConfig] = Field(default_factory=list)
+    tenants: list[TenantConfig] = Field(default_factory=list, description="not given: one 'default' tenant with a "
+                                                                          "generated key; given, at least one")
+    _generated: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tenants_given_empty(cls, data: Any) -> Any:
+        """Tenants not given is a quick start (one tenant, fresh key); an empty list given is a mistake that
+        would otherwise open a server on a key nobody chose."""
+        if isinstance(data, dict) and "tenants" in data:
+            if data["tenants"] is None:
+                data = {k: v for k, v in data.items() if k != "tenants"}
+            elif isinstance(data["tenants"], (list, tuple)) and not data["tenants"]:
+                raise ValueError("tenants is empty: list at least one tenant, or leave tenants out for one "
+                                 "'default' tenant with a generated key")
+        return data
 
     @field_validator("tenants")
     @classmethod
@@ -87,13 +106,20 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _defaults(self) -> "ServerConfig":
-        if not self.tenants:  # a quick start: one tenant with a fresh key, printed at start-up
+        if not self.tenants:  # not given (see above): one tenant with a fresh key, printed at start-up
             self.tenants = [TenantConfig(name="default", key="sk-" + secrets.token_hex(16))]
+            self._generated.add("tenant:default")
         if self.admin_key is None:
             self.admin_key = "sk-admin-" + secrets.token_hex(16)
+            self._generated.add("admin_key")
         if self.admin_key in {t.key for t in self.tenants}:
             raise ValueError("admin_key must differ from every tenant key")
         return self
+
+    def key_generated(self, what: str) -> bool:
+        """Whether a key was generated here (so only the start-up banner can tell it): 'admin_key' or
+        'tenant:NAME'."""
+        return what in self._generated
 
     @property
     def served_model_name(self) -> str:
@@ -113,15 +139,65 @@ class ServerConfig(BaseModel):
                               max_retries=self.max_retries)
 
 
-def load_config(path: Path | None, **overrides) -> ServerConfig:
-    """The config file (TOML or YAML) with command-line overrides on top (None means 'not given')."""
-    data: dict = {}
-    if path is not None:
-        text = Path(path).read_text()
-        data = tomllib.loads(text) if Path(path).suffix == ".toml" else (yaml.safe_load(text) or {})
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a table of settings")
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (as in TOML), not a silent
+    'last one wins' that can leave a limit or a key other than the one read first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read(path: Path) -> dict:
+    """A config file as a dict; a syntax error names the place, never the text there (it may be a key)."""
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else (yaml.load(text, Loader=_UniqueKeyLoader) or {})
+    except tomllib.TOMLDecodeError as e:  # its message is a description and a position, no content
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: {e.problem or e.context or 'not valid YAML'}{where}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings")
+    return data
+
+
+def describe_errors(error: ValidationError) -> str:
+    """A validation error as 'field: problem' lines, without the input values pydantic would echo."""
+    lines = []
+    for err in error.errors(include_input=False, include_url=False, include_context=False):
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "\n".join(lines)
+
+
+def load_config(path: Path | None, *, default_key: str | None = None,
+                tenant_limits: dict[str, int | None] | None = None, **overrides: Any) -> ServerConfig:
+    """The config file (TOML or YAML) with overrides on top (None means 'not given'). `default_key` is the
+    key of the quick-start 'default' tenant (used only when no tenants are given); `tenant_limits`
+    (max_concurrency, tokens_per_minute, max_queued) override every tenant's. Raises ConfigError, whose
+    message never contains a value from the file or the overrides."""
+    data: dict = _read(Path(path)) if path is not None else {}
     for key, value in overrides.items():
-        if value is not None and value != []:
+        if value is not None:
             data[key] = value
-    return ServerConfig(**data)
+    if default_key is not None and data.get("tenants") is None:
+        data["tenants"] = [{"name": "default", "key": default_key}]
+    try:
+        config = ServerConfig(**data)
+        limits = {k: v for k, v in (tenant_limits or {}).items() if v is not None}
+        if limits:
+            config.tenants = [TenantConfig(**{**t.model_dump(), **limits}) for t in config.tenants]
+    except ValidationError as e:
+        raise ConfigError(describe_errors(e)) from None
+    return config
