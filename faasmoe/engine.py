@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from faasmoe.checkpoint import Checkpoint
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.model import ControlPlane
-from faasmoe.control.sequence import SamplingParams, Sequence, sample
+from faasmoe.control.sequence import SamplingParams, Sequence, sample_one
 from faasmoe.functions import wire
 from faasmoe.functions.packing import contiguous_blocks
 from faasmoe.functions.spec import FunctionSpec, function_specs
@@ -113,8 +113,11 @@ class BaseEngine:
         if not seqs:
             return
         logits = self.model.forward([s.next_chunk() for s in seqs])  # [B, V]
-        for seq, tok in zip(seqs, sample(logits, seqs)):
-            seq.append(tok, self.decode)
+        for seq, row in zip(seqs, logits):
+            try:  # a failure that is one sequence's own (its sampling, its text) ends that sequence alone
+                seq.append(sample_one(row, seq), self.decode)
+            except (ValueError, RuntimeError) as e:
+                seq.finish("error", str(e))
 
     def generate(self, prompt: str | list[int], max_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False) -> Generation:

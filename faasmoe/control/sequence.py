@@ -13,15 +13,21 @@ from faasmoe.control.model import Chunk
 
 _ids = itertools.count()
 
+SAMPLING_EPS = 1e-5  # a temperature below this samples greedily (as vLLM does): dividing by it overflows
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # below SAMPLING_EPS: greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass
@@ -43,7 +49,7 @@ class Sequence:
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
-        if self.params.temperature > 0:
+        if not self.params.greedy:
             self.generator = torch.Generator()
             if self.params.seed is not None:
                 self.generator.manual_seed(self.params.seed)
@@ -100,19 +106,21 @@ class Sequence:
         return delta
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per sequence from logits [B, V], each with its own settings and generator."""
-    out: list[int] = []
-    greedy = logits.argmax(dim=-1).tolist()
-    for i, seq in enumerate(seqs):
-        p = seq.params
-        if p.temperature <= 0:
-            out.append(greedy[i])
-            continue
-        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)  # [V]
-        if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
-    return out
+class SamplingError(ValueError):
+    """This sequence's settings gave no distribution to sample from; only this sequence fails."""
+
+
+def sample_one(logits: torch.Tensor, seq: Sequence) -> int:
+    """One token from one sequence's logits [V], with its own settings and generator."""
+    p = seq.params
+    if p.greedy:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / p.temperature, dim=-1)  # [V]
+    if p.top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < p.top_p
+        keep[0] = True  # the most likely token, whatever rounding does to a tiny top_p
+        probs = torch.zeros_like(probs).scatter_(0, idx[keep], sorted_p[keep])
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise SamplingError(f"no valid distribution to sample from (temperature {p.temperature:g}, top_p {p.top_p:g})")
+    return int(torch.multinomial(probs, 1, generator=seq.generator))

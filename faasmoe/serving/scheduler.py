@@ -23,7 +23,10 @@ from faasmoe.engine import Engine
 
 log = logging.getLogger("faasmoe.scheduler")
 
-Event = dict[str, Any]  # {"type": "text", "text": ...} | {"type": "done", "finish_reason", "usage", "error"?}
+# {"type": "text", "text", "tokens"}: `tokens` generated this step (text may be empty: a partial character or
+# the start of a stop string is held back), so usage is counted as tokens are made, however the request ends;
+# {"type": "done", "finish_reason", "usage", "error"?}: always the last event of a request, exactly once.
+Event = dict[str, Any]
 
 
 class QueueFull(RuntimeError):
@@ -39,6 +42,7 @@ class Request:
     emit: Callable[[Event], None]  # called on the scheduler thread
     seq: Sequence | None = None
     cancelled: bool = False
+    counted: int = 0  # output tokens already reported in events
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -51,10 +55,13 @@ class SchedulerStats:
 
 
 class StepScheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64, max_queued_per_tenant: int = 16,
+    """Each tenant's admission (its concurrency and queue allowance) is decided before `submit`; here only
+    the server-wide queue bound applies."""
+
+    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
                  on_step: Callable[[int, float], None] | None = None):
         self.engine = engine
-        self.max_batch, self.max_queue, self.max_queued_per_tenant = max_batch, max_queue, max_queued_per_tenant
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step
         self.stats = SchedulerStats()
         self._waiting: OrderedDict[str, deque[Request]] = OrderedDict()  # tenant -> its queue, in turn order
@@ -73,11 +80,8 @@ class StepScheduler:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            queued = self._waiting.get(req.tenant)
             if self.queue_depth() >= self.max_queue:
                 raise QueueFull(f"the server queue is full ({self.max_queue} requests waiting)")
-            if queued is not None and len(queued) >= self.max_queued_per_tenant:
-                raise QueueFull(f"tenant {req.tenant} has {len(queued)} requests waiting already")
             self._waiting.setdefault(req.tenant, deque()).append(req)
             self._cond.notify()
 
@@ -149,12 +153,15 @@ class StepScheduler:
             self._account(len(batch), dt)
             with self._cond:
                 for req in batch:
-                    delta = req.seq.new_text()
-                    if delta:
-                        self._emit(req, {"type": "text", "text": delta})
-                    if req.seq.finished:
+                    seq = req.seq
+                    made = len(seq.output_ids) - req.counted
+                    if made:
+                        req.counted += made
+                        text = seq.new_text() if seq.finish_reason != "error" else ""
+                        self._emit(req, {"type": "text", "text": text, "tokens": made})
+                    if seq.finished:
                         self._running.remove(req)
-                        self._end(req, req.seq.finish_reason)
+                        self._end(req, seq.finish_reason, seq.error)
         with self._cond:  # shutting down: nobody is left waiting for an answer that will not come
             for req in self._running + [r for q in self._waiting.values() for r in q]:
                 self._end(req, "cancelled", "the server is shutting down")
@@ -182,7 +189,7 @@ class StepScheduler:
             seq.finish(reason, error)
             delta = seq.new_text()
             if delta and reason in ("stop", "length"):
-                StepScheduler._emit(req, {"type": "text", "text": delta})
+                StepScheduler._emit(req, {"type": "text", "text": delta, "tokens": 0})
         StepScheduler._emit(req, event)
 
     @staticmethod
