@@ -74,3 +74,15 @@ def test_prewarm_starts_every_function(tiny):
         assert len(e.platform.instances()) == len(e.specs) == 3 * 2
         result = e.generate("Hello", max_tokens=3)
     assert result.stats["cold_starts"] == 0
+
+
+def test_calls_above_the_per_call_token_cap_are_split_and_exact(tiny, monkeypatch):
+    """A long prefill routes more tokens to a function than one frame may carry: the calls are split."""
+    prompt = "a prompt long enough to route many tokens to every function of a layer " * 2
+    with faasmoe.load(tiny, experts_per_function=8) as e:
+        whole = e.generate(prompt, max_tokens=4, ignore_eos=True)
+    monkeypatch.setenv("FAASMOE_MAX_TOKENS_PER_CALL", "3")  # read by the dispatcher and by every instance
+    with faasmoe.load(tiny, experts_per_function=8) as e:
+        split = e.generate(prompt, max_tokens=4, ignore_eos=True)
+    assert split.token_ids == whole.token_ids
+    assert split.stats["invocations"] > whole.stats["invocations"]

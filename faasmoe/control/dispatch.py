@@ -1,6 +1,7 @@
 """Route → group by function → invoke all at once → sum: the control plane's side of a MoE layer.
 
-`start` sends one invocation per function that has tokens routed to it and returns
+`start` sends one invocation per function that has tokens routed to it (split in calls
+of at most `max_tokens_per_call` tokens: a function refuses larger frames) and returns
 at once, so the caller computes the shared expert while the functions run;
 `finish` waits and adds the functions' rows into one [T, H] output.
 
@@ -17,7 +18,7 @@ import torch
 
 from faasmoe.functions import wire
 from faasmoe.functions.packing import block_of_expert
-from faasmoe.functions.spec import function_id
+from faasmoe.functions.spec import function_id, max_tokens_per_call
 from faasmoe.platforms.base import Platform
 
 
@@ -42,8 +43,9 @@ class Pending:
 
 class ExpertDispatcher:
     def __init__(self, platform: Platform, model: str, blocks: list[list[int]], num_experts: int,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, max_tokens: int | None = None):
         self.platform = platform
+        self.max_tokens = max_tokens or max_tokens_per_call()
         self.model = model
         self.model_bytes = bytes.fromhex(model)
         self.block_of = block_of_expert(blocks, num_experts)  # [E]
@@ -63,12 +65,16 @@ class ExpertDispatcher:
         calls: list[tuple[str, bytes]] = []
         rows_of: list[torch.Tensor] = []
         s = 0
+        cap = self.max_tokens
         for b, n in zip(blocks.tolist(), counts.tolist()):  # one call per function hit, never per token
-            rows, local = torch.unique(token[s:s + n], return_inverse=True)  # rows [n_b], local [n]
-            frame = wire.encode_invocation(wire.Invocation(
-                self.model_bytes, layer, b, x[rows], local.to(torch.int32), expert[s:s + n], weight[s:s + n]))
-            calls.append((function_id(self.model, layer, b), frame))
-            rows_of.append(rows)
+            rows, local = torch.unique(token[s:s + n], return_inverse=True)  # rows [n_b], local [n], ascending
+            cuts = torch.searchsorted(local, torch.arange(0, len(rows), cap)).tolist() + [n]  # pair ranges
+            for first_row, lo, hi in zip(range(0, len(rows), cap), cuts, cuts[1:]):  # one range unless n_b > cap
+                frame = wire.encode_invocation(wire.Invocation(
+                    self.model_bytes, layer, b, x[rows[first_row:first_row + cap]],
+                    (local[lo:hi] - first_row).to(torch.int32), expert[s + lo:s + hi], weight[s + lo:s + hi]))
+                calls.append((function_id(self.model, layer, b), frame))
+                rows_of.append(rows[first_row:first_row + cap])
             s += n
         self.last_calls[layer] = calls
         st = self.stats
