@@ -6,7 +6,8 @@ import subprocess
 import sys
 import time
 
-from faasmoe.metering.meter import Label, Meter, tenant_bill
+from faasmoe.metering.billing import SharedCostLedger, split_interval
+from faasmoe.metering.meter import Label, Meter, ProcessRecord
 
 ALLOCATE = """
 import sys, time
@@ -67,12 +68,33 @@ def test_cpu_seconds_of_a_busy_process_within_10_percent():
         p.kill()
 
 
-def test_a_tenant_bill_is_its_own_processes_plus_its_share_of_the_shared_ones():
+def _meter_with(shared_cpu: float, shared_gb: float) -> Meter:
     meter = Meter(lambda: {})
-    from faasmoe.metering.meter import ProcessRecord
-
     meter.records = {1: ProcessRecord(1, Label("orchestrator", "a"), 0, 1, cpu_s=2.0, gb_s=4.0),
                      2: ProcessRecord(2, Label("orchestrator", "b"), 0, 1, cpu_s=1.0, gb_s=1.0),
-                     3: ProcessRecord(3, Label("function"), 0, 1, cpu_s=10.0, gb_s=20.0)}
-    bill = tenant_bill(meter, "a", token_share=0.25)
+                     3: ProcessRecord(3, Label("function"), 0, 1, cpu_s=shared_cpu, gb_s=shared_gb)}
+    return meter
+
+
+def test_a_tenant_bill_is_its_own_processes_plus_its_part_of_each_interval_of_the_shared_ones():
+    ledger = SharedCostLedger(["a", "b"])
+    ledger.update(_meter_with(10.0, 20.0), {"a": 10, "b": 30})  # a had 1/4 of the tokens of this interval
+    bill = ledger.bill(_meter_with(10.0, 20.0), "a")
     assert bill["cpu_seconds"] == 2.0 + 2.5 and bill["gb_seconds"] == 4.0 + 5.0
+    assert set(bill) == {"cpu_seconds", "gb_seconds", "own_cpu_seconds", "own_gb_seconds", "shared_cpu_seconds",
+                         "shared_gb_seconds"}  # amounts only: no ratio, no total of the shared processes
+
+
+def test_an_idle_tenant_bill_does_not_move_with_another_tenants_traffic():
+    ledger = SharedCostLedger(["a", "b"])
+    ledger.update(_meter_with(10.0, 20.0), {"a": 10, "b": 10})
+    before = ledger.bill(_meter_with(10.0, 20.0), "a")
+    for step in range(1, 4):  # only b is served, a is idle
+        ledger.update(_meter_with(10.0 + step, 20.0 + step), {"a": 10, "b": 10 + 100 * step})
+    assert ledger.bill(_meter_with(13.0, 23.0), "a") == before
+    assert ledger.bill(_meter_with(13.0, 23.0), "b")["shared_cpu_seconds"] == 5.0 + 3.0
+
+
+def test_an_interval_nobody_was_served_in_is_split_equally():
+    assert split_interval({"cpu_seconds": 4.0, "gb_seconds": 2.0}, {"a": 0, "b": 0, "c": 0, "d": 0})["c"] == {
+        "cpu_seconds": 1.0, "gb_seconds": 0.5}

@@ -164,18 +164,3 @@ class Meter:
     def records_json(self) -> list[dict]:
         with self._lock:
             return [{**asdict(r), "label": asdict(r.label)} for r in self.records.values()]
-
-
-def tenant_bill(meter: Meter, tenant: str, token_share: float) -> dict[str, float]:
-    """A tenant's CPU-seconds and GB-seconds: its own processes, plus `token_share` of every shared one."""
-    own = {"cpu_seconds": 0.0, "gb_seconds": 0.0}
-    shared = {"cpu_seconds": 0.0, "gb_seconds": 0.0}
-    for key, d in meter.by(lambda lb: lb.tenant or "").items():
-        target = own if key == tenant else shared if key == "" else None
-        if target is not None:
-            target["cpu_seconds"] += d["cpu_seconds"]
-            target["gb_seconds"] += d["gb_seconds"]
-    return {k: own[k] + token_share * shared[k] for k in own} | {
-        "own_cpu_seconds": own["cpu_seconds"], "own_gb_seconds": own["gb_seconds"],
-        "shared_cpu_seconds": token_share * shared["cpu_seconds"], "shared_gb_seconds": token_share * shared["gb_seconds"],
-        "token_share": token_share}
