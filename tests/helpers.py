@@ -11,7 +11,7 @@ import time
 import httpx
 import uvicorn
 
-from faasmoe.serving.app import create_app
+from faasmoe.serving.app import create_app, uvicorn_options
 from faasmoe.serving.config import ServerConfig
 
 ADMIN = "sk-admin-test-0000"
@@ -25,7 +25,8 @@ def running_server(**settings):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", timeout_graceful_shutdown=2))
+    options = {**uvicorn_options(config), "timeout_graceful_shutdown": 2}
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning", **options))
     server.install_signal_handlers = lambda: None
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

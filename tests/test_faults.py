@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import threading
@@ -11,8 +10,10 @@ import time
 
 import httpx
 import psutil
-import pytest
 from helpers import running_server
+
+from faasmoe.platforms.local import LocalPlatform
+from faasmoe.proctitle import role_of
 
 A, B = "sk-alice-0001", "sk-bob-0000002"
 TENANTS = [{"name": "alice", "key": A, "max_concurrency": 16}, {"name": "bob", "key": B, "max_concurrency": 16}]
@@ -25,20 +26,14 @@ def complete(base: str, key: str, prompt: str, max_tokens: int = 12, timeout: fl
 
 
 def instances_of(role: str) -> list[psutil.Process]:
-    """Processes under this test process with the given role (function instances: children of the zygote)."""
-    me = psutil.Process()
+    """Processes under this test process with the given role, read from their titles (function, orchestrator...)."""
     out = []
-    for p in me.children(recursive=True):
+    for p in psutil.Process().children(recursive=True):
         try:
-            cmd = p.cmdline()
-            parent = p.parent().cmdline() if p.parent() else []
+            if role_of(p)[0] == role:
+                out.append(p)
         except psutil.Error:
             continue
-        is_zygote_cmd = "faasmoe.platforms.zygote" in cmd
-        if role == "function" and is_zygote_cmd and "faasmoe.platforms.zygote" in parent:
-            out.append(p)
-        elif role == "orchestrator" and "faasmoe.serving.orchestrator" in cmd:
-            out.append(p)
     return out
 
 
@@ -86,34 +81,23 @@ def test_instances_killed_under_multitenant_load_lose_nothing(tiny):
     assert [r.json()["choices"][0]["text"] for r in faulty] == clean  # greedy outputs identical to no faults
 
 
-def test_hung_function_fails_the_request_clearly_and_the_server_goes_on(tiny):
+def test_hung_function_fails_the_request_clearly_and_the_server_goes_on(tiny, monkeypatch):
+    platforms: list[LocalPlatform] = []
+    real_init = LocalPlatform.__init__
+
+    def hanging(self, config=None, test_hooks=None):  # every instance hangs on its first call (a worker test hook)
+        real_init(self, config, test_hooks={"hang_on_frame": 1})
+        platforms.append(self)
+
+    monkeypatch.setattr(LocalPlatform, "__init__", hanging)
     with running_server(model=tiny, tenants=TENANTS, experts_per_function=8, invoke_timeout_s=0.5,
                         cold_start_timeout_s=2.0, max_retries=1) as base:
-        assert complete(base, A, "warm up", 2).status_code == 200
-        stop = threading.Event()
-
-        def freeze():  # every function instance hangs as soon as it exists
-            while not stop.is_set():
-                for p in instances_of("function"):
-                    try:
-                        p.send_signal(signal.SIGSTOP)
-                    except psutil.Error:
-                        pass
-                time.sleep(0.005)
-
-        t = threading.Thread(target=freeze)
-        t.start()
-        try:
-            r = complete(base, A, "this one hangs", 4, timeout=60)
-        finally:
-            stop.set()
-            t.join()
-        for p in instances_of("function"):
-            p.send_signal(signal.SIGKILL)
+        r = complete(base, A, "this one hangs", 4, timeout=60)
         assert r.status_code == 502
         err = r.json()["error"]
         assert err["code"] == "function_failed" and ".L" in err["message"]
         assert "timed out" in err["message"] or "did not start" in err["message"]
+        platforms[0]._test_hooks.clear()  # instances started from now on answer
         assert complete(base, B, "the server still serves", 4).status_code == 200
 
 
@@ -126,7 +110,7 @@ def test_a_dead_private_orchestrator_errors_its_requests_and_is_restarted(tiny):
         with httpx.stream("POST", f"{base}/v1/completions", headers=h, json=body, timeout=60) as stream:
             lines = stream.iter_lines()
             next(lines)
-            orchestrators = {p.cmdline()[p.cmdline().index("--tenant") + 1]: p for p in instances_of("orchestrator")}
+            orchestrators = {role_of(p)[1]: p for p in instances_of("orchestrator")}
             bob_thread = threading.Thread(target=lambda: bob.append(complete(base, B, "bob is fine", 6)))
             bob_thread.start()
             orchestrators["alice"].send_signal(signal.SIGKILL)

@@ -1,23 +1,25 @@
 """The OpenAI-compatible HTTP server: thin routes over tenants, a backend and metrics.
 
-Routes authenticate the tenant (a FastAPI dependency), turn the body into prompt
-token ids and sampling settings, admit the request against the tenant's limits,
-hand it to the backend and relay its events, as one JSON body or as server-sent
-events. Every error is an OpenAI-style JSON body with a 4xx/5xx status.
+Before a body is read, the `Gate` middleware checks the key from the headers and the
+tenant's room, and bounds the body in size and time. Routes then turn the body into
+prompt token ids (off the event loop) and sampling settings, admit the request
+(`Lifecycle`: the tenant's slot and token reservation), hand it to the backend and relay
+its events as one JSON body or as server-sent events. Every error is an OpenAI-style JSON
+body with a 4xx/5xx status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import json
 import logging
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager, suppress
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -25,26 +27,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from faasmoe.control.sequence import SamplingParams
-from faasmoe.metering.meter import Meter, tenant_bill
+from faasmoe.metering.billing import SharedCostLedger
+from faasmoe.metering.meter import Meter
 from faasmoe.serving import schemas as S
 from faasmoe.serving.backend import Backend, create_backend
 from faasmoe.serving.config import ServerConfig
+from faasmoe.serving.lifecycle import Lifecycle, Ticket
 from faasmoe.serving.metrics import Metrics
 from faasmoe.serving.scheduler import QueueFull
 from faasmoe.serving.scheduler import Request as GenRequest
-from faasmoe.serving.tenants import RateLimited, Tenant, Tenants
+from faasmoe.serving.tenants import RateLimited, SlotTimeout, Tenant, Tenants
 
 log = logging.getLogger("faasmoe.server")
+
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+EVENT_POLL_S = 0.5  # how often a waiting response checks for a gone client or a deadline
+QUEUE_RETRY_AFTER_S = 1  # Retry-After when the server-wide queue is full
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None, counted: bool = False):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = headers or {}
+        self.counted = counted  # already recorded in the tenant's usage
 
 
 def error_response(status: int, message: str, type: str, code: str | None = None, param: str | None = None,
@@ -53,50 +63,54 @@ def error_response(status: int, message: str, type: str, code: str | None = None
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-@dataclass
-class Outcome:
-    """How a request ended, for the tenant's usage and the metrics."""
-
-    status: int = 200
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    ended_at: float | None = None
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    settled: bool = False
-    request_id: str = ""
+def bearer_key(scope) -> bytes | None:
+    """The key of an `Authorization: Bearer <key>` header, as raw bytes (any bytes: compared, never decoded)."""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, key = value.partition(b" ")
+            return key.strip() if scheme.lower() == b"bearer" and key.strip() else None
+    return None
 
 
-class BodyLimit:
-    """Refuse request bodies over `limit` bytes with a JSON 413 before any route parses them.
+class Gate:
+    """ASGI middleware: what is checked before a request body is read.
 
-    (FastAPI's own `max_body_size` answers plain text when Content-Length is over the limit.)"""
+    On /v1/ routes the key is checked from the headers (401 at once, nothing buffered) and
+    the tenant is put in the request's state; a generation request of a tenant with no room
+    even to wait is refused (429) unread. Bodies are read within `limit` bytes (413) and
+    `timeout` seconds (408). (FastAPI's own limit answers plain text, and reads before auth.)"""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, tenants: Tenants, limit: int, timeout: float,
+                 on_refused: Callable[[Tenant, str, int], None]):
+        self.app, self.tenants, self.limit, self.timeout, self.on_refused = app, tenants, limit, timeout, on_refused
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > self.limit
-        chunks, size, more = [], 0, True
-        while more and not too_big:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            too_big = size > self.limit
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        if too_big:
-            resp = error_response(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
-                                  "body_too_large")
-            return await resp(scope, receive, send)
-        body = b"".join(chunks)
+        tenant = None
+        if scope["path"].startswith("/v1/"):
+            tenant = self.tenants.authenticate(bearer_key(scope))
+            if tenant is None:
+                return await error_response(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                            "invalid_request_error", "invalid_api_key")(scope, receive, send)
+            scope.setdefault("state", {})["tenant"] = tenant
+            if scope["method"] == "POST" and scope["path"] in GENERATE_PATHS:
+                try:
+                    self.tenants.precheck(tenant)
+                except RateLimited as e:
+                    self.on_refused(tenant, scope["path"], 429)
+                    return await error_response(429, str(e), "rate_limit_exceeded", "rate_limit_exceeded",
+                                                headers={"Retry-After": str(e.retry_after)})(scope, receive, send)
+        if scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        body, refusal = await self._read_body(scope, receive)
+        if refusal is not None:
+            if tenant is not None:
+                Tenants.invalid(tenant)
+                self.on_refused(tenant, scope["path"], refusal.status_code)
+            return await refusal(scope, receive, send)
+        if body is None:  # the client went away
+            return
         sent = False
 
         async def replay():
@@ -108,12 +122,74 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
+    async def _read_body(self, scope, receive) -> tuple[bytes | None, JSONResponse | None]:
+        too_big = error_response(413, f"request body exceeds {self.limit} bytes", "invalid_request_error",
+                                 "body_too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return None, too_big
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        chunks, size, more = [], 0, True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return None, error_response(408, f"the request body did not arrive within {self.timeout:g} s",
+                                            "invalid_request_error", "body_timeout")
+            if message["type"] == "http.disconnect":
+                return None, None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None, too_big
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks), None
+
+
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's HTTP/1.1 protocol, closing a connection whose request headers are not complete within
+    `seconds` of its opening or of its previous response (uvicorn itself waits for headers forever)."""
+
+    class HeaderTimeoutH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            cycle = self.cycle
+            self.loop.call_later(seconds, self._expire, cycle)
+
+        def _expire(self, armed_cycle) -> None:
+            if self.cycle is armed_cycle and not self.transport.is_closing():
+                self.transport.close()  # no new request began: headers too slow, or an idle connection
+
+    return HeaderTimeoutH11
+
+
+def uvicorn_options(config: ServerConfig) -> dict:
+    """The uvicorn settings that bound connections: their number, and how long headers may take."""
+    return {"http": header_timeout_protocol(config.header_timeout_s), "limit_concurrency": config.max_connections,
+            "timeout_graceful_shutdown": 5}
+
 
 def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     tenants = Tenants(config.tenants)
     bearer = HTTPBearer(auto_error=False, description="A tenant's API key")
     state: dict = {}
-    in_flight: dict[str, tuple[str, GenRequest]] = {}  # request id -> (tenant, request), while it runs
+    lifecycle = Lifecycle(tenants, lambda: state["metrics"])
+    ledger = SharedCostLedger([t.name for t in tenants])
+
+    async def bill_shared_costs(meter: Meter) -> None:
+        """Close a billing interval at every metering interval (and when a tenant reads its bill)."""
+        while True:
+            ledger.update(meter, {t.name: t.usage.total_tokens for t in tenants})
+            await asyncio.sleep(config.meter_interval_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -121,34 +197,57 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         state["backend"] = b
         state["meter"] = meter = Meter(b.processes, interval=config.meter_interval_s).start()
         state["metrics"] = Metrics(b.platform, b.queue_depth, b.running, meter)
+        billing = asyncio.create_task(bill_shared_costs(meter))
         try:
             yield
         finally:
+            billing.cancel()
             meter.stop()
             await asyncio.to_thread(b.close)
 
+    def refused(tenant: Tenant, path: str, status: int) -> None:
+        endpoint = "chat" if path.endswith("chat/completions") else path.rsplit("/", 1)[-1]
+        state["metrics"].requests.labels(tenant.name, endpoint, str(status)).inc()
+
     app = FastAPI(title="faasmoe", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible MoE serving with experts as scale-to-zero functions.")
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Gate, tenants=tenants, limit=config.max_body_bytes, timeout=config.body_timeout_s,
+                       on_refused=refused)
     app.state.tenants = tenants
     app.state.server = state
 
     # -- errors --------------------------------------------------------------------------------
+    def count_invalid(request: Request, status: int) -> None:
+        """A request refused after authentication counts in its tenant's usage."""
+        tenant = getattr(request.state, "tenant", None)
+        if tenant is not None and 400 <= status < 500 and status != 429:
+            Tenants.invalid(tenant)
+
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError):
+    async def _api_error(request: Request, e: APIError):
+        if not e.counted:
+            count_invalid(request, e.status)
         return error_response(e.status, e.message, e.type, e.code, e.param, e.headers)
 
+    @app.exception_handler(S.UnsupportedParameter)
+    async def _unsupported(request: Request, e: S.UnsupportedParameter):
+        count_invalid(request, 400)
+        return error_response(400, str(e), "invalid_request_error", "unsupported_parameter", e.param)
+
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError):
+    async def _validation(request: Request, e: RequestValidationError):
+        count_invalid(request, 400)
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = loc[0] if loc else None  # the request field at fault (a union's branch names are noise)
-        message = first["msg"] if len(e.errors()) == 1 else f"{first['msg']} (or {len(e.errors()) - 1} other problems)"
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        message = msg if len(e.errors()) == 1 else f"{msg} (or {len(e.errors()) - 1} other problems)"
         return error_response(400, f"{param}: {message}" if param else message, "invalid_request_error",
                               "invalid_value", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException):
+    async def _http(request: Request, e: StarletteHTTPException):
+        count_invalid(request, e.status_code)
         return error_response(e.status_code, str(e.detail), "invalid_request_error", "not_found"
                               if e.status_code == 404 else None)
 
@@ -158,20 +257,20 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         return error_response(500, "internal server error", "server_error")
 
     # -- dependencies --------------------------------------------------------------------------
-    async def tenant_of(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Tenant:
-        tenant = tenants.authenticate(creds.credentials if creds else None)
+    async def tenant_of(request: Request, _: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Tenant:
+        """The tenant the Gate authenticated (the bearer dependency only documents the scheme)."""
+        tenant = getattr(request.state, "tenant", None)
         if tenant is None:
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
                            "invalid_request_error", "invalid_api_key")
         return tenant
 
     async def operator(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        import hmac
-
         if creds is None:
             raise APIError(401, "the admin key is required (Authorization: Bearer <admin key>)",
                            "invalid_request_error", "invalid_api_key")
-        if not hmac.compare_digest(creds.credentials.encode(), config.admin_key.encode()):
+        key = creds.credentials.encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(key, config.admin_key.encode()):
             raise APIError(403, "this endpoint needs the admin key", "invalid_request_error", "forbidden")
 
     def backend_() -> Backend:
@@ -184,88 +283,108 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         return {"status": "ok", "mode": b.mode, "model": config.served_model_name, "platform": b.platform.name,
                 "warm_instances": len(b.platform.instances()), "queue_depth": b.queue_depth()}
 
+    def model_card() -> S.ModelCard:
+        return S.ModelCard(id=config.served_model_name, created=int(STARTED))
+
     @app.get("/v1/models", response_model=S.ModelList)
     async def models(_: Tenant = Depends(tenant_of)) -> S.ModelList:
-        return S.ModelList(data=[S.ModelCard(id=config.served_model_name, created=int(STARTED))])
+        return S.ModelList(data=[model_card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=S.ModelCard)
+    async def model(model_id: str, _: Tenant = Depends(tenant_of)) -> S.ModelCard:
+        check_model(model_id)
+        return model_card()
 
     @app.get("/v1/usage")
     async def usage(tenant: Tenant = Depends(tenant_of)) -> dict:
-        """The calling tenant's own usage and limits; nothing of any other tenant."""
+        """The calling tenant's own usage, limits and bill; nothing of any other tenant, not even as a ratio."""
         c = tenant.config
-        everyone = sum(t.usage.total_tokens for t in tenants)
-        share = tenant.usage.total_tokens / everyone if everyone else 0.0
         return {"tenant": tenant.name, "usage": tenant.usage.to_json(), "in_flight": tenant.in_flight,
+                "waiting": len(tenant.waiters),
                 "limits": {"max_concurrency": c.max_concurrency, "tokens_per_minute": c.tokens_per_minute,
                            "max_queued": c.max_queued},
-                # what this tenant cost: its own processes, plus its token share of the shared ones
-                "bill": tenant_bill(state["meter"], tenant.name, share)}
+                "bill": bill(tenant)}
 
-    def _own_request(tenant: Tenant, request_id: str) -> GenRequest:
-        entry = in_flight.get(request_id)
-        if entry is None or entry[0] != tenant.name:  # another tenant's id looks exactly like an unknown one
+    def bill(tenant: Tenant) -> dict[str, float]:
+        ledger.update(state["meter"], {t.name: t.usage.total_tokens for t in tenants})
+        return ledger.bill(state["meter"], tenant.name)
+
+    def _own_request(tenant: Tenant, request_id: str) -> Ticket:
+        ticket = lifecycle.running.get(request_id)
+        if ticket is None or ticket.tenant is not tenant:  # another tenant's id looks exactly like an unknown one
             raise APIError(404, f"no running request {request_id!r}", code="not_found", param="request_id")
-        return entry[1]
+        return ticket
 
     @app.get("/v1/requests/{request_id}")
     async def request_status(request_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
         """A running request of the caller's own (its id is in every streamed chunk and in X-Request-Id)."""
-        req = _own_request(tenant, request_id)
+        ticket = _own_request(tenant, request_id)
+        req = ticket.request
         return {"id": req.id, "status": "cancelling" if req.cancelled else "running",
-                "prompt_tokens": len(req.prompt_ids), "max_tokens": req.params.max_tokens,
-                "completion_tokens": len(req.seq.output_ids) if req.seq else 0}
+                "prompt_tokens": ticket.prompt_tokens, "max_tokens": ticket.max_tokens,
+                "completion_tokens": ticket.completion_tokens}
 
     @app.delete("/v1/requests/{request_id}")
     async def cancel_request(request_id: str, tenant: Tenant = Depends(tenant_of)) -> dict:
         """Cancel a running request of the caller's own; its slot is freed at the next step."""
-        backend_().cancel(_own_request(tenant, request_id))
+        backend_().cancel(_own_request(tenant, request_id).request)
         return {"id": request_id, "cancelled": True}
 
     @app.get("/metrics", response_class=Response)
     async def metrics(_: None = Depends(operator)) -> Response:
         return Response(state["metrics"].render(), media_type="text/plain; version=0.0.4")
 
-    @app.post("/v1/completions", response_model=S.CompletionResponse,
-              responses={400: {"model": S.ErrorResponse}, 401: {"model": S.ErrorResponse},
-                         429: {"model": S.ErrorResponse}, 502: {"model": S.ErrorResponse}})
+    errors = {s: {"model": S.ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 502, 503, 504)}
+
+    @app.post("/v1/completions", response_model=S.CompletionResponse, responses=errors)
     async def completions(body: S.CompletionRequest, request: Request, tenant: Tenant = Depends(tenant_of)):
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
-        ids = _prompt_ids(body.prompt)
+        check_model(body.model)
+        ids = await _prompt_ids(body.prompt)
         return await _generate(request, tenant, "completions", body, ids, body.max_tokens or 16)
 
-    @app.post("/v1/chat/completions", response_model=S.ChatResponse,
-              responses={400: {"model": S.ErrorResponse}, 401: {"model": S.ErrorResponse},
-                         429: {"model": S.ErrorResponse}, 502: {"model": S.ErrorResponse}})
+    @app.post("/v1/chat/completions", response_model=S.ChatResponse, responses=errors)
     async def chat(body: S.ChatRequest, request: Request, tenant: Tenant = Depends(tenant_of)):
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported", param="logprobs")
+        check_model(body.model)
         try:
             messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
                         for m in body.messages]
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
-        text = backend_().tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = _encode(text)
+        check_chars(sum(len(m["content"]) for m in messages), "messages")
+        tok = backend_().tokenizer
+        text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+        ids = await _encode(text)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:  # as OpenAI: up to what the context leaves, within the server's limit
-            max_tokens = max(1, min(config.max_tokens_limit, backend_().max_context - len(ids)))
+        if max_tokens is None:  # as OpenAI: up to what the context leaves, within the server's and tenant's limits
+            room = min(backend_().max_context, tenant.config.tokens_per_minute) - len(ids)
+            max_tokens = max(1, min(config.max_tokens_limit, room))
         return await _generate(request, tenant, "chat", body, ids, max_tokens)
 
     # -- the work ------------------------------------------------------------------------------
-    def _encode(text: str) -> list[int]:
+    def check_model(name: str) -> None:
+        if name != config.served_model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {config.served_model_name!r}",
+                           code="model_not_found", param="model")
+
+    def check_chars(n: int, param: str) -> None:
+        if n > config.max_prompt_chars:
+            raise APIError(400, f"the prompt has {n} characters; this server accepts at most "
+                                f"{config.max_prompt_chars}", code="context_length_exceeded", param=param)
+
+    async def _encode(text: str) -> list[int]:
+        """Token ids of `text`, tokenized off the event loop (a long prompt must not stall other requests)."""
         if not text:
             raise APIError(400, "the prompt is empty", param="prompt")
-        return backend_().tokenizer.encode(text, add_special_tokens=False)
+        check_chars(len(text), "prompt")
+        return await asyncio.to_thread(backend_().tokenizer.encode, text, add_special_tokens=False)
 
-    def _prompt_ids(prompt: str | list[int] | list[str]) -> list[int]:
+    async def _prompt_ids(prompt: str | list[int] | list[str]) -> list[int]:
         if isinstance(prompt, str):
-            return _encode(prompt)
+            return await _encode(prompt)
         if prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
-            return _encode(prompt[0])
+            return await _encode(prompt[0])
         vocab = backend_().vocab_size
         if not prompt or any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
             raise APIError(400, f"prompt token ids must be a non-empty list of integers in 0..{vocab - 1}",
@@ -274,9 +393,6 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
 
     async def _generate(request: Request, tenant: Tenant, endpoint: str, body, ids: list[int], max_tokens: int):
         b = backend_()
-        if body.model != config.served_model_name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves "
-                                f"{config.served_model_name!r}", code="model_not_found", param="model")
         if max_tokens > config.max_tokens_limit:
             raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {config.max_tokens_limit}",
                            param="max_tokens")
@@ -284,99 +400,77 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
             raise APIError(400, f"this model's context is {b.max_context} tokens; the prompt has {len(ids)} and "
                                 f"max_tokens asks for {max_tokens}", code="context_length_exceeded")
         try:
-            tenants.admit(tenant, len(ids))
+            ticket = await lifecycle.admit(tenant, endpoint, len(ids), max_tokens, config.request_timeout_s)
         except RateLimited as e:
-            state["metrics"].requests.labels(tenant.name, endpoint, "429").inc()
-            raise APIError(429, str(e), "rate_limit_exceeded", "rate_limit_exceeded",
+            raise APIError(429, str(e), "rate_limit_exceeded", "rate_limit_exceeded", counted=True,
                            headers={"Retry-After": str(e.retry_after)}) from e
-        tenants.spend(tenant, len(ids))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        except SlotTimeout as e:
+            raise APIError(504, str(e), "server_error", "timeout", counted=True) from e
         prefix = "chatcmpl-" if endpoint == "chat" else "cmpl-"
         req = GenRequest(prefix + uuid.uuid4().hex, tenant.name, ids,
                          SamplingParams(max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop),
-                                        body.ignore_eos),
-                         emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
-        outcome = Outcome(prompt_tokens=len(ids))
-        started = time.perf_counter()
-        in_flight[req.id] = (tenant.name, req)
-        outcome.request_id = req.id
+                                        body.ignore_eos), emit=lifecycle.emitter(ticket))
+        headers = {"X-Request-Id": req.id}
         try:
             await b.submit(req)
         except (ValueError, QueueFull) as e:
             status = 400 if isinstance(e, ValueError) else 429
-            outcome.status = status
-            _settle(tenant, endpoint, outcome, started)
+            lifecycle.refuse(ticket, status)
+            if status == 429:
+                headers["Retry-After"] = str(QUEUE_RETRY_AFTER_S)
             raise APIError(status, str(e), "invalid_request_error" if status == 400 else "rate_limit_exceeded",
-                           None if status == 400 else "queue_full",
-                           headers={} if status == 400 else {"Retry-After": "1"}) from e
+                           None if status == 400 else "queue_full", headers=headers, counted=True) from e
+        lifecycle.started(ticket, req)  # before any event is delivered: they run on this loop, after an await
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(request, tenant, endpoint, req, queue, outcome, started, created,
-                                             include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": req.id})
-        try:
-            ok = await _collect(request, req, queue, outcome, started)
-        finally:
-            _settle(tenant, endpoint, outcome, started)
-        if not ok:
-            return _failure(outcome)
-        usage = S.Usage(prompt_tokens=outcome.prompt_tokens, completion_tokens=outcome.completion_tokens,
-                        total_tokens=outcome.prompt_tokens + outcome.completion_tokens)
-        text = "".join(outcome.text)
+            return StreamingResponse(_stream(request, endpoint, ticket, created, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        text = await _collect(request, ticket)
+        if text is None:
+            return _failure(ticket, headers)
+        usage = S.Usage(prompt_tokens=ticket.prompt_tokens, completion_tokens=ticket.completion_tokens,
+                        total_tokens=ticket.prompt_tokens + ticket.completion_tokens)
         if endpoint == "chat":
-            return S.ChatResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
-                                  choices=[S.ChatChoice(message=S.AssistantMessage(content=text),
-                                                        finish_reason=outcome.finish_reason)])
-        return S.CompletionResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
-                                    choices=[S.CompletionChoice(text=text, finish_reason=outcome.finish_reason)])
+            out = S.ChatResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
+                                 choices=[S.ChatChoice(message=S.AssistantMessage(content=text),
+                                                       finish_reason=ticket.finish_reason)])
+        else:
+            out = S.CompletionResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
+                                       choices=[S.CompletionChoice(text=text, finish_reason=ticket.finish_reason)])
+        return JSONResponse(out.model_dump(), headers=headers)
 
-    def _on_event(ev: dict, outcome: Outcome) -> bool:
-        """Fold one event into the outcome; True when the request has ended."""
-        now = time.perf_counter()
-        if ev["type"] == "text":
-            outcome.first_token_at = outcome.first_token_at or now
-            outcome.text.append(ev["text"])
-            return False
-        outcome.ended_at = now
-        outcome.finish_reason = ev["finish_reason"]
-        outcome.completion_tokens = ev["usage"]["completion_tokens"]
-        if outcome.completion_tokens and outcome.first_token_at is None:
-            outcome.first_token_at = now
-        if ev["finish_reason"] not in ("stop", "length"):
-            outcome.error = ev.get("error") or ev["finish_reason"]
-            outcome.status = 503 if ev["finish_reason"] == "cancelled" else 502
-        return True
-
-    async def _next_event(request: Request, req: GenRequest, queue: asyncio.Queue, outcome: Outcome,
-                          started: float) -> dict | None:
-        """The next event; None if the client went away or the request ran out of time (then it is cancelled)."""
+    async def _next_event(request: Request, ticket: Ticket) -> dict | None:
+        """The next event; None if the client went away or the request ran out of time (then it is cancelled:
+        the backend's final event still settles it, with every token it made counted)."""
         while True:
             try:
-                return await asyncio.wait_for(queue.get(), timeout=0.5)
+                return await asyncio.wait_for(ticket.events.get(), timeout=EVENT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    outcome.status = 499
-                elif time.perf_counter() - started > config.request_timeout_s:
-                    outcome.status, outcome.error = 504, f"request exceeded {config.request_timeout_s:g} s"
+                    ticket.status = 499
+                elif time.perf_counter() - ticket.started > config.request_timeout_s:
+                    ticket.status, ticket.error = 504, f"request exceeded {config.request_timeout_s:g} s"
                 else:
                     continue
-                backend_().cancel(req)
+                backend_().cancel(ticket.request)
                 return None
 
-    async def _collect(request: Request, req: GenRequest, queue: asyncio.Queue, outcome: Outcome,
-                       started: float) -> bool:
-        while (ev := await _next_event(request, req, queue, outcome, started)) is not None:
-            if _on_event(ev, outcome):
-                return outcome.error is None
-        return False
+    async def _collect(request: Request, ticket: Ticket) -> str | None:
+        """The whole text, or None if the request failed."""
+        text = []
+        while (ev := await _next_event(request, ticket)) is not None:
+            if ev["type"] == "text":
+                text.append(ev["text"])
+            else:
+                return "".join(text) if ticket.status == 200 else None
+        return None
 
-    async def _stream(request: Request, tenant: Tenant, endpoint: str, req: GenRequest, queue: asyncio.Queue,
-                      outcome: Outcome, started: float, created: int, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(request: Request, endpoint: str, ticket: Ticket, created: int,
+                      include_usage: bool) -> AsyncIterator[str]:
         chat_ = endpoint == "chat"
-        base = {"id": req.id, "object": "chat.completion.chunk" if chat_ else "text_completion", "created": created,
-                "model": config.served_model_name}
+        base = {"id": ticket.request.id, "object": "chat.completion.chunk" if chat_ else "text_completion",
+                "created": created, "model": config.served_model_name}
 
         def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
             if chat_:
@@ -390,57 +484,41 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         try:
             if chat_:
                 yield chunk(None, None, role=True)
-            while (ev := await _next_event(request, req, queue, outcome, started)) is not None:
-                if not _on_event(ev, outcome):
-                    yield chunk(ev["text"], None)
+            while (ev := await _next_event(request, ticket)) is not None:
+                if ev["type"] == "text":
+                    if ev["text"]:
+                        yield chunk(ev["text"], None)
                     continue
                 ended = True
-                if outcome.error is None:
-                    yield chunk(None, outcome.finish_reason)
+                if ticket.status == 200:
+                    yield chunk(None, ticket.finish_reason)
                     if include_usage:
-                        u = {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-                             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+                        u = {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": ticket.completion_tokens,
+                             "total_tokens": ticket.prompt_tokens + ticket.completion_tokens}
                         yield f"data: {json.dumps({**base, 'choices': [], 'usage': u})}\n\n"
                 else:
-                    err = S.ErrorDetail(message=outcome.error, type="server_error", code="generation_failed")
+                    err = S.ErrorDetail(message=ticket.error or "generation failed", type="server_error",
+                                        code="generation_failed")
                     yield f"data: {json.dumps({'error': err.model_dump()})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
+            if ticket.status == 504:  # still connected, out of time: say so, then end the stream properly
+                err = S.ErrorDetail(message=ticket.error or "timeout", type="server_error", code="timeout")
+                yield f"data: {json.dumps({'error': err.model_dump()})}\n\n"
+                yield "data: [DONE]\n\n"
         finally:
-            if not ended:  # the client went away mid-stream: free its slot
-                backend_().cancel(req)
-                if outcome.status == 200:
-                    outcome.status = 499
-            _settle(tenant, endpoint, outcome, started)
+            if not ended and not ticket.settled:  # the client went away mid-stream: free its slot
+                if ticket.status == 200:
+                    ticket.status = 499
+                with suppress(Exception):
+                    backend_().cancel(ticket.request)
 
-    def _failure(outcome: Outcome) -> JSONResponse:
-        if outcome.status == 499:
-            return Response(status_code=499)
-        code = {502: "function_failed", 503: "unavailable", 504: "timeout"}.get(outcome.status)
-        return error_response(outcome.status, outcome.error or "generation failed", "server_error", code)
-
-    def _settle(tenant: Tenant, endpoint: str, outcome: Outcome, started: float) -> None:
-        """Record the request once: the tenant's usage and the metrics."""
-        if outcome.settled:
-            return
-        outcome.settled = True
-        in_flight.pop(outcome.request_id, None)
-        ok = outcome.status == 200
-        if outcome.status in (400, 429):  # refused by the backend: nothing was served
-            tenants.refund(tenant, outcome.prompt_tokens)
-        else:
-            tenants.release(tenant, outcome.prompt_tokens, outcome.completion_tokens, ok)
-            tenants.spend(tenant, outcome.completion_tokens)
-        m = state["metrics"]
-        m.requests.labels(tenant.name, endpoint, str(outcome.status)).inc()
-        if outcome.status not in (400, 429):
-            m.tokens.labels(tenant.name, "prompt").inc(outcome.prompt_tokens)
-            m.tokens.labels(tenant.name, "completion").inc(outcome.completion_tokens)
-        if ok and outcome.first_token_at is not None:
-            m.ttft.labels(tenant.name).observe(outcome.first_token_at - started)
-            if outcome.completion_tokens > 1 and outcome.ended_at:
-                m.tpot.labels(tenant.name).observe((outcome.ended_at - outcome.first_token_at)
-                                                   / (outcome.completion_tokens - 1))
+    def _failure(ticket: Ticket, headers: dict[str, str]) -> Response:
+        if ticket.status == 499:
+            return Response(status_code=499, headers=headers)
+        code = {502: "function_failed", 503: "unavailable", 504: "timeout"}.get(ticket.status)
+        return error_response(ticket.status, ticket.error or "generation failed", "server_error", code,
+                              headers=headers)
 
     return app
 
@@ -494,6 +572,6 @@ def serve(config: ServerConfig, log_level: str = "info", on_ready: Callable[[int
     after uvicorn's start-up lines). Raises ListenError, before loading anything, if it cannot listen."""
     check_listen(config.host, config.port)
     server = Server(uvicorn.Config(create_app(config), host=config.host, port=config.port, log_level=log_level,
-                                   timeout_graceful_shutdown=5))
+                                   **uvicorn_options(config)))
     server.on_ready = on_ready
     server.run()

@@ -11,13 +11,13 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
@@ -88,8 +88,7 @@ class SharedBackend(Backend):
         self.tokenizer = self.engine.tokenizer
         self.max_context = self.engine.max_context
         self.vocab_size = self.engine.config.vocab_size
-        self.scheduler = StepScheduler(self.engine, config.max_batch, config.max_queue,
-                                       max(t.max_queued for t in config.tenants), on_step=on_step)
+        self.scheduler = StepScheduler(self.engine, config.max_batch, config.max_queue, on_step=on_step)
         self.scheduler.start()
 
     async def submit(self, req: Request) -> None:
@@ -137,10 +136,12 @@ class PrivateBackend(Backend):
             self.platform.deploy(spec)
         self.platform.finish_deploy()
         self._dir = tempfile.mkdtemp(prefix="faasmoe-private-")
+        os.mkdir(os.path.join(self._dir, "tenants"))
         self.gateway = GatewayServer(self.platform, os.path.join(self._dir, "gateway.sock"))
         self.gateway.start()
         self._procs: dict[str, subprocess.Popen] = {}
         self._in_flight: dict[str, int] = {t.name: 0 for t in config.tenants}
+        self._writers: dict[str, asyncio.StreamWriter] = {}  # request id -> its connection, while it runs
         self._restarts: dict[str, int] = {t.name: 0 for t in config.tenants}
         self._closing = False
         for t in config.tenants:
@@ -154,7 +155,7 @@ class PrivateBackend(Backend):
 
     # -- orchestrator processes ----------------------------------------------------------------
     def _socket(self, tenant: str) -> str:
-        return os.path.join(self._dir, f"{tenant}.sock")
+        return os.path.join(self._dir, "tenants", f"{tenant}.sock")  # apart from the gateway's, whatever the name
 
     def _start(self, tenant: str) -> None:
         c = self.config
@@ -211,12 +212,13 @@ class PrivateBackend(Backend):
             if answer["status"] == 400:
                 raise ValueError(answer["message"])
             raise QueueFull(answer["message"])
-        req._writer = writer  # type: ignore[attr-defined]
+        self._writers[req.id] = writer
         self._in_flight[req.tenant] += 1
         asyncio.get_running_loop().create_task(self._pump(req, reader, writer))
 
     async def _pump(self, req: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Forward the orchestrator's events to the request until it ends (or the orchestrator dies)."""
+        """Forward the orchestrator's events to the request until its final one; if the orchestrator dies
+        first, end the request with an error (its tokens so far were counted as they came)."""
         done = False
         try:
             while line := await reader.readline():
@@ -229,16 +231,19 @@ class PrivateBackend(Backend):
             log.warning("request %s: lost its orchestrator: %s", req.id, e)
         finally:
             self._in_flight[req.tenant] -= 1
+            self._writers.pop(req.id, None)
             writer.close()
-            if not done and not req.cancelled:
-                req.emit({"type": "done", "finish_reason": "error", "usage": {"prompt_tokens": len(req.prompt_ids),
-                          "completion_tokens": 0}, "error": f"the orchestrator of tenant {req.tenant} failed"})
+            if not done:
+                req.emit({"type": "done", "finish_reason": "cancelled" if req.cancelled else "error",
+                          "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": 0},
+                          "error": f"the orchestrator of tenant {req.tenant} failed"})
 
     def cancel(self, req: Request) -> None:
+        """Ask the orchestrator to cancel; its final event (with the tokens it made) still comes back."""
         req.cancelled = True
-        writer = getattr(req, "_writer", None)
-        if writer is not None:
-            writer.close()  # the orchestrator sees the connection close and frees the slot
+        writer = self._writers.get(req.id)
+        if writer is not None and not writer.is_closing():
+            writer.write(b'{"type": "cancel"}\n')
 
     def queue_depth(self) -> int:
         return 0  # each orchestrator queues its own; in-flight counts are in `running`
@@ -266,9 +271,7 @@ class PrivateBackend(Backend):
                 proc.kill()
         self.gateway.close()
         self.platform.close()
-        for f in Path(self._dir).glob("*"):
-            f.unlink(missing_ok=True)
-        os.rmdir(self._dir)
+        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 def create_backend(config: ServerConfig, on_step=None) -> Backend:

@@ -4,11 +4,13 @@ Started by the server (`PrivateBackend`) with its own engine, whose expert calls
 through the server's gateway to the shared function pool. It listens on a Unix
 socket; per request, one connection carrying JSON lines:
 
-  server -> orchestrator  {"id", "tenant", "prompt_ids", "params": {...}}
+  server -> orchestrator  {"id", "tenant", "prompt_ids", "params": {...}}, later maybe {"type": "cancel"}
   orchestrator -> server  {"type": "accepted"} | {"type": "rejected", "status": 400|429, "message"}
-                          then {"type": "text", "text"}... and {"type": "done", "finish_reason", "usage"[, "error"]}
+                          then {"type": "text", "text", "tokens"}... and {"type": "done", "finish_reason",
+                          "usage"[, "error"]}
 
-The server closing the connection early cancels the request.
+A cancel (or the server closing its end) cancels the request; its events, the final one
+with every token it made, still follow while the server listens.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ from faasmoe.engine import Engine
 from faasmoe.platforms import PlatformConfig
 from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler
 
+CANCEL_WAIT_S = 30.0  # how long a cancelled request's connection waits for its final event
+
 
 def serve(args: argparse.Namespace) -> None:
     engine = Engine(args.model, experts_per_function=args.experts_per_function, platform="gateway",
                     platform_options={"address": args.gateway}, dtype=args.dtype,
                     platform_config=PlatformConfig.model_validate_json(args.platform_config))
-    scheduler = StepScheduler(engine, args.max_batch, args.max_queue, args.max_queue)
+    scheduler = StepScheduler(engine, args.max_batch, args.max_queue)
     scheduler.start()
 
     class Handler(socketserver.StreamRequestHandler):
@@ -63,10 +67,13 @@ def serve(args: argparse.Namespace) -> None:
                 emit({"type": "rejected", "status": 429, "message": str(e)})
                 return
             emit({"type": "accepted"})
-            while not finished.is_set():  # the server closing its end means: cancel
-                if not self.rfile.readline() and not finished.is_set():
+            while not finished.is_set():  # a cancel message, or the server closing its end, means: cancel
+                line = self.rfile.readline()
+                if finished.is_set():
+                    break
+                if not line or json.loads(line).get("type") == "cancel":
                     scheduler.cancel(req)
-                    finished.wait(30)
+                    finished.wait(CANCEL_WAIT_S)
                     return
 
     class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
