@@ -1,9 +1,11 @@
-"""The usual way, for comparison: transformers' Qwen2MoeForCausalLM with every expert resident.
+"""The usual way, for comparison: one full model with every expert resident in the server's process.
 
-`MonolithicEngine` has the interface the scheduler and the server use, so the Baseline
-strategy runs behind the very same OpenAI API (`faasmoe serve --mode monolithic`).
-Its sequences step one after another (transformers' own forward and cache per
-sequence): a full model per tenant, as the Baseline is deployed.
+`MonolithicEngine` is faasmoe's control plane with `ResidentExperts` in place of the
+functions: the same math (exact against transformers, as the tests check), the same
+step scheduler, so it batches all its running sequences at every step as a vLLM or
+llama.cpp server does. It holds its own copy of every weight, as a server that loads a
+checkpoint does. `faasmoe serve --mode monolithic` serves it behind the same API: one
+server per tenant is the benchmark's Baseline, one for all tenants its shared-monolithic.
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-from transformers import DynamicCache, Qwen2MoeForCausalLM
-
-from faasmoe.control.model import Chunk
+from faasmoe.control.model import ControlPlane
+from faasmoe.control.resident import ResidentExperts
 from faasmoe.engine import BaseEngine
 from faasmoe.platforms.base import Platform, PlatformConfig
 
@@ -37,38 +37,14 @@ class NoPlatform(Platform):
         pass
 
 
-class HFCache:
-    """transformers' cache for one sequence, with the `length` the sequence logic reads."""
-
-    def __init__(self, config):
-        self.cache = DynamicCache(config=config)
-        self.length = 0
-
-
-class _Model:
-    def __init__(self, hf: Qwen2MoeForCausalLM):
-        self.hf = hf
-
-    def new_cache(self, capacity: int) -> HFCache:
-        return HFCache(self.hf.config)
-
-    @torch.inference_mode()
-    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        rows = []
-        for ch in chunks:
-            out = self.hf(input_ids=ch.tokens[None], cache=ch.cache.cache, use_cache=True, logits_to_keep=1)
-            ch.cache.length = ch.start + len(ch.tokens)
-            rows.append(out.logits[0, -1])
-        return torch.stack(rows)  # [B, V]
-
-
 class MonolithicEngine(BaseEngine):
     def __init__(self, model: str | Path, dtype: str | None = None, threads: int | None = None):
         t0 = time.perf_counter()
         super().__init__(model, dtype, threads)
-        self.model = _Model(Qwen2MoeForCausalLM.from_pretrained(self.checkpoint.path, dtype=self.dtype).eval())
+        self.experts = ResidentExperts(self.checkpoint, self.dtype)
+        self.model = ControlPlane(self.checkpoint, self.dtype, self.experts, own_copy=True)
         self.platform = NoPlatform(PlatformConfig())
         self.load_s = time.perf_counter() - t0
 
     def describe(self) -> dict:
-        return {"engine": "monolithic transformers"}
+        return {"engine": "monolithic (every expert resident, batched)"}

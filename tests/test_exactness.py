@@ -64,3 +64,23 @@ def test_batched_step_equals_single_sequences(tiny):
         while not all(s.finished for s in seqs):
             engine.step(seqs)
         assert [s.output_ids for s in seqs] == alone
+
+
+@pytest.mark.parametrize("variant", ["tiny", "sparse2-normtopk", "tied-mlponly-window"])
+def test_the_monolithic_baseline_equals_transformers_and_batches(checkpoint, reference, variant):
+    """The Baseline (every expert resident, batched steps) is the same model, not a slower or different one."""
+    from faasmoe.control.sequence import SamplingParams
+    from faasmoe.monolithic import MonolithicEngine
+
+    path = checkpoint(variant)
+    with MonolithicEngine(path) as engine:
+        ids = engine.encode(PROMPT)
+        with torch.no_grad():
+            expected = reference(path)(torch.tensor([ids])).logits[0]
+        assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+        prompts = ["Hello there", PROMPT, "1 2 3"]
+        alone = [engine.generate(p, max_tokens=6, ignore_eos=True).token_ids for p in prompts]
+        seqs = [engine.new_sequence(engine.encode(p), SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts]
+        while not all(s.finished for s in seqs):
+            engine.step(seqs)  # one forward for the three sequences
+        assert [s.output_ids for s in seqs] == alone

@@ -13,6 +13,7 @@ d = head dim, S = cached positions, E = experts, A = experts per token, V = voca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import KVCache
 from faasmoe.functions.expert import activation
 from faasmoe.weights import map_tensors
+
+if TYPE_CHECKING:
+    from faasmoe.control.resident import ResidentExperts
 
 
 @dataclass
@@ -76,13 +80,18 @@ class Layer:
 
 
 class ControlPlane:
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
+                 own_copy: bool = False):
+        """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's."""
         c = self.config = ckpt.config
         self.dtype = dtype
         self.dispatcher = dispatcher
         # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
-        lazy = frozenset() if c.tie_word_embeddings else frozenset({"model.embed_tokens.weight"})
+        lazy = frozenset() if c.tie_word_embeddings or own_copy else frozenset({"model.embed_tokens.weight"})
         w = map_tensors(ckpt.control_plane_tensors(), dtype, lazy)
+        if own_copy:
+            w = {name: t.clone() for name, t in w.items()}
+        self.routed = torch.zeros(c.num_hidden_layers, c.num_experts, dtype=torch.long)  # [L, E] routing pairs
         self.nbytes = sum(t.numel() * t.element_size() for t in w.values())
         self.h, self.g = c.num_attention_heads, c.num_key_value_heads
         self.d = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -167,6 +176,7 @@ class ControlPlane:
         logits = F.linear(x, layer.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
+        self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         pending = self.dispatcher.start(i, x, experts, weights.to(logits.dtype))  # the functions start now

@@ -1,0 +1,45 @@
+"""Every routed expert in this process: the monolithic model a user would otherwise deploy.
+
+Same interface as `ExpertDispatcher` (`start` / `finish`), so the control plane, the
+step scheduler and the server are the very same code; only the experts are computed
+here, on the tensors (no frames), with the same per-expert math as a function holding
+every expert of its layer. This is the Baseline of the benchmark: a full model that
+batches its running sequences at every step, as vLLM or llama.cpp do.
+
+Shapes: T = tokens, H = hidden, A = experts per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.functions import wire
+from faasmoe.functions.expert import ExpertFunction
+from faasmoe.functions.spec import function_specs
+
+
+class ResidentExperts:
+    """All routed experts of every MoE layer, loaded at start-up into this process's own memory."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True):
+        everything = [list(range(ckpt.config.num_experts))]
+        self.layers: dict[int, ExpertFunction] = {}
+        for spec in function_specs(ckpt, everything, str(dtype).removeprefix("torch.")):
+            fn = ExpertFunction(spec)
+            if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
+                fn.gate, fn.up, fn.down = ([w.clone() for w in ws] for ws in (fn.gate, fn.up, fn.down))
+            self.layers[spec.layer] = fn
+        self.model = bytes.fromhex(ckpt.digest)
+        self.nbytes = sum(w.numel() * w.element_size() for fn in self.layers.values()
+                          for ws in (fn.gate, fn.up, fn.down) for w in ws)
+
+    def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""
+        T, A = experts.shape
+        inv = wire.Invocation(self.model, layer, 0, x, torch.arange(T, dtype=torch.int32).repeat_interleave(A),
+                              experts.flatten().to(torch.int32), weights.flatten().to(torch.float32))
+        return self.layers[layer].compute(inv)
+
+    def finish(self, result: torch.Tensor) -> torch.Tensor:
+        return result
