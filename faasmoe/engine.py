@@ -73,11 +73,22 @@ class BaseEngine:
         """Cumulative counters (invocations, ...); `generate` reports their change over a call."""
         return {}
 
+    def cold_starts(self) -> int:
+        """Function cold starts so far (read at every step, so it must be cheap)."""
+        return 0
+
     def describe(self) -> dict[str, Any]:
         """Fixed facts about the deployment, reported with every generation."""
         return {}
 
     # -- generation ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """[T, V] logits at every position of a fresh sequence (what transformers' forward returns)."""
+        seq = self.new_sequence(list(token_ids), SamplingParams(max_tokens=1))
+        chunk = seq.next_chunk()
+        return self.model.forward([chunk], all_logits=True)
+
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=False)
 
@@ -178,16 +189,12 @@ class Engine(BaseEngine):
         """Cold-start one instance of every function now, so the first request finds them warm."""
         self.platform.invoke_many(prewarm_calls(self.specs))
 
-    @torch.inference_mode()
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """[T, V] logits at every position of a fresh sequence (what transformers' forward returns)."""
-        seq = self.new_sequence(list(token_ids), SamplingParams(max_tokens=1))
-        chunk = seq.next_chunk()
-        return self.model.forward([chunk], all_logits=True)
-
     def describe(self) -> dict[str, Any]:
         return {"experts_per_function": self.experts_per_function, "functions": len(self.specs),
                 "platform": self.platform.name}
+
+    def cold_starts(self) -> int:
+        return self.platform.log.cold_starts
 
     def counters(self) -> dict[str, float]:
         """Cumulative invocation, cold start, warm hit and dispatch counters of this engine."""

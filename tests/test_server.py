@@ -260,3 +260,27 @@ def test_a_full_queue_answers_429_instead_of_growing(tiny):
                 queued.close()
         usage = httpx.get(f"{base}/v1/usage", headers=h).json()["usage"]
         assert usage["rejected"] == 1
+
+
+def test_return_token_ids_extension_gives_the_same_ids_streamed_or_not(server):
+    body = {"model": "tiny", "prompt": "ids please", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    whole = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {ALICE}"}, json=body,
+                       timeout=60).json()
+    ids = whole["choices"][0]["token_ids"]
+    assert len(ids) == 6 and all(isinstance(t, int) for t in ids)
+    streamed, usage_chunk = [], None
+    with httpx.stream("POST", f"{server}/v1/completions", headers={"Authorization": f"Bearer {ALICE}"},
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                msg = json.loads(line[6:])
+                if msg["choices"]:
+                    streamed += msg["choices"][0].get("token_ids", [])
+                else:
+                    usage_chunk = msg
+    assert streamed == ids
+    assert isinstance(usage_chunk["faasmoe"]["cold_start_in_prefill"], bool)
+    plain = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60,
+                       json={**body, "return_token_ids": False}).json()
+    assert "token_ids" not in plain["choices"][0]

@@ -81,10 +81,12 @@ class EventLog:
     maxlen: int = 100_000
     stats: dict[str, FunctionStats] = field(default_factory=dict)
     recent: deque = field(default_factory=deque)
+    cold_starts: int = 0  # over every function: cheap to read at every step
 
     def record(self, ev: InstanceEvent) -> None:
         s = self.stats.setdefault(ev.function, FunctionStats())
         if ev.kind == "cold_start":
+            self.cold_starts += 1
             s.cold_starts += 1
             s.cold_start_s += ev.duration_s
         elif ev.kind == "warm_hit":

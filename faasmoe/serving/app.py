@@ -196,7 +196,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         b = backend or await asyncio.to_thread(create_backend, config, lambda n, s: state["metrics"].on_step(n, s))
         state["backend"] = b
         state["meter"] = meter = Meter(b.processes, interval=config.meter_interval_s).start()
-        state["metrics"] = Metrics(b.platform, b.queue_depth, b.running, meter)
+        state["metrics"] = Metrics(b.platform, b.queue_depth, b.running, meter, b.routed)
         billing = asyncio.create_task(bill_shared_costs(meter))
         try:
             yield
@@ -424,21 +424,26 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(request, endpoint, ticket, created, include_usage),
+            return StreamingResponse(_stream(request, endpoint, ticket, created, include_usage,
+                                             body.return_token_ids),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
-        text = await _collect(request, ticket)
-        if text is None:
+        collected = await _collect(request, ticket)
+        if collected is None:
             return _failure(ticket, headers)
+        text, ids = collected
+        ids_ = ids if body.return_token_ids else None
         usage = S.Usage(prompt_tokens=ticket.prompt_tokens, completion_tokens=ticket.completion_tokens,
                         total_tokens=ticket.prompt_tokens + ticket.completion_tokens)
         if endpoint == "chat":
             out = S.ChatResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
                                  choices=[S.ChatChoice(message=S.AssistantMessage(content=text),
-                                                       finish_reason=ticket.finish_reason)])
+                                                       finish_reason=ticket.finish_reason, token_ids=ids_)])
         else:
             out = S.CompletionResponse(id=req.id, created=created, model=config.served_model_name, usage=usage,
-                                       choices=[S.CompletionChoice(text=text, finish_reason=ticket.finish_reason)])
-        return JSONResponse(out.model_dump(), headers=headers)
+                                       choices=[S.CompletionChoice(text=text, finish_reason=ticket.finish_reason,
+                                                                   token_ids=ids_)])
+        return JSONResponse(out.model_dump(exclude={"choices": {0: {"token_ids"}}} if ids_ is None else None),
+                            headers=headers)
 
     async def _next_event(request: Request, ticket: Ticket) -> dict | None:
         """The next event; None if the client went away or the request ran out of time (then it is cancelled:
@@ -456,28 +461,31 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 backend_().cancel(ticket.request)
                 return None
 
-    async def _collect(request: Request, ticket: Ticket) -> str | None:
-        """The whole text, or None if the request failed."""
-        text = []
+    async def _collect(request: Request, ticket: Ticket) -> tuple[str, list[int]] | None:
+        """The whole text and token ids, or None if the request failed."""
+        text, ids = [], []
         while (ev := await _next_event(request, ticket)) is not None:
             if ev["type"] == "text":
                 text.append(ev["text"])
+                ids += ev.get("ids", [])
             else:
-                return "".join(text) if ticket.status == 200 else None
+                return ("".join(text), ids) if ticket.status == 200 else None
         return None
 
-    async def _stream(request: Request, endpoint: str, ticket: Ticket, created: int,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(request: Request, endpoint: str, ticket: Ticket, created: int, include_usage: bool,
+                      with_ids: bool) -> AsyncIterator[str]:
         chat_ = endpoint == "chat"
         base = {"id": ticket.request.id, "object": "chat.completion.chunk" if chat_ else "text_completion",
                 "created": created, "model": config.served_model_name}
 
-        def chunk(text: str | None, finish: str | None, role: bool = False) -> str:
+        def chunk(text: str | None, finish: str | None, role: bool = False, ids: list[int] | None = None) -> str:
             if chat_:
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            if ids:
+                choice["token_ids"] = ids
             return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
 
         ended = False
@@ -486,8 +494,9 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 yield chunk(None, None, role=True)
             while (ev := await _next_event(request, ticket)) is not None:
                 if ev["type"] == "text":
-                    if ev["text"]:
-                        yield chunk(ev["text"], None)
+                    ids = ev.get("ids") if with_ids else None
+                    if ev["text"] or ids:
+                        yield chunk(ev["text"], None, ids=ids)
                     continue
                 ended = True
                 if ticket.status == 200:
@@ -495,7 +504,8 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                     if include_usage:
                         u = {"prompt_tokens": ticket.prompt_tokens, "completion_tokens": ticket.completion_tokens,
                              "total_tokens": ticket.prompt_tokens + ticket.completion_tokens}
-                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': u})}\n\n"
+                        extension = {"faasmoe": {"cold_start_in_prefill": ticket.cold_prefill}}  # for benchmarks
+                        yield f"data: {json.dumps({**base, 'choices': [], 'usage': u, **extension})}\n\n"
                 else:
                     err = S.ErrorDetail(message=ticket.error or "generation failed", type="server_error",
                                         code="generation_failed")

@@ -19,6 +19,7 @@ import tempfile
 import time
 from abc import ABC, abstractmethod
 
+import torch
 from transformers import AutoTokenizer
 
 from faasmoe.engine import Engine
@@ -65,12 +66,16 @@ class Backend(ABC):
         """Every process serving this backend, labelled by role and tenant (for metering)."""
         return {os.getpid(): Label(self.server_role), **self.platform.processes()}
 
+    def routed(self) -> torch.Tensor | None:
+        """Routing pairs per [layer, expert] seen in this process (None where the control planes are elsewhere)."""
+        return None
+
 
 class SharedBackend(Backend):
     """One orchestrator for every tenant: cross-tenant continuous batching in this process.
 
-    With `--mode monolithic` the same scheduler drives transformers' model with every expert resident:
-    the Baseline, behind the same API."""
+    With `--mode monolithic` the same scheduler drives a full model with every expert resident in this
+    process (`faasmoe.monolithic`): the Baseline, behind the same API."""
 
     def __init__(self, config: ServerConfig, on_step=None):
         if config.mode == "monolithic":
@@ -93,6 +98,9 @@ class SharedBackend(Backend):
 
     async def submit(self, req: Request) -> None:
         self.scheduler.submit(req)
+
+    def routed(self) -> torch.Tensor | None:
+        return self.engine.model.routed.clone()
 
     def cancel(self, req: Request) -> None:
         self.scheduler.cancel(req)

@@ -38,6 +38,7 @@ class Ticket:
     ended_at: float | None = None
     finish_reason: str | None = None
     error: str | None = None
+    cold_prefill: bool | None = None  # a function cold-started while its first token was made (None: unknown)
     settled: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # what the HTTP side relays
 
@@ -93,6 +94,7 @@ class Lifecycle:
             ticket.first_token_at = ticket.first_token_at or now
             self._count(ticket, reported - ticket.completion_tokens)
         ticket.ended_at, ticket.finish_reason = now, event["finish_reason"]
+        ticket.cold_prefill = event.get("cold_prefill")
         if event["finish_reason"] not in ("stop", "length"):
             ticket.error = event.get("error") or event["finish_reason"]
         if ticket.status == 200:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -35,6 +36,8 @@ class _FunctionPool:
             "timeouts": CounterMetricFamily("faasmoe_function_timeouts", "Calls that timed out", labels=["function"]),
             "cold_start_s": CounterMetricFamily("faasmoe_function_cold_start_seconds", "Time spent cold-starting",
                                                 labels=["function"]),
+            "busy_s": CounterMetricFamily("faasmoe_function_busy_seconds", "Time instances spent in calls",
+                                          labels=["function"]),
         }
         warm = GaugeMetricFamily("faasmoe_function_warm_instances", "Running instances", labels=["function"])
         for fid, s in stats.items():
@@ -68,9 +71,28 @@ class _Processes:
         yield from (cpu, gbs, mem, count)
 
 
+class _Routing:
+    """Custom collector: routing pairs per (layer, expert) seen by this process's control plane, so a
+    benchmark can say how skewed the routing of its workload really was."""
+
+    def __init__(self, routed: Callable[[], torch.Tensor | None]):
+        self.routed = routed
+
+    def collect(self):
+        fam = CounterMetricFamily("faasmoe_routed_pairs", "Routing pairs (token, expert) by MoE layer and expert",
+                                  labels=["layer", "expert"])
+        counts = self.routed()
+        if counts is not None:
+            for layer, row in enumerate(counts.tolist()):
+                for expert, n in enumerate(row):
+                    if n:
+                        fam.add_metric([str(layer), str(expert)], n)
+        yield fam
+
+
 class Metrics:
     def __init__(self, platform: Platform, queue_depth: Callable[[], int], running: Callable[[], int],
-                 meter: Meter | None = None):
+                 meter: Meter | None = None, routed: Callable[[], torch.Tensor | None] | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("faasmoe_requests", "HTTP requests by tenant, endpoint and status",
                                 ["tenant", "endpoint", "status"], registry=r)
@@ -87,6 +109,8 @@ class Metrics:
         r.register(_FunctionPool(platform))
         if meter is not None:
             r.register(_Processes(meter))
+        if routed is not None:
+            r.register(_Routing(routed))
 
     def on_step(self, batch_size: int, seconds: float) -> None:
         self.batch.observe(batch_size)

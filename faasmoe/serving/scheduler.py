@@ -23,9 +23,11 @@ from faasmoe.engine import Engine
 
 log = logging.getLogger("faasmoe.scheduler")
 
-# {"type": "text", "text", "tokens"}: `tokens` generated this step (text may be empty: a partial character or
-# the start of a stop string is held back), so usage is counted as tokens are made, however the request ends;
-# {"type": "done", "finish_reason", "usage", "error"?}: always the last event of a request, exactly once.
+# {"type": "text", "text", "tokens", "ids"}: `tokens` generated this step, their `ids` (text may be empty: a
+# partial character or the start of a stop string is held back), so usage is counted as tokens are made,
+# however the request ends;
+# {"type": "done", "finish_reason", "usage", "error"?, "cold_prefill"}: always the last event of a request,
+# exactly once; `cold_prefill` says whether a function cold-started during the step that made its first token.
 Event = dict[str, Any]
 
 
@@ -43,6 +45,7 @@ class Request:
     seq: Sequence | None = None
     cancelled: bool = False
     counted: int = 0  # output tokens already reported in events
+    cold_prefill: bool = False  # a function cold-started during the step that made the first token
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
@@ -139,6 +142,7 @@ class StepScheduler:
             if not batch:
                 continue
             t0 = time.perf_counter()
+            cold_before = self.engine.cold_starts()
             try:
                 self.engine.step([r.seq for r in batch])
             except Exception as e:  # a function failed for good: these requests fail, the server goes on
@@ -151,14 +155,17 @@ class StepScheduler:
                 continue
             dt = time.perf_counter() - t0
             self._account(len(batch), dt)
+            cold = self.engine.cold_starts() != cold_before
             with self._cond:
                 for req in batch:
                     seq = req.seq
                     made = len(seq.output_ids) - req.counted
                     if made:
+                        req.cold_prefill |= cold and req.counted == 0
                         req.counted += made
                         text = seq.new_text() if seq.finish_reason != "error" else ""
-                        self._emit(req, {"type": "text", "text": text, "tokens": made})
+                        self._emit(req, {"type": "text", "text": text, "tokens": made,
+                                         "ids": seq.output_ids[-made:]})
                     if seq.finished:
                         self._running.remove(req)
                         self._end(req, seq.finish_reason, seq.error)
@@ -182,14 +189,15 @@ class StepScheduler:
         seq = req.seq
         event: Event = {"type": "done", "finish_reason": reason,
                         "usage": {"prompt_tokens": len(req.prompt_ids),
-                                  "completion_tokens": len(seq.output_ids) if seq else 0}}
+                                  "completion_tokens": len(seq.output_ids) if seq else 0},
+                        "cold_prefill": req.cold_prefill}
         if error:
             event["error"] = error
         if seq is not None:
             seq.finish(reason, error)
             delta = seq.new_text()
             if delta and reason in ("stop", "length"):
-                StepScheduler._emit(req, {"type": "text", "text": delta, "tokens": 0})
+                StepScheduler._emit(req, {"type": "text", "text": delta, "tokens": 0, "ids": []})
         StepScheduler._emit(req, event)
 
     @staticmethod

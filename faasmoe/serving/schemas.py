@@ -62,6 +62,8 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = Field(False, description="extension (as in vLLM): keep generating past end-of-sequence")
+    return_token_ids: bool = Field(False, description="extension (as in vLLM): each choice (and each streamed "
+                                                      "chunk) carries the generated `token_ids`")
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +134,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None
+    token_ids: list[int] | None = Field(None, description="with return_token_ids only")
 
 
 class CompletionResponse(BaseModel):
@@ -153,6 +156,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: None = None
     finish_reason: str | None
+    token_ids: list[int] | None = Field(None, description="with return_token_ids only")
 
 
 class ChatResponse(BaseModel):
