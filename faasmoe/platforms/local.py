@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
-from faasmoe.metering.meter import Label
+from faasmoe.metering.meter import Label, note_exit
 from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.transport import recv_frame, send_frame
 from faasmoe.platforms.zygote import Zygote, ZygoteError
@@ -294,6 +294,7 @@ class LocalPlatform(Platform):
             pool.instances.remove(inst)
         if inst.sock is not None:
             inst.sock.close()
+        note_exit(inst.pid)  # its final CPU counter and exit time, for the meters of this process
         _kill(inst.pid)  # SIGKILL: an instance holds no state worth a goodbye, and a hung one ignores SIGTERM
         try:
             os.unlink(inst.path)

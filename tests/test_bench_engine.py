@@ -1,0 +1,22 @@
+"""bench-engine's cold start, with the function's weights in the page cache and evicted first (tiny checkpoint)."""
+
+from __future__ import annotations
+
+from faasmoe.bench.engine import cold_start_cost
+from faasmoe.checkpoint import Checkpoint
+from faasmoe.functions.packing import contiguous_blocks
+from faasmoe.functions.spec import function_specs
+
+
+def test_cold_start_is_measured_with_a_warm_and_with_an_evicted_page_cache(tiny):
+    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")[0]
+    c = cold_start_cost(spec, "local", reps=2)
+    assert c["bytes"] == spec.nbytes
+    for state in ("warm", "cold"):
+        run = c[state]
+        assert run["samples"] == 2 and run["cold_start_ms"] > 0 and run["read_ms"] > 0
+        assert run["ratio"] == run["cold_start_ms"] / run["read_ms"]
+        assert run["page_cache_as_intended"], run  # checked with mincore before every read and start
+    assert c["warm"]["resident_before_min_bytes"] == c["warm"]["start_resident_before_min_bytes"] == spec.nbytes
+    assert c["cold"]["resident_before_bytes"] == c["cold"]["start_resident_before_bytes"] == 0
+    assert c["cold_start_ms"] == c["warm"]["cold_start_ms"] and c["read_ms"] == c["warm"]["read_ms"]
