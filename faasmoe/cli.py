@@ -63,8 +63,9 @@ def _fail(message: str) -> None:
 @app.command("init-model", short_help="Write a checkpoint with random weights (tests, demos).")
 def init_model_cmd(
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Directory to write the checkpoint into."),
-    preset: str = typer.Option("tiny", metavar="NAME", help="Architecture: tiny (tests, demos) or qwen1.5-moe-a2.7b "
-                                                            "(the real model's sizes)."),
+    preset: str = typer.Option("tiny", metavar="NAME", help="Architecture: tiny (tests, demos), qwen1.5-moe-a2.7b "
+                                                            "(the real model's sizes) or qwen1.5-moe-a2.7b-quarter "
+                                                            "(its structure, every matrix dimension / 4)."),
     layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
                                          help="Number of decoder layers."),
     seed: int = typer.Option(0, metavar="N", help="Seed of the random weights; the same seed writes the same "
@@ -74,6 +75,9 @@ def init_model_cmd(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", show_default=False,
                                    help="Override a config field (VALUE read as JSON), repeatable; "
                                         "e.g. --set norm_topk_prob=true --set decoder_sparse_step=2."),
+    router_skew: str = typer.Option("uniform", "--router-skew", metavar="LEVEL|ALPHA",
+                                    help="Synthetic expert popularity per router: uniform, mild, strong or a "
+                                         "number >= 0 (0 = uniform random routers)."),
 ) -> None:
     """Write a Qwen2-MoE checkpoint with RANDOM weights (config, sharded safetensors, Qwen tokenizer).
 
@@ -87,7 +91,7 @@ def init_model_cmd(
     if dtype:
         overrides["dtype"] = dtype
     try:
-        path = init_model(preset, out, layers=layers, seed=seed, overrides=overrides)
+        path = init_model(preset, out, layers=layers, seed=seed, overrides=overrides, router_skew=router_skew)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")

@@ -37,6 +37,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
         use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
     ),
+    # Qwen1.5-MoE-A2.7B with every matrix dimension divided by 4 (hidden 512, 4 heads, experts 352 wide):
+    # the real structure (24 layers, 60 experts, top-4, shared expert, vocabulary, tokenizer) at ~1/10 the
+    # bytes (~2 GB bf16), so benchmarks of routing and scheduling run on the real shape on a small machine.
+    "qwen1.5-moe-a2.7b-quarter": dict(
+        vocab_size=151936, hidden_size=512, intermediate_size=1408, moe_intermediate_size=352,
+        shared_expert_intermediate_size=1408, num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=1e6,
+        rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
+        use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
+    ),
     # The same architecture shrunk until a test runs it in milliseconds; the vocabulary stays Qwen's.
     "tiny": dict(
         vocab_size=151936, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
@@ -89,11 +99,38 @@ def _init_tensor(name: str, shape: tuple[int, ...], seed: int, std: float) -> to
     return std * torch.randn(shape, generator=g)
 
 
+# Named --router-skew levels: ALPHA in units of each router's own logit spread (see _skew_routers); the
+# measured top-10 % expert shares they give are in tests/test_init_model.py and README's "Models".
+ROUTER_SKEW_LEVELS: dict[str, float] = {"uniform": 0.0, "mild": 0.45, "strong": 1.5}
+# Prompts (count, min and max tokens, seed) of the bundled English corpus run once through the model to
+# place the skew: short prompts like a benchmark's, whose hidden states' mean differs from a long text's.
+CALIBRATION_PROMPTS = (48, 16, 64, 1000)
+
+
+def router_skew_value(value: str | float) -> float:
+    """A --router-skew argument (a level name or a number >= 0) as ALPHA."""
+    if isinstance(value, str) and value in ROUTER_SKEW_LEVELS:
+        return ROUTER_SKEW_LEVELS[value]
+    try:
+        alpha = float(value)
+    except ValueError:
+        raise ValueError(f"router skew must be {', '.join(ROUTER_SKEW_LEVELS)} or a number >= 0, got {value!r}")
+    if not alpha >= 0 or alpha == float("inf"):
+        raise ValueError(f"router skew must be >= 0, got {value!r}")
+    return alpha
+
+
 def write_checkpoint(config: Qwen2MoeConfig, out: str | Path, seed: int = 0,
-                     max_shard_bytes: int = 2 << 30, progress: bool = True) -> Path:
-    """Write `config` with random weights as a sharded safetensors checkpoint directory."""
+                     max_shard_bytes: int = 2 << 30, progress: bool = True, router_skew: float = 0.0) -> Path:
+    """Write `config` with random weights as a sharded safetensors checkpoint directory.
+
+    `router_skew` > 0 then gives every router a synthetic, Zipf-like expert popularity (_skew_routers)
+    and records it in config.json as `faasmoe_router_skew`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if router_skew > 0:
+        config.faasmoe_router_skew = router_skew
     config.save_pretrained(out)
     dtype = torch_dtype(str(config.dtype))
     shapes = tensor_shapes(config)
@@ -121,9 +158,68 @@ def write_checkpoint(config: Qwen2MoeConfig, out: str | Path, seed: int = 0,
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     _write_generation_config(out)
     _write_tokenizer(out)
+    if router_skew > 0:
+        _skew_routers(out, config, seed, router_skew, weight_map)
     (out / RANDOM_WEIGHTS_MARKER).write_text(f"The weights here are random (`faasmoe init-model`, seed {seed}): "
                                              "the model generates gibberish.\n")
     return out
+
+
+def _skew_routers(out: Path, config: Qwen2MoeConfig, seed: int, alpha: float, weight_map: dict[str, str]) -> None:
+    """Shift each router's rows so expert e's logit rises by alpha * spread * log(1/rank_e) on typical input.
+
+    Qwen2-MoE routers are bias-free Linear layers, so the shift lives in the weights: each layer's
+    rows get offset_e * m / |m|^2, where m is the mean router input over CALIBRATION_PROMPTS of the
+    bundled English corpus (random models' hidden states share a sizeable mean direction) and
+    spread is the standard deviation of that router's logits there. Ranks are a random permutation
+    of the experts from the seed. One forward pass places all layers in order, each layer's shift
+    applied before the next layer's input is measured; the checkpoint stays a plain Qwen2-MoE one.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Qwen2MoeForCausalLM
+
+    from faasmoe.bench.corpus import prompt_texts
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    n, lo, hi, cal_seed = CALIBRATION_PROMPTS
+    prompts = [tok.encode(p, add_special_tokens=False) for p in prompt_texts(n, tok, lo, hi, cal_seed)]
+    width = max(map(len, prompts))  # right-padded: causal attention keeps the real tokens exact
+    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    real = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    model = Qwen2MoeForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    new: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def pre(gate: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()[real.flatten().bool()]
+            w = gate.weight.data.float()
+            spread = float((x @ w.T).std())
+            m = x.mean(0)
+            n = w.shape[0]
+            perm = torch.randperm(n, generator=_generator(seed, name + ".popularity"))
+            zipf = -torch.log(torch.arange(1, n + 1, dtype=torch.float32))
+            offset = torch.empty(n)
+            offset[perm] = alpha * spread * (zipf - zipf.mean())
+            gate.weight.data = (w + offset[:, None] * (m / m.dot(m))[None, :]).to(gate.weight.dtype)
+            new[name] = gate.weight.data.clone()
+        return pre
+
+    handles = [layer.mlp.gate.register_forward_pre_hook(hook(f"model.layers.{i}.mlp.gate.weight"))
+               for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "gate")]
+    with torch.no_grad():
+        model(ids, attention_mask=real)
+    for h in handles:
+        h.remove()
+    del model, handles  # before the shards are read back: the largest presets hold a lot
+    dtype = torch_dtype(str(config.dtype))
+    for fname in sorted({weight_map[n] for n in new}):
+        tensors = load_file(str(out / fname))
+        tensors.update({n: t.to(dtype) for n, t in new.items() if weight_map[n] == fname})
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
 def has_random_weights(path: str | Path) -> bool:
@@ -155,6 +251,8 @@ def _write_tokenizer(out: Path) -> None:
 
 
 def init_model(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,
-               overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
+               overrides: dict[str, Any] | None = None, progress: bool = True,
+               router_skew: str | float = 0.0) -> Path:
     """The `faasmoe init-model` command as a function."""
-    return write_checkpoint(make_config(preset, layers, overrides), out, seed=seed, progress=progress)
+    return write_checkpoint(make_config(preset, layers, overrides), out, seed=seed, progress=progress,
+                            router_skew=router_skew_value(router_skew))
