@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -206,96 +205,105 @@ def _range(text: str, name: str) -> tuple[int, int]:
     return a, b
 
 
-@app.command(short_help="Compare four multi-tenant serving strategies.")
+@app.command(short_help="Compare five multi-tenant serving strategies.")
 def bench(
     out: Path = typer.Option(Path("runs/bench"), metavar="DIR",
                              help="Directory for results.json, results.md and the plots."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny preset, short load, small sweep: minutes, not hours."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny model, one short on/off load, short keep-alive: a few "
+                                                      "minutes, every strategy, evictions included."),
     model: Optional[Path] = typer.Option(None, metavar="DIR", show_default="models/bench-tiny with --quick, else "
-                                                                           "models/qwen1.5-moe-a2.7b-bench",
-                                         help="Checkpoint (created with random weights if missing)."),
-    layers: Optional[int] = typer.Option(None, metavar="N", show_default="1, what 24 GiB allows for 6 Baseline tenants",
-                                         help="Layers of the real preset when the checkpoint is created."),
-    tenants: int = typer.Option(6, metavar="N", help="Tenants sending requests at the same time."),
-    rate: list[float] = typer.Option([], metavar="RPS", show_default="2 with --quick, else 0.2",
-                                     help="Requests/s per tenant, repeatable (cycled over tenants)."),
-    arrival: str = typer.Option("poisson", metavar="KIND", help="poisson, or bursty (on/off periods at 3x the rate)."),
-    duration: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="8 with --quick, else 120",
+                                                                           "models/qwen-quarter",
+                                         help="Checkpoint (created with random weights from --preset if missing)."),
+    preset: Optional[str] = typer.Option(None, metavar="NAME", show_default="tiny with --quick, else "
+                                                                            "qwen1.5-moe-a2.7b-quarter",
+                                         help="Preset of the checkpoint when it is created."),
+    layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
+                                         help="Layers of the preset when the checkpoint is created."),
+    tenants: int = typer.Option(6, metavar="N", help="Tenants sending requests."),
+    rate: list[float] = typer.Option([], metavar="RPS", show_default="0.5 with --quick, else 0.02 0.05 0.1 0.2",
+                                     help="Mean requests/s per tenant, repeatable: every strategy runs at each "
+                                          "(tenants' own rates are weighted 1.5 : 1 : 0.5 around it)."),
+    arrival: str = typer.Option("bursty", metavar="KIND",
+                                help="bursty (on periods at 3x the rate, then silent off periods) or poisson."),
+    burst_on: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="3 with --quick, else 10",
+                                             help="Mean length of an on period."),
+    burst_off: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="3 with --quick, else 20",
+                                              help="Mean length of an off period (the tenant is idle)."),
+    duration: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="12 with --quick, else 120",
                                              help="How long requests keep arriving."),
     max_requests: Optional[int] = typer.Option(None, metavar="N", show_default="no limit",
                                                help="Requests per tenant at most."),
     prompt_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:32 with --quick, else 32:128",
-                                                help="Prompt length range in tokens."),
+                                                help="Prompt length range in tokens (English text)."),
     output_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:16 with --quick, else 32:64",
                                                 help="Output length range in tokens."),
     seed: int = typer.Option(0, metavar="N", help="Seed of the workload: the same requests for every strategy."),
     experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k", metavar="K",
                                                        show_default="2 with --quick, else 4",
                                                        help="k of faasmoe's main runs."),
-    sweep: list[int] = typer.Option([], metavar="K", show_default="1, 2, 4, ... all experts",
-                                    help="k values to sweep for faasmoe's strategies, repeatable."),
-    no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the granularity sweep."),
-    sweep_strategy: list[str] = typer.Option([], metavar="NAME", show_default="faasmoe-shared with --quick, else "
-                                                                              "faasmoe-private and faasmoe-shared",
-                                             help="Strategies to sweep k for, repeatable."),
-    keep_alive: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="5 with --quick on the local "
-                                                                                     "platform, else 30",
-                                               help="Function keep-alive."),
-    strategy: list[str] = typer.Option([], metavar="NAME", show_default="all four",
-                                       help="Strategies to run, repeatable: baseline, faasmoe-private, "
-                                            "faasmoe-shared, local-distribution."),
+    keep_alive: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="2 with --quick, else 10",
+                                               help="Function keep-alive of the main runs."),
+    keep_alive_sweep: list[float] = typer.Option([], metavar="SECONDS", show_default="none with --quick, else 2 10 60",
+                                                 help="Keep-alives to run faasmoe-shared at, repeatable (at the "
+                                                      "middle rate, for each --keep-alive-k)."),
+    keep_alive_k: list[int] = typer.Option([1, 4], metavar="K", help="k values of the keep-alive sweep, repeatable."),
+    no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the keep-alive and granularity sweeps."),
+    sweep: list[int] = typer.Option([], metavar="K", show_default="none",
+                                    help="k values for a granularity sweep at the middle rate, repeatable."),
+    sweep_strategy: list[str] = typer.Option([], metavar="NAME", show_default="faasmoe-private and faasmoe-shared",
+                                             help="Strategies of the granularity sweep, repeatable."),
+    strategy: list[str] = typer.Option([], metavar="NAME", show_default="all five",
+                                       help="Strategies to run, repeatable: baseline, shared-monolithic, "
+                                            "faasmoe-private, faasmoe-shared, local-distribution."),
     platform: str = typer.Option("local", metavar="NAME", help="FaaS platform of faasmoe's strategies."),
     chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
                                                       "killing a random function instance every --chaos-interval "
-                                                      "seconds; report completed requests and output mismatches."),
+                                                      "seconds; report completed requests and token-id mismatches."),
     chaos_interval: float = typer.Option(0.5, metavar="SECONDS", help="Time between instance kills in --chaos."),
     chaos_mode: str = typer.Option("shared", metavar="MODE", help="Server mode for --chaos: shared or private."),
 ) -> None:
-    """Compare four ways of serving many tenants, one after the other under the same load, metered.
+    """Compare five ways of serving many tenants, one after the other under the same load, metered.
 
     \b
-    baseline            a full-model server per tenant (transformers, every expert resident)
-    faasmoe-private     an orchestrator per tenant, experts as scale-to-zero functions
-    faasmoe-shared      one orchestrator batching every tenant's tokens into each function call
-    local-distribution  an orchestrator per tenant, expert blocks as always-on processes
+    baseline            a full-model server per tenant (every expert resident, its own weights, batching)
+    shared-monolithic   one such server for every tenant (the strongest resource baseline)
+    faasmoe-private     a control plane per tenant, experts as shared scale-to-zero functions
+    faasmoe-shared      one control plane batching every tenant's tokens into each function call
+    local-distribution  a control plane per tenant, expert blocks as always-on local processes
 
-    Reports each one's CPU-seconds, GB-seconds (of PSS memory), latency percentiles and errors, then
-    runs faasmoe's strategies again for each k of the sweep (results.json, results.md, plots under --out).
+    Every strategy runs at each --rate; faasmoe-shared also at each keep-alive of the sweep. Reports per
+    run: drain time next to the arrival window, physical (PSS) and billed (RSS) memory, page cache, CPU,
+    resources per generated token, TTFT and TPOT p50/p99, cold starts, evictions, expert popularity; and
+    a headline at the highest rate the Baseline sustains (results.json, results.md, plots under --out).
     """
-    from faasmoe.bench.load import Workload
     from faasmoe.bench.cleanup import session
+    from faasmoe.bench.load import Workload
     from faasmoe.bench.multitenant import STRATEGIES, BenchConfig, run_bench
-    from faasmoe.checkpoint import Checkpoint
     from faasmoe.init_model import init_model
 
-    for s_ in strategy:
+    for s_ in [*strategy, *sweep_strategy]:
         if s_ not in STRATEGIES:
             _fail(f"unknown strategy {s_!r}; choose from {', '.join(STRATEGIES)}")
     if arrival not in ("poisson", "bursty"):
         _fail("--arrival is poisson or bursty")
-    model = model or Path("models/bench-tiny" if quick else "models/qwen1.5-moe-a2.7b-bench")
+    model = model or Path("models/bench-tiny" if quick else "models/qwen-quarter")
     if not (model / "config.json").is_file():
         typer.echo(f"creating {model}")
-        if quick:
-            init_model("tiny", model)
-        else:
-            init_model("qwen1.5-moe-a2.7b", model, layers=layers or 1)
-    experts = Checkpoint(model).config.num_experts
-    k = experts_per_function or (2 if quick else 4)
-    if not sweep and not no_sweep:
-        sweep = sorted({min(2**i, experts) for i in range(experts.bit_length() + 1)})
-        if quick:
-            sweep = [1, experts]
+        init_model(preset or ("tiny" if quick else "qwen1.5-moe-a2.7b-quarter"), model, layers=layers)
     workload = Workload(
-        tenants=tenants, rates=rate or ([2.0] if quick else [0.2]), arrival=arrival,  # type: ignore[arg-type]
-        duration_s=duration or (8.0 if quick else 120.0), max_requests=max_requests,
+        tenants=tenants, arrival=arrival, burst_on_s=burst_on or (3.0 if quick else 10.0),  # type: ignore[arg-type]
+        burst_off_s=burst_off or (3.0 if quick else 20.0), duration_s=duration or (12.0 if quick else 120.0),
+        max_requests=max_requests,
         prompt_tokens=_range(prompt_tokens, "--prompt-tokens") if prompt_tokens else ((8, 32) if quick else (32, 128)),
         output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else ((8, 16) if quick else (32, 64)),
         seed=seed)
-    cfg = BenchConfig(model=model.resolve(), workload=workload, experts_per_function=k, sweep=[] if no_sweep else sweep,
-                      sweep_strategies=tuple(sweep_strategy) or (("faasmoe-shared",) if quick
-                                                                 else ("faasmoe-private", "faasmoe-shared")),
-                      keep_alive_s=keep_alive if keep_alive is not None else (5.0 if quick and platform == "local" else 30.0),
+    sweeps = not no_sweep
+    cfg = BenchConfig(model=model.resolve(), workload=workload, rates=rate or ([0.5] if quick else [0.02, 0.05, 0.1, 0.2]),
+                      experts_per_function=experts_per_function or (2 if quick else 4),
+                      keep_alive_s=keep_alive if keep_alive is not None else (2.0 if quick else 10.0),
+                      keep_alive_sweep=(keep_alive_sweep or ([] if quick else [2.0, 10.0, 60.0])) if sweeps else [],
+                      keep_alive_ks=tuple(keep_alive_k), sweep=sweep if sweeps else [],
+                      sweep_strategies=tuple(sweep_strategy) or ("faasmoe-private", "faasmoe-shared"),
                       strategies=tuple(strategy) or STRATEGIES, platform=platform)
     if chaos:
         from faasmoe.bench.chaos import run_chaos
@@ -306,14 +314,14 @@ def bench(
                    f"{r['kill_interval_s']:g} s: {r['instances_killed']} kills, {r['calls_cut_by_kills']} calls "
                    f"cut and retried): {r['requests_sent']} requests sent, {r['completed']} completed "
                    f"({r['completed_percent']:.1f} %), {r['failed']} failed, "
-                   f"{r['mismatches']} of {r['compared']} outputs differ from the fault-free run")
+                   f"{r['mismatches']} of {r['compared']} outputs' token ids differ from the fault-free run")
         if r["failed"] or r["mismatches"]:
             raise typer.Exit(1)
         return
     with session():  # SIGTERM/SIGINT/SIGHUP stop every process and folder it started, then exit 128 + signal
         report = run_bench(cfg, out)
     typer.echo((out / "results.md").read_text())
-    errors = sum(r["errors"] for r in report["strategies"].values())
+    errors = sum(r["errors"] for r in report["runs"])
     if errors:
         typer.secho(f"{errors} requests failed", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
@@ -429,8 +437,8 @@ def serve(
                                          help="Layers of the created preset."),
     mode: str = typer.Option(_d("mode"), metavar="MODE",
                              help="shared: one orchestrator batching all tenants; private: one orchestrator process "
-                                  "per tenant; monolithic: transformers' model with every expert resident, no "
-                                  "functions, for comparison."),
+                                  "per tenant; monolithic: the full model with every expert resident in the "
+                                  "server, batched, no functions, for comparison."),
     platform: str = typer.Option(_d("platform"), metavar="NAME",
                                  help="FaaS platform of the expert functions: local (embedded), http or ray."),
     functions: Optional[Path] = FUNCTIONS_OPTION,

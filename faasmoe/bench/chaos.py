@@ -2,8 +2,8 @@
 
 The same load (same seed, greedy decoding) runs twice against a fresh server: once
 without faults, once while a killer SIGKILLs a random function instance every
-`interval` seconds. The figures to reach: every request completed, and every output
-identical to the fault-free run.
+`interval` seconds. The figures to reach: every request completed, and every output's
+token ids identical to the fault-free run's.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -22,7 +23,7 @@ from faasmoe.bench import cleanup
 from faasmoe.bench.load import run_load, schedule
 from faasmoe.bench.machine import machine_info
 from faasmoe.bench.multitenant import (BenchConfig, Target, _key, _scrape, _start_server, _stop, _wait_healthy,
-                                       label_tree)
+                                       label_tree, tenant_rates)
 from faasmoe.metering.meter import Label
 from faasmoe.proctitle import set_title
 
@@ -70,16 +71,21 @@ def _run(cfg: BenchConfig, mode: str, arrivals, kill_every: float | None, seed: 
 
 
 def run_chaos(cfg: BenchConfig, out: Path, interval: float = 0.5, mode: str = "shared") -> dict:
-    arrivals = schedule(cfg.workload)
+    from transformers import AutoTokenizer
+
+    workload = replace(cfg.workload, rates=tenant_rates(cfg.rates[0], cfg.workload.tenants))
+    arrivals = schedule(workload, AutoTokenizer.from_pretrained(str(cfg.model), local_files_only=True))
     t0 = time.perf_counter()
     clean, _, _ = _run(cfg, mode, arrivals, None, cfg.workload.seed)
     faulty, kills, cut = _run(cfg, mode, arrivals, interval, cfg.workload.seed)
     clean_by = {(r.tenant, r.at): r for r in clean}
-    mismatches = [r for r in faulty if r.ok and clean_by[(r.tenant, r.at)].ok and r.text != clean_by[(r.tenant, r.at)].text]
+    mismatches = [r for r in faulty if r.ok and clean_by[(r.tenant, r.at)].ok
+                  and r.token_ids != clean_by[(r.tenant, r.at)].token_ids]
     completed = sum(r.ok for r in faulty)
     report = {
         "machine": machine_info(), "model": str(cfg.model), "mode": mode, "kill_interval_s": interval,
         "experts_per_function": cfg.experts_per_function, "tenants": cfg.workload.tenants,
+        "rate_per_tenant": cfg.rates[0], "compared_by": "token ids",
         "requests_sent": len(faulty), "completed": completed, "failed": len(faulty) - completed,
         "completed_percent": 100.0 * completed / max(1, len(faulty)), "instances_killed": kills,
         "calls_cut_by_kills": cut,

@@ -1,11 +1,13 @@
 """A multi-tenant load generator for any OpenAI-compatible server.
 
-Each tenant has its own arrival process (Poisson at its own rate, or bursty on/off),
-prompt and output lengths drawn from uniform ranges, all from one seed: every
-strategy of a benchmark receives exactly the same requests at the same offsets.
-Prompts are token ids (so their lengths are exact) and outputs use `ignore_eos`
-(so every strategy generates the same number of tokens). Requests stream, so time
-to first token and time per output token are measured at the client.
+Each tenant has its own arrival process (Poisson at its own rate, or bursty: on periods
+at 3x its rate, then silent off periods), prompt and output lengths drawn from uniform
+ranges, all from one seed: every strategy of a benchmark receives exactly the same
+requests at the same offsets. Prompts are English text cut from a shipped corpus (so the
+routing is a real text's, see `corpus`) when a tokenizer is given, else random token ids;
+outputs use `ignore_eos` (so every strategy generates the same number of tokens).
+Requests stream, so time to first token and time per output token are measured at the
+client, with the generated token ids (to compare runs exactly).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Workload:
     tenants: int = 6
     rates: list[float] = field(default_factory=lambda: [0.5])  # requests/s per tenant (cycled over tenants)
     arrival: Literal["poisson", "bursty"] = "poisson"
-    burst_on_s: float = 5.0  # bursty: mean length of an on period (3x the rate) and of an off period (silent)
+    burst_on_s: float = 5.0  # bursty: mean length of an on period (3x the rate)
+    burst_off_s: float | None = None  # bursty: mean length of a silent off period (default: burst_on_s)
     duration_s: float = 60.0  # requests arrive during this window
     max_requests: int | None = None  # per tenant
     prompt_tokens: tuple[int, int] = (16, 64)
@@ -41,15 +44,16 @@ class Workload:
 class Arrival:
     at: float  # seconds after the start
     tenant: int
-    prompt: tuple[int, ...]
+    prompt: tuple[int, ...] | str  # token ids, or text
     max_tokens: int
 
 
-def schedule(w: Workload) -> list[Arrival]:
+def schedule(w: Workload, tokenizer=None) -> list[Arrival]:
     """Every request of the run, in time order; the same for the same workload and seed.
 
     Poisson: exponential gaps at the tenant's rate over the whole window. Bursty: on and off
-    periods (exponential, mean `burst_on_s` each) with Poisson arrivals at 3x the rate while on.
+    periods (exponential, means `burst_on_s` and `burst_off_s`) with Poisson arrivals at 3x the
+    rate while on. With a tokenizer, prompts are corpus text of the drawn token length.
     """
     out: list[Arrival] = []
     for t in range(w.tenants):
@@ -59,7 +63,7 @@ def schedule(w: Workload) -> list[Arrival]:
             while start < w.duration_s:
                 on = rng.expovariate(1 / w.burst_on_s)
                 windows.append((start, min(start + on, w.duration_s), 3 * w.rate(t)))
-                start += on + rng.expovariate(1 / w.burst_on_s)
+                start += on + rng.expovariate(1 / (w.burst_off_s or w.burst_on_s))
         else:
             windows = [(0.0, w.duration_s, w.rate(t))]
         n = 0
@@ -71,7 +75,13 @@ def schedule(w: Workload) -> list[Arrival]:
                 out.append(Arrival(now, t, prompt, rng.randint(*w.output_tokens)))
                 n += 1
                 now += rng.expovariate(rate)
-    return sorted(out, key=lambda a: a.at)
+    out.sort(key=lambda a: a.at)
+    if tokenizer is None:
+        return out
+    from faasmoe.bench.corpus import prompt_texts
+
+    texts = prompt_texts(len(out), tokenizer, *w.prompt_tokens, seed=w.seed)
+    return [Arrival(a.at, a.tenant, text, a.max_tokens) for a, text in zip(out, texts)]
 
 
 @dataclass
@@ -85,8 +95,11 @@ class Result:
     ttft_s: float | None = None
     tpot_s: float | None = None
     latency_s: float = 0.0
+    end_s: float = 0.0  # when it ended, seconds after the load started
     error: str | None = None
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    cold_prefill: bool | None = None  # the server saw a function cold-start while making its first token
 
 
 @dataclass
@@ -101,9 +114,10 @@ class Target:
 async def _one(client: httpx.AsyncClient, a: Arrival, target: Target, t0: float) -> Result:
     await asyncio.sleep(max(0.0, t0 + a.at - time.perf_counter()))
     start = time.perf_counter()
-    res = Result(a.tenant, a.at, False, 0, len(a.prompt))
-    body = {"model": target.model, "prompt": list(a.prompt), "max_tokens": a.max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    res = Result(a.tenant, a.at, False, 0, len(a.prompt) if isinstance(a.prompt, tuple) else 0)
+    body = {"model": target.model, "prompt": a.prompt if isinstance(a.prompt, str) else list(a.prompt),
+            "max_tokens": a.max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
     first = None
     try:
         async with client.stream("POST", f"{target.base_url}/v1/completions", json=body,
@@ -121,13 +135,19 @@ async def _one(client: httpx.AsyncClient, a: Arrival, target: Target, t0: float)
                     return res
                 if msg.get("usage"):
                     res.completion_tokens = msg["usage"]["completion_tokens"]
-                elif msg["choices"] and msg["choices"][0].get("text"):
-                    first = first or time.perf_counter()
-                    res.text += msg["choices"][0]["text"]
+                    res.prompt_tokens = msg["usage"]["prompt_tokens"]
+                    res.cold_prefill = (msg.get("faasmoe") or {}).get("cold_start_in_prefill")
+                elif msg["choices"]:
+                    choice = msg["choices"][0]
+                    if choice.get("text") or choice.get("token_ids"):
+                        first = first or time.perf_counter()
+                    res.text += choice.get("text") or ""
+                    res.token_ids += choice.get("token_ids") or []
     except httpx.HTTPError as e:
         res.error = f"{type(e).__name__}: {e}"
         return res
     end = time.perf_counter()
+    res.end_s = end - t0
     res.ok = res.completion_tokens == a.max_tokens
     if not res.ok:
         res.error = f"{res.completion_tokens} of {a.max_tokens} tokens"
@@ -173,11 +193,15 @@ def summarize(results: list[Result], wall_s: float) -> dict:
         "requests": len(results), "completed": len(ok), "errors": len(results) - len(ok),
         "completion_tokens": tokens, "prompt_tokens": sum(r.prompt_tokens for r in ok),
         "throughput_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
-        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p95_s": percentile(ttft, 0.95),
-        "tpot_p50_s": percentile(tpot, 0.5), "tpot_p95_s": percentile(tpot, 0.95),
+        "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
+        "tpot_p50_ms": _ms(percentile(tpot, 0.5)), "tpot_p99_ms": _ms(percentile(tpot, 0.99)),
         "latency_mean_s": statistics.mean(r.latency_s for r in ok) if ok else None,
         "error_examples": [r.error for r in results if not r.ok][:3],
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
 
 
 def workload_json(w: Workload) -> dict:

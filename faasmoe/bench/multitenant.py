@@ -1,15 +1,22 @@
-"""`faasmoe bench`: the four deployment strategies, one after the other, on the same machine and load.
+"""`faasmoe bench`: five deployment strategies, one after the other, on the same machine and load.
 
-* baseline: one full-model server per tenant (`faasmoe serve --mode monolithic`), every expert resident;
-* faasmoe-private: `faasmoe serve --mode private`, experts on the embedded FaaS platform;
-* faasmoe-shared: `faasmoe serve --mode shared`, one orchestrator batching every tenant;
-* local-distribution: an orchestrator per tenant, expert blocks as always-on local processes
-  (private mode with every function started up front, one instance each, never scaled to zero).
+* baseline: one full-model server per tenant (`faasmoe serve --mode monolithic`: its own process and
+  its own copy of every weight, continuous batching of its own requests), what a tenant deploys alone;
+* shared-monolithic: one such server for every tenant: what a vLLM or llama.cpp user deploys when
+  isolation does not matter, the strongest resource baseline;
+* faasmoe-private: `faasmoe serve --mode private`, a control plane per tenant, experts as shared
+  scale-to-zero functions on the embedded FaaS platform;
+* faasmoe-shared: `faasmoe serve --mode shared`, one control plane batching every tenant;
+* local-distribution: the experts spread over always-on local worker processes (the reference's
+  "Local Distribution": expert blocks off the tenant's process, but provisioned, not serverless):
+  private mode with every function started up front, one instance each, never scaled to zero.
 
-Each runs as real processes, metered from outside (CPU from the kernel's counters,
-memory as PSS so pages shared between processes count once), under the same
-multi-tenant load from the same seed. Then faasmoe's strategies are run again for each
-experts-per-function in the sweep.
+Each runs as real processes, metered from outside (CPU from the kernel's counters from
+each process's start to its exit; memory both physical, PSS summed, and billed, RSS
+summed; the page cache of the checkpoint's files on its own line), under the same
+multi-tenant load from the same seed, at each request rate of the sweep. The figures
+are per run and per generated token, over the run's drain time (first arrival to last
+completion); the headline compares at the highest rate the Baseline sustains.
 """
 
 from __future__ import annotations
@@ -21,36 +28,86 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
 import psutil
+import torch
 from tqdm import tqdm
 
 from faasmoe.bench import cleanup
-from faasmoe.bench.load import Arrival, Target, Workload, run_load, schedule, summarize, workload_json
+from faasmoe.bench.corpus import expert_top_share
+from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
+                                workload_json)
 from faasmoe.bench.machine import machine_info
 from faasmoe.metering.meter import Label, Meter
 from faasmoe.proctitle import role_of, set_title
 
-STRATEGIES = ("baseline", "faasmoe-private", "faasmoe-shared", "local-distribution")
+STRATEGIES = ("baseline", "shared-monolithic", "faasmoe-private", "faasmoe-shared", "local-distribution")
+MONOLITHIC = ("baseline", "shared-monolithic")
 FAASMOE = ("faasmoe-private", "faasmoe-shared")
+TENANT_WEIGHTS = (1.5, 1.0, 0.5)  # each tenant's rate relative to the mean, cycled: tenants differ
+SUSTAINED = 1.2  # a rate is sustained when the drain time stays within this many arrival windows
 
 
 @dataclass
 class BenchConfig:
     model: Path
-    workload: Workload
-    experts_per_function: int = 2
-    sweep: list[int] = field(default_factory=list)
-    sweep_strategies: tuple[str, ...] = FAASMOE
+    workload: Workload  # its `rates` are set from each rate of the sweep and TENANT_WEIGHTS
+    rates: list[float] = field(default_factory=lambda: [0.1])  # mean requests/s per tenant, one pass each
+    experts_per_function: int = 4
     keep_alive_s: float = 10.0
+    keep_alive_sweep: list[float] = field(default_factory=list)  # faasmoe-shared at these keep-alives ...
+    keep_alive_ks: tuple[int, ...] = (1, 4)  # ... for each of these k, at the sweep's middle rate
+    sweep: list[int] = field(default_factory=list)  # k values for the granularity sweep
+    sweep_strategies: tuple[str, ...] = FAASMOE
     strategies: tuple[str, ...] = STRATEGIES
     platform: str = "local"
     max_batch: int = 16
     meter_interval_s: float = 1.0  # reading a 2 GB process's smaps costs ~17 ms: sample sparingly
     startup_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One strategy under one load: the unit of the report."""
+
+    strategy: str
+    rate: float  # mean requests/s per tenant
+    k: int | None  # experts per function (None: no functions)
+    keep_alive_s: float | None
+    purpose: str = "main"  # main | keep-alive | granularity
+
+
+def tenant_rates(rate: float, tenants: int) -> list[float]:
+    """Per-tenant rates with mean `rate`: tenants differ (TENANT_WEIGHTS), the load is the same for all strategies."""
+    weights = [TENANT_WEIGHTS[i % len(TENANT_WEIGHTS)] for i in range(tenants)]
+    mean = sum(weights) / len(weights)
+    return [rate * w / mean for w in weights]
+
+
+def plan(cfg: BenchConfig) -> list[RunSpec]:
+    """Every run of a bench: each strategy at each rate, then the keep-alive and granularity sweeps."""
+    def spec(strategy: str, rate: float, k: int, keep_alive: float, purpose: str = "main") -> RunSpec:
+        mono = strategy in MONOLITHIC
+        return RunSpec(strategy, rate, None if mono else k, None if mono else keep_alive, purpose)
+
+    runs = [spec(s, r, cfg.experts_per_function, cfg.keep_alive_s) for r in cfg.rates for s in cfg.strategies]
+    middle = sorted(cfg.rates)[len(cfg.rates) // 2]
+    for k in cfg.keep_alive_ks if cfg.keep_alive_sweep else ():
+        for ka in cfg.keep_alive_sweep:
+            runs.append(spec("faasmoe-shared", middle, k, ka, "keep-alive"))
+    for k in cfg.sweep:
+        runs += [spec(s, middle, k, cfg.keep_alive_s, "granularity") for s in cfg.sweep_strategies
+                 if s in cfg.strategies]
+    seen, out = set(), []
+    for r in runs:  # a sweep point that is also a main run is run once
+        key = (r.strategy, r.rate, r.k, r.keep_alive_s)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
 
 
 @dataclass
@@ -67,18 +124,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN_KEY = "sk-bench-admin-0000"
+
+
 def _key(tenant: str) -> str:
     return f"sk-bench-{tenant}-0000"
 
 
 def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workdir: Path,
-                  always_on: bool = False) -> Server:
+                  always_on: bool = False, keep_alive_s: float | None = None) -> Server:
     port = _free_port()
     max_out = cfg.workload.output_tokens[1]
     lines = [f'model = "{cfg.model}"', f'mode = "{mode}"', f'platform = "{cfg.platform}"', f"port = {port}",
              f"experts_per_function = {k}", f"max_batch = {cfg.max_batch}", "max_queue = 4096",
-             f"max_tokens_limit = {max(max_out, 16)}", 'admin_key = "sk-bench-admin-0000"',
-             f"keep_alive_s = {1e9 if always_on else cfg.keep_alive_s}",
+             f"max_tokens_limit = {max(max_out, 16)}", f'admin_key = "{ADMIN_KEY}"',
+             f"keep_alive_s = {1e9 if always_on else (keep_alive_s or cfg.keep_alive_s)}",
              "meter_interval_s = 10.0"]  # the bench meters from outside; the server's own meter stays quiet
     if always_on:
         lines += ["prewarm = true", "max_instances = 1"]
@@ -152,130 +212,159 @@ def label_tree(root: psutil.Process, root_label: Label) -> dict[int, Label]:
     return out
 
 
-def _scrape(servers: list[Server]) -> dict[str, float]:
-    """Invocations, cold starts, warm hits, evictions, mid-call crashes summed over the servers' /metrics."""
+def _scrape(servers: list[Server]) -> dict:
+    """Function counters summed over the servers' /metrics, and the routing pairs per [layer][expert]."""
     import re
 
-    sums = {"invocations": 0.0, "cold_starts": 0.0, "warm_hits": 0.0, "evictions": 0.0, "crashes": 0.0}
+    sums = {"invocations": 0.0, "cold_starts": 0.0, "warm_hits": 0.0, "evictions": 0.0, "crashes": 0.0,
+            "busy_seconds": 0.0}
+    routed: dict[int, dict[int, float]] = {}
     for s in servers:
         try:
-            text = httpx.get(f"{s.base_url}/metrics", headers={"Authorization": "Bearer sk-bench-admin-0000"},
+            text = httpx.get(f"{s.base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                              timeout=30).text
         except httpx.HTTPError:
             continue
         for key in sums:
             for m in re.finditer(rf"^faasmoe_function_{key}_total{{[^}}]*}} (\S+)$", text, re.M):
                 sums[key] += float(m.group(1))
-    return sums
+        for m in re.finditer(r'^faasmoe_routed_pairs_total{expert="(\d+)",layer="(\d+)"} (\S+)$', text, re.M):
+            row = routed.setdefault(int(m.group(2)), {})
+            row[int(m.group(1))] = row.get(int(m.group(1)), 0.0) + float(m.group(3))
+    return {**sums, "routed": routed}
 
 
-def run_strategy(cfg: BenchConfig, name: str, k: int, arrivals: list[Arrival], bar: tqdm | None = None) -> dict:
+def _servers_for(cfg: BenchConfig, run: RunSpec, tenants: list[str], workdir: Path) -> list[Server]:
+    k = run.k or cfg.experts_per_function
+    if run.strategy == "baseline":
+        return [_start_server(cfg, "monolithic", [t], k, workdir) for t in tenants]
+    if run.strategy == "shared-monolithic":
+        return [_start_server(cfg, "monolithic", tenants, k, workdir)]
+    mode = "shared" if run.strategy == "faasmoe-shared" else "private"
+    return [_start_server(cfg, mode, tenants, k, workdir, always_on=run.strategy == "local-distribution",
+                          keep_alive_s=run.keep_alive_s)]
+
+
+def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: tqdm | None = None) -> dict:
     tenants = [f"t{i}" for i in range(cfg.workload.tenants)]
-    set_title("bench", name if name == "baseline" else f"{name} k={k}")
+    name = run.strategy if run.k is None else f"{run.strategy} k={run.k} keep-alive={run.keep_alive_s:g}s"
+    set_title("bench", name.replace(" ", "-"))
     workdir = cleanup.make_workdir()
     servers: list[Server] = []
     try:
-        if name == "baseline":
-            servers += [_start_server(cfg, "monolithic", [t], k, workdir) for t in tenants]
-        else:
-            mode = "shared" if name == "faasmoe-shared" else "private"
-            servers.append(_start_server(cfg, mode, tenants, k, workdir, always_on=name == "local-distribution"))
+        servers = _servers_for(cfg, run, tenants, workdir)
         _wait_healthy(servers, cfg.startup_timeout_s)
         roots = [(psutil.Process(s.proc.pid), s) for s in servers]
 
         def processes() -> dict[int, Label]:
             out: dict[int, Label] = {}
             for root, s in roots:
-                if name == "baseline":
+                if run.strategy == "baseline":
                     label = Label("baseline", s.tenants[0])
+                elif run.strategy == "shared-monolithic":
+                    label = Label("shared-monolithic")
                 else:
-                    label = Label("control-plane" if name == "faasmoe-shared" else "server")
+                    label = Label("control-plane" if run.strategy == "faasmoe-shared" else "server")
                 out.update(label_tree(root, label))
             return out
 
-        targets = {}
-        for s in servers:
-            for t in s.tenants:
-                targets[int(t[1:])] = Target(s.base_url, _key(t), cfg.model.name)
+        targets = {int(t[1:]): Target(s.base_url, _key(t), cfg.model.name) for s in servers for t in s.tenants}
         if bar is not None:
-            bar.set_description(f"{name} k={k}" if name != "baseline" else name)
-        meter = Meter(processes, interval=cfg.meter_interval_s).start()
-        t0 = time.perf_counter()
+            bar.set_description(f"{name} @ {run.rate:g}/s")
+        meter = Meter(processes, interval=cfg.meter_interval_s,
+                      page_cache_files=sorted(cfg.model.glob("*.safetensors"))).start()
         results = asyncio.run(run_load(arrivals, targets, progress=(lambda r: bar.update(1)) if bar else None))
-        wall = time.perf_counter() - t0
         meter.stop()
+        metered_s = time.monotonic() - meter.started_at  # the window the integrals cover (Meter's clock)
         counters = _scrape(servers)
     finally:
         _stop(servers)
         cleanup.remove_workdir(workdir)
-    return _report(name, k, cfg, meter, results, wall, counters)
+    experts = json.loads((cfg.model / "config.json").read_text())["num_experts"]
+    return report_run(run, cfg.workload.tenants, experts, meter, metered_s, arrivals, results, counters)
 
 
-def _report(name: str, k: int, cfg: BenchConfig, meter: Meter, results, wall: float, counters: dict) -> dict:
-    load = summarize(results, wall)
+def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s: float, arrivals: list[Arrival],
+               results: list[Result], counters: dict) -> dict:
+    """One run's figures: integrals over the metered window (the load's start to its last completion, which
+    is the drain time plus the wait for the first arrival), averages over that window, and per token."""
+    load = summarize(results, 1.0)
+    first = min(a.at for a in arrivals)
+    window = max(a.at for a in arrivals) - first
+    drain = max((r.end_s for r in results), default=first) - first
+    span = max(metered_s, 1e-9)
     total = meter.totals()
+    tokens = max(1, load["completion_tokens"])
     samples = meter.samples
-    tokens_by_tenant: dict[str, int] = {}
-    for r in results:
-        if r.ok:
-            tokens_by_tenant[f"t{r.tenant}"] = tokens_by_tenant.get(f"t{r.tenant}", 0) + r.prompt_tokens + r.completion_tokens
-    all_tokens = sum(tokens_by_tenant.values()) or 1
+    records = [r for r in [*meter.records.values(), *meter.finished] if r.label.role == "function"]
+    instance_s = sum((r.ended or r.last_seen) - (r.started or r.first_seen) for r in records)  # instance lifetimes
+    routed = counters["routed"]
+    shares = [expert_top_share(torch.tensor([row.get(e, 0.0) for e in range(experts)]))
+              for _, row in sorted(routed.items()) if sum(row.values())]
+    cold = [r.ttft_s for r in results if r.ok and r.cold_prefill and r.ttft_s is not None]
+    warm = [r.ttft_s for r in results if r.ok and r.cold_prefill is False and r.ttft_s is not None]
     by_tenant = meter.by(lambda lb: lb.tenant or "")
-    shared = by_tenant.get("", {"cpu_seconds": 0.0, "gb_seconds": 0.0})
+    shared = by_tenant.get("", {})
+    served = {i: sum(r.prompt_tokens + r.completion_tokens for r in results if r.ok and r.tenant == i)
+              for i in range(tenants)}
+    everyone = sum(served.values()) or 1
     per_tenant = {}
-    for i in range(cfg.workload.tenants):
-        t = f"t{i}"
-        share = tokens_by_tenant.get(t, 0) / all_tokens
-        own = by_tenant.get(t, {"cpu_seconds": 0.0, "gb_seconds": 0.0})
-        cpu = own["cpu_seconds"] + share * shared["cpu_seconds"]
-        gbs = own["gb_seconds"] + share * shared["gb_seconds"]
-        per_tenant[t] = {"cpu_seconds": cpu, "gb_seconds": gbs, "token_share": share,
-                         "avg_cpu_percent": 100 * cpu / wall, "avg_memory_gb": gbs / wall,
-                         "requests": sum(1 for r in results if r.tenant == i),
-                         "errors": sum(1 for r in results if r.tenant == i and not r.ok)}
-    n = cfg.workload.tenants
-    out = {
-        "strategy": name, "experts_per_function": None if name == "baseline" else k, "wall_s": wall,
-        **{key: load[key] for key in ("requests", "completed", "errors", "completion_tokens", "prompt_tokens",
-                                      "throughput_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "tpot_p50_s",
-                                      "tpot_p95_s", "latency_mean_s", "error_examples")},
-        "cpu_seconds": total["cpu_seconds"], "gb_seconds": total["gb_seconds"],
-        "avg_cpu_percent": 100 * total["cpu_seconds"] / wall,
-        "peak_cpu_percent": max((s.cpu_percent for s in samples[1:]), default=0.0),
-        "avg_memory_gb": total["gb_seconds"] / wall,
-        "peak_memory_gb": max((s.pss for s in samples), default=0) / 1e9,
-        "per_tenant_avg_cpu_percent": 100 * total["cpu_seconds"] / wall / n,
-        "per_tenant_avg_memory_gb": total["gb_seconds"] / wall / n,
-        "invocations": counters["invocations"], "cold_starts": counters["cold_starts"],
-        "warm_hits": counters["warm_hits"], "evictions": counters["evictions"],
-        "invocations_per_token": counters["invocations"] / max(1, load["completion_tokens"]),  # per generated token
-        "by_role": {role: {"cpu_seconds": d["cpu_seconds"], "gb_seconds": d["gb_seconds"], "processes": d["processes"]}
+    for i in range(tenants):
+        own = by_tenant.get(f"t{i}", {})
+        share = served[i] / everyone
+        per_tenant[f"t{i}"] = {k: own.get(k, 0.0) + share * shared.get(k, 0.0)
+                               for k in ("cpu_seconds", "gb_seconds", "gb_seconds_billed")}
+    return {
+        "strategy": run.strategy, "rate_per_tenant": run.rate, "experts_per_function": run.k,
+        "keep_alive_s": run.keep_alive_s, "purpose": run.purpose,
+        "requests": load["requests"], "errors": load["errors"], "error_examples": load["error_examples"],
+        "arrival_window_s": window, "drain_s": drain, "sustained": drain <= SUSTAINED * window,
+        "generated_tokens": load["completion_tokens"], "prompt_tokens": sum(r.prompt_tokens for r in results if r.ok),
+        "metered_s": metered_s, "throughput_tokens_per_s": load["completion_tokens"] / max(drain, 1e-9),
+        "cpu_seconds": total["cpu_seconds"], "cpu_seconds_per_token": total["cpu_seconds"] / tokens,
+        "gb_seconds_physical": total["gb_seconds"], "gb_seconds_billed": total["gb_seconds_billed"],
+        "gb_seconds_per_token_physical": total["gb_seconds"] / tokens,
+        "gb_seconds_per_token_billed": total["gb_seconds_billed"] / tokens,
+        "avg_mem_gb_physical": total["gb_seconds"] / span, "avg_mem_gb_billed": total["gb_seconds_billed"] / span,
+        "peak_mem_gb_physical": max((s.pss for s in samples), default=0) / 1e9,
+        "peak_mem_gb_billed": max((s.rss for s in samples), default=0) / 1e9,
+        "avg_cpu_percent": 100 * total["cpu_seconds"] / span,
+        "page_cache_gb_avg": meter.page_cache_gb_avg(),
+        "cold_starts": counters["cold_starts"], "evictions": counters["evictions"],
+        "invocations": counters["invocations"], "invocations_per_token": counters["invocations"] / tokens,
+        "ttft_p50_s": load["ttft_p50_s"], "ttft_p99_s": load["ttft_p99_s"],
+        "tpot_p50_ms": load["tpot_p50_ms"], "tpot_p99_ms": load["tpot_p99_ms"],
+        "ttft_cold_prefill_p50_s": percentile(cold, 0.5), "ttft_warm_prefill_p50_s": percentile(warm, 0.5),
+        "cold_prefill_requests": len(cold),
+        "function_instance_s": instance_s,
+        "idle_warm_fraction": (1 - counters["busy_seconds"] / instance_s) if instance_s else None,
+        "expert_top10pct_share": (sum(s for s in shares if s is not None) / len(shares)) if shares else None,
+        "expert_top10pct_share_per_layer": shares,
+        "by_role": {role: {"cpu_seconds": d["cpu_seconds"], "gb_seconds": d["gb_seconds"],
+                           "gb_seconds_billed": d["gb_seconds_billed"], "processes": d["processes"]}
                     for role, d in meter.by(lambda lb: lb.role).items()},
         "per_tenant": per_tenant,
         "timeline": [{"t": s.t, "cpu_percent": s.cpu_percent, "pss_gb": s.pss / 1e9, "rss_gb": s.rss / 1e9,
-                      "processes": s.processes} for s in samples],
+                      "page_cache_gb": s.page_cache_bytes / 1e9, "processes": s.processes} for s in samples],
     }
-    return out
 
 
 def run_bench(cfg: BenchConfig, out: Path) -> dict:
-    arrivals = schedule(cfg.workload)
-    sweep = [k for k in cfg.sweep if k != cfg.experts_per_function]
-    runs = [(s, cfg.experts_per_function) for s in cfg.strategies]
-    runs += [(s, k) for k in sweep for s in cfg.sweep_strategies if s in cfg.strategies]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(cfg.model), local_files_only=True)
+    runs = plan(cfg)
+    arrivals_at = {}
+    for rate in sorted({r.rate for r in runs}):
+        w = replace(cfg.workload, rates=tenant_rates(rate, cfg.workload.tenants))
+        arrivals_at[rate] = schedule(w, tokenizer)
     report = {"machine": machine_info(), "model": str(cfg.model), "workload": workload_json(cfg.workload),
-              "experts_per_function": cfg.experts_per_function, "keep_alive_s": cfg.keep_alive_s,
-              "strategies": {}, "sweep": []}
-    with tqdm(total=len(arrivals) * len(runs), unit="req") as bar:
-        for name, k in runs:
-            r = run_strategy(cfg, name, k, arrivals, bar)
-            if k == cfg.experts_per_function or name == "baseline":
-                report["strategies"][name] = r
-            if name in FAASMOE:
-                report["sweep"].append({key: r[key] for key in (
-                    "strategy", "experts_per_function", "invocations_per_token", "tpot_p50_s", "ttft_p50_s",
-                    "avg_memory_gb", "peak_memory_gb", "cpu_seconds", "gb_seconds", "cold_starts", "errors")})
-    report["comparison"] = compare(report["strategies"])
+              "tenant_weights": TENANT_WEIGHTS, "rates": cfg.rates, "experts_per_function": cfg.experts_per_function,
+              "keep_alive_s": cfg.keep_alive_s, "runs": []}
+    with tqdm(total=sum(len(arrivals_at[r.rate]) for r in runs), unit="req") as bar:
+        for run in runs:
+            report["runs"].append(run_strategy(cfg, run, arrivals_at[run.rate], bar))
+    report["headline"] = headline(report["runs"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     (out / "results.md").write_text(markdown(report))
@@ -285,21 +374,36 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     return report
 
 
-def compare(strategies: dict) -> dict:
-    """The targets: each strategy against the Baseline, as ratios measured in this one run."""
-    base = strategies.get("baseline")
-    if not base:
-        return {}
-    out = {}
-    for name, r in strategies.items():
-        if name == "baseline":
-            continue
-        out[name] = {
-            "cpu_seconds_ratio": r["cpu_seconds"] / base["cpu_seconds"] if base["cpu_seconds"] else None,
-            "gb_seconds_ratio": r["gb_seconds"] / base["gb_seconds"] if base["gb_seconds"] else None,
-            "tpot_p50_ratio": (r["tpot_p50_s"] / base["tpot_p50_s"]) if r["tpot_p50_s"] and base["tpot_p50_s"] else None,
-            "ttft_p50_ratio": (r["ttft_p50_s"] / base["ttft_p50_s"]) if r["ttft_p50_s"] and base["ttft_p50_s"] else None,
-        }
+def headline(runs: list[dict]) -> dict:
+    """faasmoe-shared against both baselines at the highest rate the Baseline sustains (drain time within
+    SUSTAINED arrival windows), as footprint ratios and as resources per token; with the goals' verdicts."""
+    main = [r for r in runs if r["purpose"] == "main"]
+    base = {r["rate_per_tenant"]: r for r in main if r["strategy"] == "baseline"}
+    sustained = sorted(rate for rate, r in base.items() if r["sustained"])
+    rate = sustained[-1] if sustained else (min(base) if base else None)
+    at = {r["strategy"]: r for r in main if r["rate_per_tenant"] == rate}
+    out: dict = {"rate_per_tenant": rate, "baseline_sustained": bool(sustained), "versus": {}}
+    keys = ("avg_mem_gb_physical", "avg_mem_gb_billed", "avg_cpu_percent", "cpu_seconds_per_token",
+            "gb_seconds_per_token_physical", "ttft_p50_s", "tpot_p50_ms")
+    for name, r in at.items():
+        for ref in MONOLITHIC:
+            if name == ref or ref not in at:
+                continue
+            b = at[ref]
+            out["versus"].setdefault(name, {})[ref] = {
+                k: (r[k] / b[k]) if r.get(k) is not None and b.get(k) else None for k in keys}
+    shared = out["versus"].get("faasmoe-shared", {})
+    vb, vm = shared.get("baseline"), shared.get("shared-monolithic")
+    out["goals"] = {
+        "memory_at_most_a_third_of_baseline": vb and vb["avg_mem_gb_physical"] is not None
+        and vb["avg_mem_gb_physical"] <= 1 / 3,
+        "cpu_per_token_at_most_baseline": vb and vb["cpu_seconds_per_token"] is not None
+        and vb["cpu_seconds_per_token"] <= 1.0,
+        "memory_below_shared_monolithic": vm and vm["avg_mem_gb_physical"] is not None
+        and vm["avg_mem_gb_physical"] < 1.0,
+        "cpu_per_token_within_1_3x_shared_monolithic": vm and vm["cpu_seconds_per_token"] is not None
+        and vm["cpu_seconds_per_token"] <= 1.3,
+    }
     return out
 
 
@@ -308,47 +412,53 @@ def _f(v, fmt: str = ".2f") -> str:
 
 
 def markdown(report: dict) -> str:
-    w = report["workload"]
+    w, m = report["workload"], report["machine"]
     lines = [f"# faasmoe bench: {report['model']}", "",
-             f"{w['tenants']} tenants, {w['arrival']} arrivals at {w['rates']} req/s per tenant for "
-             f"{w['duration_s']:g} s, prompts {w['prompt_tokens']} tokens, outputs {w['output_tokens']} tokens, "
-             f"seed {w['seed']}; faasmoe at {report['experts_per_function']} experts per function, keep-alive "
-             f"{report['keep_alive_s']:g} s. Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
-             f"{report['machine']['memory_gib']} GiB, {report['machine']['date']}.", "",
-             "| strategy | requests | errors | CPU-s | GB-s | avg CPU % | peak CPU % | avg mem GB | peak mem GB "
-             "| per-tenant avg CPU % | per-tenant avg mem GB | TTFT p50/p95 s | TPOT p50/p95 ms | tokens/s "
-             "| invocations/token | cold starts |",
-             "|---|" + "---|" * 15]
-    for name, r in report["strategies"].items():
-        lines.append(
-            f"| {name} | {r['requests']} | {r['errors']} | {_f(r['cpu_seconds'], '.1f')} | {_f(r['gb_seconds'], '.1f')} "
-            f"| {_f(r['avg_cpu_percent'], '.1f')} | {_f(r['peak_cpu_percent'], '.0f')} | {_f(r['avg_memory_gb'])} "
-            f"| {_f(r['peak_memory_gb'])} | {_f(r['per_tenant_avg_cpu_percent'], '.1f')} "
-            f"| {_f(r['per_tenant_avg_memory_gb'], '.3f')} | {_f(r['ttft_p50_s'])}/{_f(r['ttft_p95_s'])} "
-            f"| {_f(r['tpot_p50_s'] and 1000 * r['tpot_p50_s'], '.1f')}/{_f(r['tpot_p95_s'] and 1000 * r['tpot_p95_s'], '.1f')} "
-            f"| {_f(r['throughput_tokens_per_s'], '.1f')} | {_f(r['invocations_per_token'])} | {int(r['cold_starts'])} |")
-    if report.get("comparison"):
-        lines += ["", "Against the Baseline (ratios in this run; the target for faasmoe-shared is at most 0.25 for "
-                  "CPU-seconds and GB-seconds, and about 1.5 or less for TPOT p50):", "",
-                  "| strategy | CPU-s ratio | GB-s ratio | TPOT p50 ratio | TTFT p50 ratio |", "|---|---|---|---|---|"]
-        for name, c in report["comparison"].items():
-            lines.append(f"| {name} | {_f(c['cpu_seconds_ratio'], '.3f')} | {_f(c['gb_seconds_ratio'], '.3f')} "
-                         f"| {_f(c['tpot_p50_ratio'])} | {_f(c['ttft_p50_ratio'])} |")
-    lines += ["", "Per tenant (own processes plus its token share of the shared ones):", "",
-              "| strategy | " + " | ".join(f"{t} CPU-s / GB-s" for t in next(iter(report["strategies"].values()))
-                                             ["per_tenant"]) + " |",
-              "|---|" + "---|" * len(next(iter(report["strategies"].values()))["per_tenant"])]
-    for name, r in report["strategies"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{_f(d['cpu_seconds'], '.1f')} / {_f(d['gb_seconds'], '.1f')}"
-                                               for d in r["per_tenant"].values()) + " |")
-    if report["sweep"]:
-        lines += ["", "Granularity (experts per function):", "",
-                  "| strategy | k | invocations/token | TPOT p50 ms | TTFT p50 s | avg mem GB | CPU-s | GB-s "
-                  "| cold starts | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in sorted(report["sweep"], key=lambda r: (r["strategy"], r["experts_per_function"])):
-            lines.append(f"| {r['strategy']} | {r['experts_per_function']} | {_f(r['invocations_per_token'])} "
-                         f"| {_f(r['tpot_p50_s'] and 1000 * r['tpot_p50_s'], '.1f')} | {_f(r['ttft_p50_s'])} "
-                         f"| {_f(r['avg_memory_gb'])} | {_f(r['cpu_seconds'], '.1f')} | {_f(r['gb_seconds'], '.1f')} "
-                         f"| {int(r['cold_starts'])} | {r['errors']} |")
-    lines += ["", "Plots: memory.png, cpu.png (over time), tenants.png (per tenant), granularity.png.", ""]
+             f"{w['tenants']} tenants, {w['arrival']} arrivals (on periods {w['burst_on_s']:g} s at 3x the rate, off "
+             f"periods {w['burst_off_s'] or w['burst_on_s']:g} s) for {w['duration_s']:g} s; per-tenant rates "
+             f"weighted {report['tenant_weights']} around each mean rate of {report['rates']} req/s; prompts "
+             f"{w['prompt_tokens']} tokens of English text, outputs {w['output_tokens']} tokens, seed {w['seed']}; "
+             f"faasmoe at k = {report['experts_per_function']}, keep-alive {report['keep_alive_s']:g} s. Machine: "
+             f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['date']}.", "",
+             "Integrals and averages cover each run's metered window (the load's start to its last completion: the "
+             "drain time, first arrival to last completion, plus the wait for the first arrival). Physical memory: PSS "
+             "summed (a page shared by n processes counts 1/n); billed: RSS summed (what a provider charges each "
+             "instance). Page cache: the checkpoint's pages resident in the page cache, mapped or not.", ""]
+    h = report.get("headline") or {}
+    if h.get("rate_per_tenant") is not None:
+        lines += [f"## Headline: {h['rate_per_tenant']:g} req/s per tenant "
+                  f"({'the highest rate the Baseline sustains' if h['baseline_sustained'] else 'the Baseline sustains no rate of the sweep: lowest rate'})",
+                  "", "| strategy | vs | avg mem physical | avg mem billed | avg CPU % | CPU-s/token | GB-s/token "
+                  "| TTFT p50 | TPOT p50 |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, refs in h["versus"].items():
+            for ref, v in refs.items():
+                lines.append(f"| {name} | {ref} | " + " | ".join(
+                    _f(v[k], ".3f") for k in ("avg_mem_gb_physical", "avg_mem_gb_billed", "avg_cpu_percent",
+                                              "cpu_seconds_per_token", "gb_seconds_per_token_physical",
+                                              "ttft_p50_s", "tpot_p50_ms")) + " |")
+        lines += ["", "Goals: " + ", ".join(f"{k.replace('_', ' ')}: {'met' if v else 'MISSED'}"
+                                             for k, v in h["goals"].items()), ""]
+    cols = ("requests", "errors", "arrival_window_s", "drain_s", "generated_tokens", "avg_mem_gb_physical",
+            "peak_mem_gb_physical", "avg_mem_gb_billed", "page_cache_gb_avg", "avg_cpu_percent",
+            "cpu_seconds_per_token", "gb_seconds_per_token_physical", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
+            "tpot_p99_ms", "cold_starts", "evictions", "ttft_cold_prefill_p50_s", "ttft_warm_prefill_p50_s",
+            "idle_warm_fraction", "expert_top10pct_share")
+    for purpose, title in (("main", "All runs"), ("keep-alive", "Keep-alive sweep (faasmoe-shared)"),
+                           ("granularity", "Granularity sweep")):
+        rows = [r for r in report["runs"] if r["purpose"] == purpose]
+        if not rows:
+            continue
+        if purpose != "main":  # a sweep point that is also a main run was run once, as the main run
+            rate = rows[0]["rate_per_tenant"]
+            rows += [r for r in report["runs"] if r["purpose"] == "main" and r["rate_per_tenant"] == rate
+                     and r["strategy"] in {x["strategy"] for x in rows}]
+            rows.sort(key=lambda r: (r["strategy"], r["experts_per_function"] or 0, r["keep_alive_s"] or 0))
+        lines += [f"## {title}", "", "| strategy | rate | k | keep-alive | " + " | ".join(cols) + " |",
+                  "|---|---|---|---|" + "---|" * len(cols)]
+        for r in rows:
+            cells = [_f(r[c], ".3f") if isinstance(r[c], float) else str(r[c]) for c in cols]
+            lines.append(f"| {r['strategy']} | {r['rate_per_tenant']:g} | {r['experts_per_function'] or '-'} "
+                         f"| {_f(r['keep_alive_s'], 'g')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by rate).", ""]
     return "\n".join(lines)
