@@ -355,6 +355,9 @@ def package_cmd(
         _fail(str(e))
     n = len(json.loads(manifest.read_text())["functions"])
     typer.echo(f"wrote {n} {target} function packages under {out / 'functions'} and {manifest}")
+    typer.echo(f"the functions require the token in {out / 'function-token'} (0600; keep it out of version "
+               f"control): faasmoe serve --platform http --functions {manifest} "
+               f"--function-token \"$(cat {out / 'function-token'})\"")
 
 
 def _d(field: str) -> Any:
