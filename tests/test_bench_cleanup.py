@@ -50,9 +50,16 @@ def _wait_until_serving(proc: subprocess.Popen, tmp_path: Path, timeout: float =
     raise AssertionError(f"the bench did not start serving in {timeout} s")
 
 
+def _living(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:  # gone between the two questions
+        return False
+
+
 def _leftovers(started: list[psutil.Process], marker: Path) -> list[str]:
     """Processes of the bench still alive: from its tree, or anywhere with its TMPDIR (orphans)."""
-    alive = {p.pid: p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+    alive = {p.pid: p for p in started if _living(p)}
     for p in psutil.process_iter():
         try:
             if p.pid not in alive and p.environ().get("TMPDIR") == str(marker) and p.status() != psutil.STATUS_ZOMBIE:
