@@ -361,17 +361,21 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
     report = {"machine": machine_info(), "model": str(cfg.model), "workload": workload_json(cfg.workload),
               "tenant_weights": TENANT_WEIGHTS, "rates": cfg.rates, "experts_per_function": cfg.experts_per_function,
               "keep_alive_s": cfg.keep_alive_s, "runs": []}
+    out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=sum(len(arrivals_at[r.rate]) for r in runs), unit="req") as bar:
         for run in runs:
             report["runs"].append(run_strategy(cfg, run, arrivals_at[run.rate], bar))
-    report["headline"] = headline(report["runs"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text(markdown(report))
+            report["headline"] = headline(report["runs"])
+            write_report(report, out)  # after every run: a bench stopped midway keeps what it measured
     from faasmoe.bench.plots import plot_all
 
     plot_all(report, out)
     return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(report))
 
 
 def headline(runs: list[dict]) -> dict:
