@@ -185,10 +185,13 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
     lifecycle = Lifecycle(tenants, lambda: state["metrics"])
     ledger = SharedCostLedger([t.name for t in tenants])
 
-    async def bill_shared_costs(meter: Meter) -> None:
+    def close_billing_interval() -> None:
+        ledger.update(state["meter"], {t.name: t.usage.total_tokens for t in tenants})
+
+    async def bill_shared_costs() -> None:
         """Close a billing interval at every metering interval (and when a tenant reads its bill)."""
         while True:
-            ledger.update(meter, {t.name: t.usage.total_tokens for t in tenants})
+            close_billing_interval()
             await asyncio.sleep(config.meter_interval_s)
 
     @asynccontextmanager
@@ -197,7 +200,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         state["backend"] = b
         state["meter"] = meter = Meter(b.processes, interval=config.meter_interval_s).start()
         state["metrics"] = Metrics(b.platform, b.queue_depth, b.running, meter, b.routed)
-        billing = asyncio.create_task(bill_shared_costs(meter))
+        billing = asyncio.create_task(bill_shared_costs())
         try:
             yield
         finally:
@@ -306,7 +309,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
                 "bill": bill(tenant)}
 
     def bill(tenant: Tenant) -> dict[str, float]:
-        ledger.update(state["meter"], {t.name: t.usage.total_tokens for t in tenants})
+        close_billing_interval()
         return ledger.bill(state["meter"], tenant.name)
 
     def _own_request(tenant: Tenant, request_id: str) -> Ticket:

@@ -94,9 +94,7 @@ class Tenants:
         c = tenant.config
         tenant.refill()
         if tenant.in_flight + len(tenant.waiters) >= c.max_concurrency + c.max_queued:
-            tenant.usage.rejected += 1
-            raise RateLimited(f"tenant {tenant.name} has {tenant.in_flight} requests in flight and "
-                              f"{len(tenant.waiters)} waiting (limits {c.max_concurrency} and {c.max_queued})", 1)
+            raise self._no_room(tenant)
         if tenant.bucket <= 0:
             tenant.usage.rejected += 1
             raise RateLimited(f"tenant {tenant.name} is over its rate of {c.tokens_per_minute} tokens per minute",
@@ -121,14 +119,20 @@ class Tenants:
         if tenant.in_flight < c.max_concurrency and not tenant.waiters:
             tenant.in_flight += 1
         elif len(tenant.waiters) >= c.max_queued:
-            tenant.usage.rejected += 1
-            raise RateLimited(f"tenant {tenant.name} has {tenant.in_flight} requests in flight and "
-                              f"{len(tenant.waiters)} waiting (limits {c.max_concurrency} and {c.max_queued})", 1)
+            raise self._no_room(tenant)
         else:
             await self._wait_for_slot(tenant, timeout)
         tenant.bucket -= prompt_tokens + max_tokens
         tenant.usage.requests += 1
         tenant.usage.prompt_tokens += prompt_tokens
+
+    @staticmethod
+    def _no_room(tenant: Tenant) -> RateLimited:
+        """Count and describe a refusal for lack of both a slot and a queue place."""
+        c = tenant.config
+        tenant.usage.rejected += 1
+        return RateLimited(f"tenant {tenant.name} has {tenant.in_flight} requests in flight and "
+                           f"{len(tenant.waiters)} waiting (limits {c.max_concurrency} and {c.max_queued})", 1)
 
     async def _wait_for_slot(self, tenant: Tenant, timeout: float) -> None:
         slot = asyncio.get_running_loop().create_future()
