@@ -29,6 +29,10 @@ class PlatformConfig(BaseModel):
 
     keep_alive_s: float = Field(30.0, ge=0, description="idle seconds before an instance is scaled to zero")
     max_instances: int = Field(4, ge=1, description="instances per function under concurrent load")
+    scale_out_after_s: float = Field(
+        0.25, ge=0, description="how long a call waits for a busy instance before another one is started: a warm "
+                                "call takes milliseconds, a cold start hundreds, so forking at once under a "
+                                "burst starts instances that only slow the machine down")
     invoke_timeout_s: float = Field(60.0, gt=0, description="seconds before a call to an instance is abandoned")
     cold_start_timeout_s: float = Field(120.0, gt=0, description="seconds an instance may take to become ready")
     max_retries: int = Field(2, ge=0, description="retries of a call whose instance died or timed out")

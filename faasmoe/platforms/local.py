@@ -5,7 +5,9 @@ already imported torch, serve one Unix
 socket each and take one call at a time. An instance idle for `keep_alive_s` is
 stopped (scale to zero: its process exits and its memory goes back to the OS); the
 next call cold-starts a new one. When every instance of a function is busy, a new
-one starts, up to `max_instances`; past that, calls wait their turn. A call whose
+one starts, up to `max_instances`, but only for a call that has waited `scale_out_after_s`
+for a busy one (a function with no instance starts one at once); past that, calls wait
+their turn. A call whose
 instance dies or times out is retried on another instance. A frame larger than its
 function may legally get (`spec.max_frame_bytes`) is answered with an error frame here,
 without bothering an instance that would refuse it anyway.
@@ -72,6 +74,7 @@ class _Call:
     sent_at: float = 0.0
     errors: list[str] = field(default_factory=list)
     refused: bytes | None = None  # the error frame answering a frame no instance would accept
+    queued_at: float = field(default_factory=time.monotonic)  # when it first asked for an instance
 
 
 class LocalPlatform(Platform):
@@ -202,12 +205,15 @@ class LocalPlatform(Platform):
                     call.inst.busy = True
                     call.cold = False
                     return
-                if len(pool.instances) + pool.starting < self.config.max_instances:
+                live = len(pool.instances) + pool.starting
+                waited = time.monotonic() - call.queued_at
+                if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s):
                     pool.starting += 1
                     break
                 if not wait:
                     return
-                self._lock.wait()
+                self._lock.wait(None if live >= self.config.max_instances
+                                else self.config.scale_out_after_s - waited)
         try:
             call.inst = self._fork(pool.spec)
             call.cold = True

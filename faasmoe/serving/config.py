@@ -59,6 +59,8 @@ class ServerConfig(BaseModel):
     experts_per_function: int = Field(1, ge=1)
     keep_alive_s: float = Field(30.0, ge=0)
     max_instances: int = Field(4, ge=1)
+    scale_out_after_s: float = Field(0.25, ge=0, description="a call waits this long for a busy instance before "
+                                                            "another starts")
     invoke_timeout_s: float = Field(60.0, gt=0)
     cold_start_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0)
@@ -135,7 +137,8 @@ class ServerConfig(BaseModel):
 
     def platform_config(self) -> PlatformConfig:
         return PlatformConfig(keep_alive_s=self.keep_alive_s, max_instances=self.max_instances,
-                              invoke_timeout_s=self.invoke_timeout_s, cold_start_timeout_s=self.cold_start_timeout_s,
+                              scale_out_after_s=self.scale_out_after_s, invoke_timeout_s=self.invoke_timeout_s,
+                              cold_start_timeout_s=self.cold_start_timeout_s,
                               max_retries=self.max_retries)
 
 
