@@ -77,6 +77,40 @@ def test_cpu_seconds_of_a_busy_process_within_10_percent():
         p.kill()
 
 
+GROW = """
+import sys, time
+bufs = []
+for line in sys.stdin:
+    bufs.append(bytearray(int(line)))
+    for i in range(0, len(bufs[-1]), 4096):
+        bufs[-1][i] = 1
+    print("ready", flush=True)
+"""
+
+
+def test_pss_is_read_within_its_cpu_share_and_moves_with_rss_between_readings(monkeypatch):
+    reads = []
+    full_info = psutil.Process.memory_full_info
+    monkeypatch.setattr(psutil.Process, "memory_full_info", lambda self: reads.append(self.pid) or full_info(self))
+    p = subprocess.Popen([sys.executable, "-c", GROW], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    size = 200 * 2**20
+    try:
+        p.stdin.write("0\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "ready"
+        meter = Meter(lambda: {p.pid: Label("test")}, pss_share=1e-9)  # one smaps reading per ~forever
+        first = meter.sample()
+        p.stdin.write(f"{size}\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "ready"
+        later = meter.sample()
+        assert reads == [p.pid]  # the second sample read RSS only
+        assert later.rss - first.rss > 0.9 * size
+        assert later.pss - first.pss == later.rss - first.rss  # a private buffer: PSS grows as RSS does
+    finally:
+        p.kill()
+
+
 def _meter_with(shared_cpu: float, shared_gb: float) -> Meter:
     meter = Meter(lambda: {})
     meter.records = {1: ProcessRecord(1, Label("orchestrator", "a"), 0, 1, cpu_s=2.0, gb_s=4.0),

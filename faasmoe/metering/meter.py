@@ -9,6 +9,12 @@ weights are not counted n times). Two memory integrals are kept:
 * `gb_s_billed` (GB-seconds, "billed"): RSS over time, what a FaaS or container provider
   charges each instance for: all of its resident memory, shared pages included.
 
+PSS comes from smaps_rollup, which costs the kernel milliseconds per process: read for 400
+function instances every second, it would take a whole core of the machine being measured.
+So CPU and RSS are read at every sample, PSS/USS of each process at its first sample and
+then at most as often as keeps all readings within `pss_share` of one core (the processes
+take turns); between two readings a process's PSS and USS move with its RSS.
+
 Every process is integrated from its start to its exit, not from its first sample to its last:
 
 * CPU-seconds are the kernel's cumulative counters (user + system). A process born while the
@@ -33,6 +39,7 @@ Every process is integrated from its start to its exit, not from its first sampl
 from __future__ import annotations
 
 import os
+import random
 import sys
 import threading
 import time
@@ -46,6 +53,7 @@ import psutil
 
 GB = 1e9
 PAGE_CACHE_INTERVAL_S = 5.0  # the least time between two page-cache readings (mincore: ~22 ms per GB here)
+PSS_SHARE = 0.05  # the most of one core that PSS readings may take (smaps_rollup: ~6 ms per function instance)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,14 @@ class ProcReading(NamedTuple):
     born: float | None
     start_id: float | int | None
     alive: bool = True  # False for a zombie: exited, `cpu` is final, no memory
+
+
+class _PssReading(NamedTuple):
+    start_id: float | int | None
+    rss: int  # at the reading, so that later RSS readings can move PSS and USS along
+    pss: int | None
+    uss: int | None
+    due: float  # time.monotonic() of the next reading
 
 
 class ExitNote(NamedTuple):
@@ -162,8 +178,9 @@ class Meter:
 
     `page_cache_files`: checkpoint files whose page-cache residency each `Sample` carries
     (`page_cache_bytes`), read at most every `page_cache_interval` seconds and at most 1 % of
-    the time (mincore costs ~22 ms per GB here). `reader` and `clock` are for tests: a
-    function pid -> `ProcReading` and the clock `born`, samples and exits are measured on.
+    the time (mincore costs ~22 ms per GB here). `pss_share`: see the module doc. `reader` and
+    `clock` are for tests: a function pid -> `ProcReading` and the clock `born`, samples and
+    exits are measured on.
     """
 
     _GONE = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied, ProcessLookupError,
@@ -171,9 +188,12 @@ class Meter:
 
     def __init__(self, source: Callable[[], dict[int, Label]], interval: float = 0.25, keep_samples: int = 100_000,
                  page_cache_files: Sequence[Path | str] | None = None,
-                 page_cache_interval: float = PAGE_CACHE_INTERVAL_S,
+                 page_cache_interval: float = PAGE_CACHE_INTERVAL_S, pss_share: float = PSS_SHARE,
                  reader: Callable[[int], ProcReading] | None = None, clock: Callable[[], float] = time.monotonic):
         self.source, self.interval, self.keep_samples = source, interval, keep_samples
+        self.pss_share = pss_share
+        self._pss: dict[int, _PssReading] = {}  # by pid: the latest smaps reading, and when the next is due
+        self._pss_cost = 0.0  # seconds per smaps reading, a moving average
         self.page_cache_files = [Path(f) for f in page_cache_files or ()]
         self.page_cache_interval = page_cache_interval
         self.reader = reader or self._read
@@ -225,11 +245,26 @@ class Meter:
             born = time.monotonic() - (time.time() - start_id)
             t = p.cpu_times()
             cpu = t.user + t.system
+        rss = p.memory_info().rss  # statm: cheap
+        last = self._pss.get(pid)
+        now = time.monotonic()
+        if last is not None and last.start_id == start_id and now < last.due:
+            if last.pss is None:
+                return ProcReading(cpu, rss, None, None, born, start_id)
+            moved = rss - last.rss
+            return ProcReading(cpu, rss, max(0, last.pss + moved), max(0, last.uss + moved), born, start_id)
+        t0 = time.perf_counter()
         try:
             m = p.memory_full_info()
-            return ProcReading(cpu, m.rss, getattr(m, "pss", None), getattr(m, "uss", None), born, start_id)
+            pss, uss, rss = getattr(m, "pss", None), getattr(m, "uss", None), m.rss
         except (psutil.AccessDenied, AttributeError):
-            return ProcReading(cpu, p.memory_info().rss, None, None, born, start_id)
+            pss = uss = None
+        cost = time.perf_counter() - t0
+        self._pss_cost = cost if not self._pss_cost else 0.9 * self._pss_cost + 0.1 * cost
+        period = max(self.interval, len(self._procs) * self._pss_cost / self.pss_share)
+        due = now + period * random.uniform(0.5, 1.5)  # spread, so that processes forked together take turns
+        self._pss[pid] = _PssReading(start_id, rss, pss, uss, due)
+        return ProcReading(cpu, rss, pss, uss, born, start_id)
 
     def _read_page_cache(self, now: float) -> int:
         value, due = self._page_cache
@@ -334,6 +369,7 @@ class Meter:
                     self._end(rec, now)
             for pid in [p for p in self._procs if p not in seen]:
                 del self._procs[pid]
+                self._pss.pop(pid, None)
             if len(self.samples) < self.keep_samples:
                 self.samples.append(totals)
         return totals
