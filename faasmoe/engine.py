@@ -74,7 +74,7 @@ class BaseEngine:
         return {}
 
     def cold_starts(self) -> int:
-        """Function cold starts so far (read at every step, so it must be cheap)."""
+        """Function instances started so far, on a call or ahead of one (read at every step: cheap)."""
         return 0
 
     def describe(self) -> dict[str, Any]:
@@ -159,7 +159,8 @@ class Engine(BaseEngine):
 
     def __init__(self, model: str | Path, *, experts_per_function: int = 1, platform: str = "local",
                  platform_config: PlatformConfig | None = None, dtype: str | None = None, prewarm: bool = False,
-                 threads: int | None = None, platform_options: dict[str, Any] | None = None):
+                 threads: int | None = None, platform_options: dict[str, Any] | None = None,
+                 prefetch_layers: int = 0):
         t0 = time.perf_counter()
         super().__init__(model, dtype, threads)
         ckpt, c = self.checkpoint, self.config
@@ -173,7 +174,7 @@ class Engine(BaseEngine):
                 self.platform.deploy(spec)
             self.platform.finish_deploy()
             self.dispatcher = ExpertDispatcher(self.platform, ckpt.digest, self.blocks, c.num_experts, self.dtype)
-            self.model = ControlPlane(ckpt, self.dtype, self.dispatcher)
+            self.model = ControlPlane(ckpt, self.dtype, self.dispatcher, prefetch_layers=prefetch_layers)
             if prewarm:
                 self.prewarm()
         except BaseException:
@@ -194,13 +195,14 @@ class Engine(BaseEngine):
                 "platform": self.platform.name}
 
     def cold_starts(self) -> int:
-        return self.platform.log.cold_starts
+        return self.platform.log.cold_starts + self.platform.log.prefetches
 
     def counters(self) -> dict[str, float]:
         """Cumulative invocation, cold start, warm hit and dispatch counters of this engine."""
         t = totals(self.platform.log.stats)
         d = self.dispatcher.stats
         return {"invocations": int(t.get("invocations", 0)), "cold_starts": int(t.get("cold_starts", 0)),
+                "prefetches": int(t.get("prefetches", 0)),
                 "warm_hits": int(t.get("warm_hits", 0)), "evictions": int(t.get("evictions", 0)),
                 "retries": int(t.get("retries", 0)), "crashes": int(t.get("crashes", 0)),
                 "dispatches": d.dispatches, "dispatch_wait_s": d.wait_s, "tokens_sent": d.tokens_sent,

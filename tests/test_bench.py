@@ -36,8 +36,8 @@ def test_quick_bench_runs_every_strategy_with_zero_errors(tiny, tmp_path):
         assert runs[name]["invocations"] == 0 and runs[name]["experts_per_function"] is None
         assert 0 < runs[name]["expert_top10pct_share"] <= 1  # monolithic servers count their routing too
     shared = runs["faasmoe-shared"]
-    assert shared["invocations_per_token"] > 0 and shared["cold_starts"] > 0  # (evictions depend on timing:
-    assert shared["evictions"] >= 0  # scale-to-zero itself is tested in test_platform)
+    assert shared["invocations_per_token"] > 0 and shared["cold_starts"] + shared["prefetches"] > 0
+    assert shared["evictions"] >= 0  # evictions depend on timing: scale-to-zero itself is tested in test_platform
     assert "function" in shared["by_role"] and 0 <= shared["idle_warm_fraction"] <= 1
     assert runs["local-distribution"]["evictions"] == 0
     h = report["headline"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -21,7 +22,8 @@ def test_generate_reports_invocations_cold_starts_and_phase_times(tiny):
         first = e.generate("Hello", max_tokens=6, ignore_eos=True)
         second = e.generate("Hello", max_tokens=6, ignore_eos=True)
     assert first.token_ids == second.token_ids and len(first.token_ids) == 6
-    assert first.stats["cold_starts"] > 0 and first.stats["invocations"] >= first.stats["cold_starts"]
+    started = first.stats["cold_starts"] + first.stats["prefetches"]  # on a call, or ahead of one (prefetch)
+    assert started > 0 and first.stats["invocations"] >= first.stats["cold_starts"]
     assert second.stats["cold_starts"] == 0 and second.stats["warm_hits"] == second.stats["invocations"] > 0
     for key in ("load_s", "tokenize_s", "prefill_s", "decode_s", "total_s", "decode_ms_per_token"):
         assert second.stats[key] >= 0
@@ -74,6 +76,19 @@ def test_prewarm_starts_every_function(tiny):
         assert len(e.platform.instances()) == len(e.specs) == 3 * 2
         result = e.generate("Hello", max_tokens=3)
     assert result.stats["cold_starts"] == 0
+
+
+def test_prefetch_starts_predicted_functions_ahead_and_changes_no_answer(tiny):
+    with faasmoe.load(tiny, experts_per_function=2, prefetch_layers=0) as e:
+        plain = e.generate("Prefetch ahead", max_tokens=6, ignore_eos=True)
+        assert e.counters()["prefetches"] == 0
+    with faasmoe.load(tiny, experts_per_function=2, prefetch_layers=1) as e:
+        ahead = e.generate("Prefetch ahead", max_tokens=6, ignore_eos=True)
+        deadline = time.monotonic() + 60  # at the first step every function was cold: some were warmed
+        while e.counters()["prefetches"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert ahead.token_ids == plain.token_ids
 
 
 def test_calls_above_the_per_call_token_cap_are_split_and_exact(tiny, monkeypatch):

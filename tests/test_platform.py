@@ -164,6 +164,48 @@ def test_scales_out_under_concurrent_load_up_to_the_limit(specs):
         assert 2 <= p.log.stats[s.id].peak_instances <= 3
 
 
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_warm_starts_an_instance_ahead_of_its_first_call_which_is_a_warm_hit(specs):
+    s = specs[5]
+    with LocalPlatform(PlatformConfig()) as p:
+        p.deploy(s)
+        assert p.warm([s.id, "not-deployed"]) == 1
+        assert p.warm([s.id]) == 0  # already starting
+        _wait_for(lambda: p.log.stats[s.id].prefetches == 1)
+        frame, inv = frame_for(s)
+        reply = p.invoke(s.id, frame)
+        assert torch.equal(wire.decode_result(reply, torch.float32, 3, 64), expected(s, inv))
+        st = p.log.stats[s.id]
+        assert (st.prefetches, st.cold_starts, st.warm_hits, st.invocations) == (1, 0, 1, 1)
+        assert p.warm([s.id]) == 0  # it has an instance
+
+
+def test_warm_through_the_gateway_starts_the_instance_in_the_platform_process(specs, tmp_path):
+    from faasmoe.platforms.gateway import GatewayPlatform, GatewayServer
+
+    s = specs[5]
+    with LocalPlatform(PlatformConfig()) as p:
+        p.deploy(s)
+        gateway = GatewayServer(p, str(tmp_path / "gateway.sock"))
+        gateway.start()
+        client = GatewayPlatform(PlatformConfig(), gateway.path)
+        try:
+            client.warm([s.id])
+            _wait_for(lambda: p.log.stats[s.id].prefetches == 1)
+            frame, inv = frame_for(s)
+            assert torch.equal(wire.decode_result(client.invoke(s.id, frame), torch.float32, 3, 64), expected(s, inv))
+            assert p.log.stats[s.id].warm_hits == 1
+        finally:
+            client.close()
+            gateway.close()
+
+
 def test_calls_queue_for_a_busy_instance_before_another_starts(specs):
     # no call waits a minute for a millisecond-long call, so one instance serves the whole burst
     s = specs[4]

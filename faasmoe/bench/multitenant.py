@@ -216,8 +216,8 @@ def _scrape(servers: list[Server]) -> dict:
     """Function counters summed over the servers' /metrics, and the routing pairs per [layer][expert]."""
     import re
 
-    sums = {"invocations": 0.0, "cold_starts": 0.0, "warm_hits": 0.0, "evictions": 0.0, "crashes": 0.0,
-            "busy_seconds": 0.0}
+    sums = {"invocations": 0.0, "cold_starts": 0.0, "prefetches": 0.0, "warm_hits": 0.0, "evictions": 0.0,
+            "crashes": 0.0, "busy_seconds": 0.0}
     routed: dict[int, dict[int, float]] = {}
     for s in servers:
         try:
@@ -330,7 +330,8 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
         "peak_mem_gb_billed": max((s.rss for s in samples), default=0) / 1e9,
         "avg_cpu_percent": 100 * total["cpu_seconds"] / span,
         "page_cache_gb_avg": meter.page_cache_gb_avg(),
-        "cold_starts": counters["cold_starts"], "evictions": counters["evictions"],
+        "cold_starts": counters["cold_starts"], "prefetches": counters["prefetches"],
+        "evictions": counters["evictions"],
         "invocations": counters["invocations"], "invocations_per_token": counters["invocations"] / tokens,
         "ttft_p50_s": load["ttft_p50_s"], "ttft_p99_s": load["ttft_p99_s"],
         "tpot_p50_ms": load["tpot_p50_ms"], "tpot_p99_ms": load["tpot_p99_ms"],

@@ -52,6 +52,16 @@ class ExpertDispatcher:
         self.dtype = dtype
         self.stats = DispatchStats()
         self.last_calls: dict[int, list[tuple[str, bytes]]] = {}  # per layer, the calls of the latest dispatch
+        self.num_blocks = len(blocks)
+        self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
+
+    def prefetch(self, layer: int, experts: torch.Tensor) -> None:
+        """Warm the functions holding `experts` (a predicted routing of `layer`) that have no instance."""
+        fids = self._fids.get(layer)
+        if fids is None:
+            fids = self._fids[layer] = [function_id(self.model, layer, b) for b in range(self.num_blocks)]
+        hit = torch.unique(self.block_of[experts]).tolist()
+        self.platform.warm([fids[b] for b in hit])
 
     def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> Pending:
         """x [T, H] normalised hidden states, experts/weights [T, A] from the router."""

@@ -81,9 +81,13 @@ class Layer:
 
 class ControlPlane:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
-                 own_copy: bool = False):
-        """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's."""
+                 own_copy: bool = False, prefetch_layers: int = 0):
+        """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
+        `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
+        hidden state here) and warm the functions it names that have no instance, so that a cold start runs
+        while the layers in between compute instead of stalling the step; 0: off."""
         c = self.config = ckpt.config
+        self.prefetch_layers = prefetch_layers
         self.dtype = dtype
         self.dispatcher = dispatcher
         # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
@@ -138,8 +142,13 @@ class ControlPlane:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]  # [T, 1, d]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        ahead = self.prefetch_layers
+        for j in range(min(ahead, len(self.layers))):  # the first layers, predicted from the embeddings
+            self.prefetch(j, x)
         for i, layer in enumerate(self.layers):
             x = x + self.attention(i, layer, rms_norm(x, layer.ln1, self.eps), chunks, cos, sin)
+            if ahead and i + ahead < len(self.layers):
+                self.prefetch(i + ahead, x)
             m = rms_norm(x, layer.ln2, self.eps)
             x = x + (self.moe(i, layer, m) if layer.router is not None else self.mlp(layer, m))
         for ch in chunks:
@@ -171,6 +180,14 @@ class ControlPlane:
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act(F.linear(x, layer.mlp_gate)) * F.linear(x, layer.mlp_up), layer.mlp_down)
+
+    def prefetch(self, i: int, x: torch.Tensor) -> None:
+        """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual
+        stream changes little from one layer to the next)."""
+        layer = self.layers[i]
+        if layer.router is not None:
+            logits = F.linear(rms_norm(x, layer.ln2, self.eps), layer.router)  # [T, E]
+            self.dispatcher.prefetch(i, torch.topk(logits, self.top_k, dim=-1).indices)
 
     def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         logits = F.linear(x, layer.router)  # [T, E]

@@ -43,3 +43,6 @@ class ResidentExperts:
 
     def finish(self, result: torch.Tensor) -> torch.Tensor:
         return result
+
+    def prefetch(self, layer: int, experts: torch.Tensor) -> None:
+        """Every expert is resident: nothing to warm."""

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.metering.meter import Label
 
-EventKind = Literal["cold_start", "warm_hit", "eviction", "crash", "timeout", "start_failed"]
+EventKind = Literal["cold_start", "prefetch", "warm_hit", "eviction", "crash", "timeout", "start_failed"]
 
 
 class PlatformConfig(BaseModel):
@@ -49,14 +49,15 @@ class InstanceEvent:
     function: str
     instance: str
     at: float  # wall-clock time.time()
-    duration_s: float  # cold start: spawn to ready; warm hit: the call; eviction: idle time; crash: the call
+    duration_s: float  # cold start, prefetch: spawn to ready; warm hit: the call; eviction: idle time; crash: the call
     load_s: float | None = None  # cold start only: weight load inside the instance
 
 
 @dataclass
 class FunctionStats:
     invocations: int = 0
-    cold_starts: int = 0
+    cold_starts: int = 0  # calls that started an instance and waited for it
+    prefetches: int = 0  # instances started ahead of any call (`warm`); their first call is a warm hit
     warm_hits: int = 0
     evictions: int = 0
     crashes: int = 0
@@ -86,6 +87,7 @@ class EventLog:
     stats: dict[str, FunctionStats] = field(default_factory=dict)
     recent: deque = field(default_factory=deque)
     cold_starts: int = 0  # over every function: cheap to read at every step
+    prefetches: int = 0
 
     def record(self, ev: InstanceEvent) -> None:
         s = self.stats.setdefault(ev.function, FunctionStats())
@@ -93,6 +95,9 @@ class EventLog:
             self.cold_starts += 1
             s.cold_starts += 1
             s.cold_start_s += ev.duration_s
+        elif ev.kind == "prefetch":
+            self.prefetches += 1
+            s.prefetches += 1
         elif ev.kind == "warm_hit":
             s.warm_hits += 1
         elif ev.kind == "eviction":
@@ -160,6 +165,11 @@ class Platform(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop every instance this platform started."""
+
+    def warm(self, function_ids: Sequence[str]) -> int:
+        """Start an instance of each function that has none, without waiting: a hint from a control plane that
+        expects to call them soon, so that their cold starts overlap its work. Returns how many started."""
+        return 0
 
     def scale_to_zero(self) -> int:
         """Stop every idle instance now, as if its keep-alive had run out; returns how many stopped."""

@@ -7,8 +7,9 @@ the one pool of expert functions that the server process hosts. The server runs 
 the replies as one message.
 
 Message (one transport frame each way):
-  request  u32 n, then n x (u16 id length, id, u32 frame length, frame)
+  request  u8 kind (0 invoke, 1 warm), u32 n, then n x (u16 id length, id, u32 frame length, frame)
   reply    u8 0, u32 n, then n x (u32 length, reply frame)   |   u8 1, UTF-8 error message
+A warm request carries empty frames and gets no reply (a hint, sent without a round trip).
 """
 
 from __future__ import annotations
@@ -30,19 +31,26 @@ log = logging.getLogger("faasmoe.gateway")
 U16, U32 = struct.Struct("<H"), struct.Struct("<I")
 
 
-def encode_batch(calls: Sequence[tuple[str, bytes]]) -> bytes:
-    parts = [U32.pack(len(calls))]
+INVOKE, WARM = 0, 1
+
+
+def encode_batch(calls: Sequence[tuple[str, bytes]], kind: int = INVOKE) -> bytes:
+    parts = [bytes([kind]), U32.pack(len(calls))]
     for fid, frame in calls:
         b = fid.encode()
         parts += [U16.pack(len(b)), b, U32.pack(len(frame)), frame]
     return b"".join(parts)
 
 
-def decode_batch(msg: bytes | bytearray) -> list[tuple[str, bytes]]:
+def decode_batch(msg: bytes | bytearray) -> tuple[int, list[tuple[str, bytes]]]:
+    """(kind, calls) of a request."""
     view = memoryview(msg)
     try:
-        (n,) = U32.unpack_from(view, 0)
-        off, calls = 4, []
+        kind = view[0]
+        if kind not in (INVOKE, WARM):
+            raise WireError(f"unknown gateway request kind {kind}")
+        (n,) = U32.unpack_from(view, 1)
+        off, calls = 5, []
         for _ in range(n):
             (ln,) = U16.unpack_from(view, off)
             fid = bytes(view[off + 2:off + 2 + ln]).decode()
@@ -52,11 +60,11 @@ def decode_batch(msg: bytes | bytearray) -> list[tuple[str, bytes]]:
                 raise WireError("batch message is truncated")
             calls.append((fid, bytes(view[off + 4:off + 4 + fl])))
             off += 4 + fl
-    except (struct.error, UnicodeDecodeError) as e:
+    except (struct.error, UnicodeDecodeError, IndexError) as e:
         raise WireError(f"malformed batch message: {e}") from e
     if off != len(view):
         raise WireError("batch message has trailing bytes")
-    return calls
+    return kind, calls
 
 
 def encode_replies(replies: Sequence[bytes]) -> bytes:
@@ -118,7 +126,11 @@ class GatewayServer:
             if msg is None:
                 return
             try:
-                reply = encode_replies(self.platform.invoke_many(decode_batch(msg)))
+                kind, calls = decode_batch(msg)
+                if kind == WARM:
+                    self.platform.warm([fid for fid, _ in calls])
+                    continue
+                reply = encode_replies(self.platform.invoke_many(calls))
             except (InvocationError, KeyError, WireError) as e:
                 reply = b"\1" + str(e).encode()
             except Exception as e:  # never let one bad batch take the gateway down
@@ -140,6 +152,8 @@ class GatewayPlatform(Platform):
         self.address = address
         self._free: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._warm_sock: socket.socket | None = None
+        self._warm_lock = threading.Lock()
 
     def deploy(self, spec: FunctionSpec) -> None:
         """Functions are deployed by the process that owns the platform; nothing to do here."""
@@ -170,8 +184,7 @@ class GatewayPlatform(Platform):
             raise InvocationError(f"the function gateway went away: {e}") from e
         return s, len(calls)
 
-    def gather(self, batch: tuple[socket.socket, int]) -> list[bytes]:
-        s, n = batch
+    def _reply(self, s: socket.socket) -> bytes | bytearray:
         try:
             msg = recv_frame(s)
         except (OSError, WireError) as e:
@@ -182,12 +195,36 @@ class GatewayPlatform(Platform):
             raise InvocationError("the function gateway closed the connection")
         with self._lock:
             self._free.append(s)
-        replies = decode_replies(msg)
+        return msg
+
+    def warm(self, function_ids: Sequence[str]) -> int:
+        """Forward the hint on a connection of its own (warm requests get no reply); 0: the count is not known
+        here."""
+        if not function_ids:
+            return 0
+        with self._warm_lock:
+            try:
+                if self._warm_sock is None:
+                    self._warm_sock = self._connect()
+                send_frame(self._warm_sock, encode_batch([(fid, b"") for fid in function_ids], WARM))
+            except (OSError, InvocationError):  # a hint: calls will find the gateway's trouble on their own
+                if self._warm_sock is not None:
+                    self._warm_sock.close()
+                self._warm_sock = None
+        return 0
+
+    def gather(self, batch: tuple[socket.socket, int]) -> list[bytes]:
+        s, n = batch
+        replies = decode_replies(self._reply(s))
         if len(replies) != n:
             raise InvocationError(f"the gateway answered {len(replies)} of {n} calls")
         return replies
 
     def close(self) -> None:
+        with self._warm_lock:
+            if self._warm_sock is not None:
+                self._warm_sock.close()
+                self._warm_sock = None
         with self._lock:
             for s in self._free:
                 s.close()

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from faasmoe.functions import wire
@@ -91,6 +92,7 @@ class LocalPlatform(Platform):
         self._seq = itertools.count()
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._warmer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="faasmoe-warm")  # `warm`'s cold starts
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +116,7 @@ class LocalPlatform(Platform):
                 for inst in list(pool.instances):
                     self._stop(pool, inst)
             self._lock.notify_all()
+        self._warmer.shutdown(wait=False, cancel_futures=True)
         if self._reaper:
             self._reaper.join(timeout=2)
         try:
@@ -255,9 +258,44 @@ class LocalPlatform(Platform):
             raise InstanceStartError(str(e)) from e
         return _Instance(name, pid, path)
 
+    def warm(self, function_ids: Sequence[str]) -> int:
+        todo = []
+        with self._lock:
+            for fid in function_ids:
+                pool = self._pools.get(fid)
+                if pool is not None and not pool.instances and not pool.starting and not self._closed.is_set():
+                    pool.starting += 1
+                    todo.append(pool)
+        for pool in todo:
+            self._warmer.submit(self._warm_one, pool)
+        return len(todo)
+
+    def _warm_one(self, pool: _Pool) -> None:
+        """Fork an instance for nobody in particular; once ready it waits idle for the first call."""
+        inst = None
+        try:
+            inst = self._fork(pool.spec)
+            self._ready(pool, inst, "prefetch")
+        except InstanceStartError:  # a hint: the next call starts one the ordinary way
+            with self._lock:
+                pool.starting -= 1
+                if inst is not None:
+                    self._stop(pool, inst)
+                self._lock.notify_all()
+            return
+        with self._lock:
+            inst.busy, inst.used = False, True  # its first call is a warm hit: that call started nothing
+            inst.last_used = time.monotonic()
+            if self._closed.is_set():
+                self._stop(pool, inst)
+            self._lock.notify_all()
+
     def _await_ready(self, call: _Call) -> None:
-        """Connect to a forked instance and wait for its READY frame: the end of its cold start."""
-        inst, pool = call.inst, call.pool
+        self._ready(call.pool, call.inst)
+        call.cold = False
+
+    def _ready(self, pool: _Pool, inst: _Instance, kind: str = "cold_start") -> None:
+        """Connect to a forked instance, wait for its READY frame (the end of its cold start), add it to its pool."""
         deadline = inst.spawned_at + self.config.cold_start_timeout_s
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -291,8 +329,7 @@ class LocalPlatform(Platform):
             stats = self.log.function(pool.spec.id)
             stats.instances = len(pool.instances)
             stats.peak_instances = max(stats.peak_instances, stats.instances)
-        call.cold = False
-        self._record(pool.spec.id, inst.name, "cold_start", time.perf_counter() - inst.spawned_at, inst.load_s)
+        self._record(pool.spec.id, inst.name, kind, time.perf_counter() - inst.spawned_at, inst.load_s)
 
     def _stop(self, pool: _Pool, inst: _Instance) -> None:
         """Stop an instance (caller holds the lock): close its socket, end its process."""

@@ -88,7 +88,7 @@ class SharedBackend(Backend):
             self.engine = Engine(config.model, experts_per_function=config.experts_per_function,
                                  platform=config.platform, platform_config=config.platform_config(),
                                  platform_options=config.platform_options(), dtype=config.dtype,
-                                 prewarm=config.prewarm)
+                                 prewarm=config.prewarm, prefetch_layers=config.prefetch_layers)
         self.platform = self.engine.platform
         self.tokenizer = self.engine.tokenizer
         self.max_context = self.engine.max_context
@@ -173,7 +173,7 @@ class PrivateBackend(Backend):
         args = [sys.executable, "-m", "faasmoe.serving.orchestrator", "--socket", path,
                 "--gateway", self.gateway.path, "--model", str(c.model), "--tenant", tenant,
                 "--experts-per-function", str(c.experts_per_function), "--max-batch", str(c.max_batch),
-                "--max-queue", str(c.max_queue), "--platform-config", c.platform_config().model_dump_json()]
+                "--max-queue", str(c.max_queue), "--prefetch-layers", str(c.prefetch_layers), "--platform-config", c.platform_config().model_dump_json()]
         if c.dtype:
             args += ["--dtype", c.dtype]
         self._procs[tenant] = subprocess.Popen(args, stdin=subprocess.DEVNULL)

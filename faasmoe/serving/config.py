@@ -65,6 +65,8 @@ class ServerConfig(BaseModel):
     cold_start_timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(2, ge=0)
     prewarm: bool = False
+    prefetch_layers: int = Field(0, ge=0, description="warm the functions a layer this many ahead is predicted to "
+                                                      "call (0: off)")
     dtype: str | None = None
     max_batch: int = Field(16, ge=1, description="sequences stepped together")
     max_queue: int = Field(64, ge=0, description="requests waiting across all tenants; more get 429")

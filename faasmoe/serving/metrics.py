@@ -29,7 +29,10 @@ class _FunctionPool:
         stats = dict(self.platform.log.stats)
         fams = {
             "invocations": CounterMetricFamily("faasmoe_function_invocations", "Function invocations", labels=["function"]),
-            "cold_starts": CounterMetricFamily("faasmoe_function_cold_starts", "Cold starts", labels=["function"]),
+            "cold_starts": CounterMetricFamily("faasmoe_function_cold_starts", "Calls that waited for an instance "
+                                               "to start", labels=["function"]),
+            "prefetches": CounterMetricFamily("faasmoe_function_prefetches", "Instances started ahead of their "
+                                              "calls, on a predicted routing", labels=["function"]),
             "warm_hits": CounterMetricFamily("faasmoe_function_warm_hits", "Invocations served warm", labels=["function"]),
             "evictions": CounterMetricFamily("faasmoe_function_evictions", "Instances scaled to zero", labels=["function"]),
             "crashes": CounterMetricFamily("faasmoe_function_crashes", "Instances that died mid-call", labels=["function"]),

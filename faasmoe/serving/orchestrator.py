@@ -35,7 +35,8 @@ CANCEL_WAIT_S = 30.0  # how long a cancelled request's connection waits for its 
 def serve(args: argparse.Namespace) -> None:
     engine = Engine(args.model, experts_per_function=args.experts_per_function, platform="gateway",
                     platform_options={"address": args.gateway}, dtype=args.dtype,
-                    platform_config=PlatformConfig.model_validate_json(args.platform_config))
+                    platform_config=PlatformConfig.model_validate_json(args.platform_config),
+                    prefetch_layers=args.prefetch_layers)
     scheduler = StepScheduler(engine, args.max_batch, args.max_queue)
     scheduler.start()
 
@@ -109,6 +110,7 @@ def main() -> None:
     p.add_argument("--experts-per-function", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-queue", type=int, default=64)
+    p.add_argument("--prefetch-layers", type=int, default=0)
     p.add_argument("--platform-config", default="{}")
     p.add_argument("--dtype", default=None)
     args = p.parse_args()
