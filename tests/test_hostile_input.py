@@ -15,8 +15,6 @@ from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
 from faasmoe.functions.packing import contiguous_blocks
 from faasmoe.functions.spec import function_specs
-from faasmoe.platforms import PlatformConfig
-from faasmoe.platforms.local import LocalPlatform
 from faasmoe.platforms.transport import recv_frame, send_frame
 
 
