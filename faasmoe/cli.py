@@ -220,7 +220,7 @@ def bench(
     layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
                                          help="Layers of the preset when the checkpoint is created."),
     tenants: int = typer.Option(6, metavar="N", help="Tenants sending requests."),
-    rate: list[float] = typer.Option([], metavar="RPS", show_default="0.5 with --quick, else 0.02 0.05 0.1 0.2",
+    rate: list[float] = typer.Option([], metavar="RPS", show_default="0.5 with --quick, else 0.01 0.02 0.04 0.08",
                                      help="Mean requests/s per tenant, repeatable: every strategy runs at each "
                                           "(tenants' own rates are weighted 1.5 : 1 : 0.5 around it)."),
     arrival: str = typer.Option("bursty", metavar="KIND",
@@ -298,7 +298,7 @@ def bench(
         output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else ((8, 16) if quick else (32, 64)),
         seed=seed)
     sweeps = not no_sweep
-    cfg = BenchConfig(model=model.resolve(), workload=workload, rates=rate or ([0.5] if quick else [0.02, 0.05, 0.1, 0.2]),
+    cfg = BenchConfig(model=model.resolve(), workload=workload, rates=rate or ([0.5] if quick else [0.01, 0.02, 0.04, 0.08]),
                       experts_per_function=experts_per_function or (2 if quick else 4),
                       keep_alive_s=keep_alive if keep_alive is not None else (2.0 if quick else 10.0),
                       keep_alive_sweep=(keep_alive_sweep or ([] if quick else [2.0, 10.0, 60.0])) if sweeps else [],
@@ -471,6 +471,8 @@ def serve(
                                             help="Key that guards /metrics (at least 8 characters)."),
     prewarm: bool = typer.Option(_d("prewarm"), "--prewarm/--no-prewarm",
                                  help="Start every function at start-up instead of at its first call."),
+    prefetch_layers: int = typer.Option(_d("prefetch_layers"), metavar="N",
+                                        help="Warm the functions a layer N ahead is predicted to call (0: off)."),
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
                                         help="Compute dtype: float32, bfloat16 or float16."),
     log_level: str = typer.Option("info", metavar="LEVEL", help="uvicorn log level: debug, info, warning, error."),
@@ -494,7 +496,8 @@ def serve(
              "preset_layers": layers, "mode": mode, "platform": platform, "functions": functions,
              "function_token": function_token, "ray_address": ray_address, "keep_alive_s": keep_alive,
              "experts_per_function": experts_per_function, "max_instances": max_instances, "max_batch": max_batch,
-             "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "dtype": dtype}
+             "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "prefetch_layers": prefetch_layers,
+             "dtype": dtype}
     params = {"preset_layers": "layers", "keep_alive_s": "keep_alive"}
     overrides = {k: v for k, v in flags.items() if _given(ctx, params.get(k, k))}
     limits = {k: v for k, v in (("max_concurrency", max_concurrency), ("tokens_per_minute", tokens_per_minute),
