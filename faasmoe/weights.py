@@ -68,6 +68,33 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
     return out
 
 
+def stacked_rows(locations: list[TensorLocation], name: str) -> TensorLocation | None:
+    """One location for tensors that lie back to back in one file with the same dtype and row shape (a
+    checkpoint's gate_proj then up_proj, in name order), so they map as one [sum of rows, ...] tensor without a
+    copy; None where they do not."""
+    first = locations[0]
+    for a, b in zip(locations, locations[1:]):
+        if (b.file, b.offset, b.dtype, b.shape[1:]) != (a.file, a.offset + a.nbytes, a.dtype, a.shape[1:]):
+            return None
+    rows = sum(loc.shape[0] for loc in locations)
+    return TensorLocation(name, first.file, first.offset, sum(loc.nbytes for loc in locations), first.dtype,
+                          (rows, *first.shape[1:]))
+
+
+def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Name -> the tensors of each group concatenated along rows: mapped as one where they are adjacent in
+    the file (no copy), concatenated (a copy) where they are not."""
+    out: dict[str, torch.Tensor] = {}
+    adjacent = {name: stacked_rows(locs, name) for name, locs in groups.items()}
+    out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype))
+    apart = [name for name, loc in adjacent.items() if loc is None]
+    if apart:
+        parts = map_tensors([loc for name in apart for loc in groups[name]], dtype)
+        for name in apart:
+            out[name] = torch.cat([parts[loc.name] for loc in groups[name]])
+    return out
+
+
 def read_bytes(locations: Iterable[TensorLocation]) -> int:
     """Plain read of the tensors' bytes (the yardstick a cold start is compared with)."""
     total = 0

@@ -32,6 +32,14 @@ def test_invocation_round_trips(dtype):
     assert back.hidden.dtype == dtype
 
 
+def test_frames_built_from_numpy_buffers_equal_the_tensor_encoding():
+    inv = invocation(torch.bfloat16)
+    raw = wire.encode_invocation_raw(inv.model, inv.layer, inv.block, torch.bfloat16, 4, 16,
+                                     inv.hidden.view(torch.uint8).numpy(), inv.token.numpy(), inv.expert.numpy(),
+                                     inv.weight.numpy())
+    assert raw == wire.encode_invocation(inv)
+
+
 def test_header_is_40_bytes_and_little_endian():
     frame = wire.encode_invocation(invocation(T=1, H=2, P=1))
     assert wire.HEADER_SIZE == 40 and frame[:4] == b"FMoE" and frame[4] == wire.VERSION and frame[5] == wire.INVOKE

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from faasmoe.functions import wire
@@ -36,7 +37,7 @@ class DispatchStats:
 @dataclass
 class Pending:
     batch: Any  # the platform's handle on the calls in flight
-    rows: list[torch.Tensor]  # for each call, the token rows it covers (ascending)
+    rows: list[np.ndarray]  # for each call, the token rows it covers (ascending)
     T: int
     H: int
 
@@ -48,44 +49,56 @@ class ExpertDispatcher:
         self.max_tokens = max_tokens or max_tokens_per_call()
         self.model = model
         self.model_bytes = bytes.fromhex(model)
-        self.block_of = block_of_expert(blocks, num_experts)  # [E]
+        self.block_of = block_of_expert(blocks, num_experts).numpy()  # [E]
         self.dtype = dtype
         self.stats = DispatchStats()
         self.last_calls: dict[int, list[tuple[str, bytes]]] = {}  # per layer, the calls of the latest dispatch
         self.num_blocks = len(blocks)
         self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
 
-    def prefetch(self, layer: int, experts: torch.Tensor) -> None:
-        """Warm the functions holding `experts` (a predicted routing of `layer`) that have no instance."""
+    def _function_ids(self, layer: int) -> list[str]:
         fids = self._fids.get(layer)
         if fids is None:
             fids = self._fids[layer] = [function_id(self.model, layer, b) for b in range(self.num_blocks)]
-        hit = torch.unique(self.block_of[experts]).tolist()
-        self.platform.warm([fids[b] for b in hit])
+        return fids
+
+    def prefetch(self, layer: int, experts: torch.Tensor) -> None:
+        """Warm the functions holding `experts` (a predicted routing of `layer`) that have no instance."""
+        fids = self._function_ids(layer)
+        self.platform.warm([fids[b] for b in np.unique(self.block_of[experts.numpy()]).tolist()])
 
     def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> Pending:
-        """x [T, H] normalised hidden states, experts/weights [T, A] from the router."""
+        """x [T, H] normalised hidden states, experts/weights [T, A] from the router.
+
+        The bookkeeping is numpy on a few hundred pairs (a microsecond an op, where a torch op costs several);
+        each frame is assembled from numpy buffers with one copy."""
         T, A = experts.shape
-        block = self.block_of[experts].flatten()  # [T*A], pair p is token p // A
-        order = torch.argsort(block, stable=True)
-        blocks, counts = torch.unique_consecutive(block[order], return_counts=True)
-        token = order // A
-        expert = experts.flatten()[order].to(torch.int32)
-        weight = weights.flatten()[order].to(torch.float32)
+        H = x.shape[1]
+        e = experts.numpy().reshape(-1)  # [T*A], pair p is token p // A
+        block = self.block_of[e]
+        order = np.argsort(block, kind="stable")  # by block, then by token
+        block = block[order]
+        token = (order // A).astype(np.int32)
+        expert = e[order].astype(np.int32)
+        weight = weights.to(torch.float32).numpy().reshape(-1)[order]
+        xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
+        fids = self._function_ids(layer)
+        cuts = (np.flatnonzero(block[1:] != block[:-1]) + 1).tolist()
         calls: list[tuple[str, bytes]] = []
-        rows_of: list[torch.Tensor] = []
-        s = 0
+        rows_of: list[np.ndarray] = []
         cap = self.max_tokens
-        for b, n in zip(blocks.tolist(), counts.tolist()):  # one call per function hit, never per token
-            rows, local = torch.unique(token[s:s + n], return_inverse=True)  # rows [n_b], local [n], ascending
-            cuts = torch.searchsorted(local, torch.arange(0, len(rows), cap)).tolist() + [n]  # pair ranges
-            for first_row, lo, hi in zip(range(0, len(rows), cap), cuts, cuts[1:]):  # one range unless n_b > cap
-                frame = wire.encode_invocation(wire.Invocation(
-                    self.model_bytes, layer, b, x[rows[first_row:first_row + cap]],
-                    (local[lo:hi] - first_row).to(torch.int32), expert[s + lo:s + hi], weight[s + lo:s + hi]))
-                calls.append((function_id(self.model, layer, b), frame))
-                rows_of.append(rows[first_row:first_row + cap])
-            s += n
+        for lo, hi in zip([0, *cuts], [*cuts, len(order)]):  # one call per function hit, never per token
+            b = int(block[lo])
+            rows, local = np.unique(token[lo:hi], return_inverse=True)  # rows [n_b] ascending, local [n]
+            local = local.astype(np.int32)
+            bounds = [0, len(local)] if len(rows) <= cap else [
+                *np.searchsorted(local, np.arange(0, len(rows), cap)).tolist(), len(local)]
+            for first, (p0, p1) in zip(range(0, len(rows), cap), zip(bounds, bounds[1:])):
+                r = rows[first:first + cap]
+                calls.append((fids[b], wire.encode_invocation_raw(
+                    self.model_bytes, layer, b, self.dtype, len(r), H, xb[r], local[p0:p1] - first,
+                    expert[lo + p0:lo + p1], weight[lo + p0:lo + p1])))
+                rows_of.append(r)
         self.last_calls[layer] = calls
         st = self.stats
         st.dispatches += 1
@@ -93,7 +106,7 @@ class ExpertDispatcher:
         st.per_layer[layer] = st.per_layer.get(layer, 0) + len(calls)
         st.tokens_sent += sum(len(r) for r in rows_of)
         st.bytes_sent += sum(len(f) for _, f in calls)
-        return Pending(self.platform.submit(calls), rows_of, T, x.shape[1])
+        return Pending(self.platform.submit(calls), rows_of, T, H)
 
     def finish(self, p: Pending) -> torch.Tensor:
         """[T, H]: the sum of every function's weighted expert outputs."""
@@ -103,5 +116,9 @@ class ExpertDispatcher:
         out = torch.zeros(p.T, p.H, dtype=self.dtype)
         for rows, reply in zip(p.rows, replies):
             self.stats.bytes_received += len(reply)
-            out.index_add_(0, rows, wire.decode_result(reply, self.dtype, len(rows), p.H))
+            y = wire.decode_result(reply, self.dtype, len(rows), p.H)
+            if len(rows) == p.T:  # every row, in order
+                out.add_(y)
+            else:
+                out.index_add_(0, torch.from_numpy(rows.astype(np.int64)), y)
         return out

@@ -22,7 +22,8 @@ from faasmoe.checkpoint import Checkpoint, is_moe_layer
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import KVCache
 from faasmoe.functions.expert import activation
-from faasmoe.weights import map_tensors
+from faasmoe.kernels import linear
+from faasmoe.weights import map_stacked, map_tensors
 
 if TYPE_CHECKING:
     from faasmoe.control.resident import ResidentExperts
@@ -38,10 +39,8 @@ class Chunk:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return w * x.to(dtype)
+    """transformers' RMSNorm (normalise in fp32, scale in the model dtype) in torch's fused kernel."""
+    return w * F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +72,8 @@ class Layer:
     sliding_window: int | None
     # MoE layer: router and shared expert; dense layer: its MLP in mlp_*
     router: torch.Tensor | None = None  # [E, H]
-    mlp_gate: torch.Tensor | None = None
-    mlp_up: torch.Tensor | None = None
-    mlp_down: torch.Tensor | None = None
+    mlp_gate_up: torch.Tensor | None = None  # [2I, H]: gate_proj then up_proj, one matmul
+    mlp_down: torch.Tensor | None = None  # [H, I]
     shared_gate: torch.Tensor | None = None  # [1, H], the sigmoid gate of the shared expert
 
 
@@ -92,7 +90,14 @@ class ControlPlane:
         self.dispatcher = dispatcher
         # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
         lazy = frozenset() if c.tie_word_embeddings or own_copy else frozenset({"model.embed_tokens.weight"})
-        w = map_tensors(ckpt.control_plane_tensors(), dtype, lazy)
+        tensors = ckpt.control_plane_tensors()
+        loc = {t.name: t for t in tensors}
+        mlps = {L: f"model.layers.{L}.mlp." + ("shared_expert." if is_moe_layer(c, L) else "")
+                for L in range(c.num_hidden_layers)}
+        gate_up = {f"{m}gate_up": [loc[m + "gate_proj.weight"], loc[m + "up_proj.weight"]] for m in mlps.values()}
+        stacked = {t.name for group in gate_up.values() for t in group}
+        w = map_tensors([t for t in tensors if t.name not in stacked], dtype, lazy)
+        w.update(map_stacked(gate_up, dtype))  # one [2I, H] matrix per MLP, mapped as one where adjacent
         if own_copy:
             w = {name: t.clone() for name, t in w.items()}
         self.routed = torch.zeros(c.num_hidden_layers, c.num_experts, dtype=torch.long)  # [L, E] routing pairs
@@ -118,14 +123,10 @@ class ControlPlane:
                 ln1=w[p + "input_layernorm.weight"], ln2=w[p + "post_attention_layernorm.weight"],
                 wqkv=torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]]),
                 bqkv=bias, wo=w[a + "o_proj.weight"], sliding_window=window)
-            m = p + "mlp."
+            m = mlps[L]
+            layer.mlp_gate_up, layer.mlp_down = w[m + "gate_up"], w[m + "down_proj.weight"]
             if is_moe_layer(c, L):
-                layer.router = w[m + "gate.weight"]
-                layer.mlp_gate, layer.mlp_up = w[m + "shared_expert.gate_proj.weight"], w[m + "shared_expert.up_proj.weight"]
-                layer.mlp_down, layer.shared_gate = w[m + "shared_expert.down_proj.weight"], w[m + "shared_expert_gate.weight"]
-            else:
-                layer.mlp_gate, layer.mlp_up, layer.mlp_down = (w[m + "gate_proj.weight"], w[m + "up_proj.weight"],
-                                                                w[m + "down_proj.weight"])
+                layer.router, layer.shared_gate = w[p + "mlp.gate.weight"], w[p + "mlp.shared_expert_gate.weight"]
             self.layers.append(layer)
 
     def new_cache(self, capacity: int) -> KVCache:
@@ -155,16 +156,16 @@ class ControlPlane:
             ch.cache.length = ch.start + len(ch.tokens)
         if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
             x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
-        return F.linear(rms_norm(x, self.norm, self.eps), self.lm_head)  # [*, V]
+        return linear(rms_norm(x, self.norm, self.eps), self.lm_head)  # [*, V]
 
     def attention(self, i: int, layer: Layer, x: torch.Tensor, chunks: list[Chunk], cos: torch.Tensor,
                   sin: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         h, g, d = self.h, self.g, self.d
-        q, k, v = F.linear(x, layer.wqkv, layer.bqkv).split([h * d, g * d, g * d], dim=-1)
-        q, k, v = q.view(T, h, d), k.view(T, g, d), v.view(T, g, d)
-        q = q * cos + rotate_half(q) * sin  # [T, h, d]
-        k = k * cos + rotate_half(k) * sin  # [T, g, d]
+        qkv = linear(x, layer.wqkv, layer.bqkv).view(T, h + 2 * g, d)
+        qk = qkv[:, :h + g]
+        qk = qk * cos + rotate_half(qk) * sin  # [T, h+g, d]: queries and keys rotated together
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + g:]
         out = torch.empty(T, h, d, dtype=x.dtype)
         row = 0
         for ch in chunks:  # attention is per sequence; everything else in the step is batched
@@ -176,28 +177,30 @@ class ControlPlane:
                                                enable_gqa=h != g)  # [1, h, t, d]
             out[row:row + t] = o[0].transpose(0, 1)
             row += t
-        return F.linear(out.view(T, h * d), layer.wo)
+        return linear(out.view(T, h * d), layer.wo)
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(x, layer.mlp_gate)) * F.linear(x, layer.mlp_up), layer.mlp_down)
+        gu = linear(x, layer.mlp_gate_up)  # [T, 2I]
+        inter = layer.mlp_down.shape[1]
+        return linear(self.act(gu[:, :inter]) * gu[:, inter:], layer.mlp_down)
 
     def prefetch(self, i: int, x: torch.Tensor) -> None:
         """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual
         stream changes little from one layer to the next)."""
         layer = self.layers[i]
         if layer.router is not None:
-            logits = F.linear(rms_norm(x, layer.ln2, self.eps), layer.router)  # [T, E]
+            logits = linear(rms_norm(x, layer.ln2, self.eps), layer.router)  # [T, E]
             self.dispatcher.prefetch(i, torch.topk(logits, self.top_k, dim=-1).indices)
 
     def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, layer.router)  # [T, E]
+        logits = linear(x, layer.router)  # [T, E]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [T, A]
         self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         pending = self.dispatcher.start(i, x, experts, weights.to(logits.dtype))  # the functions start now
-        shared = torch.sigmoid(F.linear(x, layer.shared_gate)) * self.mlp(layer, x)  # computed meanwhile
+        shared = torch.sigmoid(linear(x, layer.shared_gate)) * self.mlp(layer, x)  # computed meanwhile
         return self.dispatcher.finish(pending) + shared
 
 

@@ -28,11 +28,11 @@ class ResidentExperts:
         for spec in function_specs(ckpt, everything, str(dtype).removeprefix("torch.")):
             fn = ExpertFunction(spec)
             if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
-                fn.gate, fn.up, fn.down = ([w.clone() for w in ws] for ws in (fn.gate, fn.up, fn.down))
+                fn.gate_up, fn.down = ([w.clone() for w in ws] for ws in (fn.gate_up, fn.down))
             self.layers[spec.layer] = fn
         self.model = bytes.fromhex(ckpt.digest)
         self.nbytes = sum(w.numel() * w.element_size() for fn in self.layers.values()
-                          for ws in (fn.gate, fn.up, fn.down) for w in ws)
+                          for ws in (fn.gate_up, fn.down) for w in ws)
 
     def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""

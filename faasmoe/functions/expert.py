@@ -10,13 +10,15 @@ intermediate size, P = routing pairs, k = experts in the block.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from faasmoe.checkpoint import expert_key
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
-from faasmoe.weights import map_tensors, torch_dtype
+from faasmoe.kernels import linear
+from faasmoe.weights import map_stacked, torch_dtype
 
 
 # Activations by their transformers config name (transformers itself is not imported: it costs seconds per cold start).
@@ -38,36 +40,54 @@ class ExpertFunction:
         self.dtype = torch_dtype(spec.dtype)
         self.model = bytes.fromhex(spec.model)
         self.act = activation(spec.hidden_act)
-        w = map_tensors(spec.tensors, self.dtype)  # cold start: only this block's bytes
+        loc = {t.name: t for t in spec.tensors}
         L = spec.layer
-        self.gate = [w[expert_key(L, e, "gate_proj")] for e in spec.experts]  # k x [I, H]
-        self.up = [w[expert_key(L, e, "up_proj")] for e in spec.experts]  # k x [I, H]
-        self.down = [w[expert_key(L, e, "down_proj")] for e in spec.experts]  # k x [H, I]
+        # cold start: only this block's bytes; gate and up as one [2I, H] matrix (one matmul), mapped as one
+        # where the checkpoint stores them back to back (it does, in name order)
+        w = map_stacked({f"{e}.gate_up": [loc[expert_key(L, e, "gate_proj")], loc[expert_key(L, e, "up_proj")]]
+                         for e in spec.experts} |
+                        {f"{e}.down": [loc[expert_key(L, e, "down_proj")]] for e in spec.experts}, self.dtype)
+        self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H]
+        self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
+        self.inter = self.down[0].shape[1]
         # expert id -> position in this block, -1 for experts of other blocks
-        n = max(spec.experts) + 1
-        self.local = torch.full((n,), -1, dtype=torch.long)
-        self.local[list(spec.experts)] = torch.arange(len(spec.experts))
+        self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)
+        self.local[list(spec.experts)] = np.arange(len(spec.experts))
 
     def compute(self, inv: wire.Invocation) -> torch.Tensor:
-        """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block."""
+        """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block.
+
+        The bookkeeping is numpy (a microsecond an op on a few pairs, where a torch op costs several); the
+        math is torch. A loop over the (at most k) experts of the block, never over tokens, in ascending
+        expert order as in transformers."""
         x = inv.hidden  # [T, H]
+        T = x.shape[0]
         out = torch.zeros_like(x)
-        local = self.local[inv.expert.long()]  # [P]
-        order = torch.argsort(local, stable=True)
-        start = 0
-        # A loop over the (at most k) experts of the block, never over tokens; ascending expert order as in transformers.
-        for j, n in enumerate(torch.bincount(local, minlength=len(self.gate)).tolist()):
-            if n == 0:
-                continue
-            sel = order[start:start + n]
-            start += n
-            tok = inv.token[sel].long()  # [n]
-            h = x[tok]  # [n, H]
-            y = F.linear(self.act(F.linear(h, self.gate[j])) * F.linear(h, self.up[j]), self.down[j])  # [n, H]
-            out.index_add_(0, tok, y * inv.weight[sel, None].to(x.dtype))
+        if not inv.token.numel():
+            return out
+        local = self.local[inv.expert.numpy()]  # [P]
+        order = np.argsort(local, kind="stable")
+        counts = np.bincount(local, minlength=len(self.down))
+        tok = inv.token.numpy()[order]  # [P], ascending within each expert
+        weight = torch.from_numpy(inv.weight.numpy()[order]).to(x.dtype)[:, None]  # [P, 1]
+        ends = np.cumsum(counts).tolist()
+        for j in np.flatnonzero(counts).tolist():
+            lo, hi = ends[j] - counts[j], ends[j]
+            every_row = hi - lo == T  # every token, in order (a token names an expert once)
+            rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
+            h = x if every_row else x.index_select(0, rows)  # [n, H]
+            gu = linear(h, self.gate_up[j])  # [n, 2I]
+            y = linear(self.act(gu[:, :self.inter]) * gu[:, self.inter:], self.down[j])  # [n, H]
+            y = y * weight[lo:hi]
+            if every_row:
+                out.add_(y)
+            else:
+                out.index_add_(0, rows, y)
         return out
 
     def check(self, inv: wire.Invocation) -> None:
+        """The frame is for this function and its pairs name only this block's experts (input values are checked
+        only when the output is not finite: see `diagnose`)."""
         s = self.spec
         if inv.model != self.model:
             raise wire.WireError(f"frame is for model {inv.model.hex()}, this function serves {s.model}")
@@ -78,11 +98,16 @@ class ExpertFunction:
             raise wire.WireError(f"hidden states are {inv.hidden.dtype} with H={inv.hidden.shape[1]}, this "
                                  f"function expects {self.dtype} with H={s.hidden_size}")
         if inv.expert.numel():
-            e = inv.expert.long()
-            if int(e.min()) < 0 or int(e.max()) >= self.local.numel() or bool((self.local[e] < 0).any()):
+            e = inv.expert.numpy()
+            if e.min() < 0 or e.max() >= len(self.local) or (self.local[e] < 0).any():
                 raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
+
+    @staticmethod
+    def diagnose(inv: wire.Invocation) -> str:
+        """Why an output is not finite."""
         if not (bool(torch.isfinite(inv.hidden).all()) and bool(torch.isfinite(inv.weight).all())):
-            raise wire.WireError("hidden states or routing weights contain NaN or inf")
+            return "hidden states or routing weights contain NaN or inf"
+        return "the experts' output is not finite (inputs out of any sane range)"
 
     def handle(self, frame: bytes | bytearray | memoryview) -> bytes:
         """One invocation: a result frame, or an error frame saying what was wrong with the input."""
@@ -91,8 +116,8 @@ class ExpertFunction:
             self.check(inv)
             with torch.inference_mode():
                 out = self.compute(inv)
-            if not bool(torch.isfinite(out).all()):  # finite but absurd inputs can overflow: say so, send no NaN
-                raise wire.WireError("the experts' output is not finite (inputs out of any sane range)")
+            if not bool(torch.isfinite(out).all()):  # never send NaN or inf on: say what was wrong instead
+                raise wire.WireError(self.diagnose(inv))
             return wire.encode_result(self.model, self.spec.layer, self.spec.block, out)
         except wire.WireError as e:
             return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.model, self.spec.layer,

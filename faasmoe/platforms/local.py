@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
-from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.base import (FunctionStats, InstanceEvent, InstanceInfo, InvocationError, Platform,
+                                    PlatformConfig)
 from faasmoe.platforms.transport import recv_frame, send_frame
 from faasmoe.platforms.zygote import Zygote, ZygoteError
 
@@ -61,6 +62,7 @@ class _Instance:
 class _Pool:
     spec: FunctionSpec
     max_frame: int  # the largest invocation its instances accept
+    stats: FunctionStats = field(default_factory=FunctionStats)  # the platform log's entry for this function
     instances: list[_Instance] = field(default_factory=list)  # ready ones
     starting: int = 0
 
@@ -104,8 +106,7 @@ class LocalPlatform(Platform):
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
             if spec.id not in self._pools:
-                self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec))
-                self.log.function(spec.id)
+                self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec), self.log.function(spec.id))
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -134,7 +135,7 @@ class LocalPlatform(Platform):
             pool = self._pools.get(fid)
             if pool is None:
                 raise KeyError(f"function {fid} is not deployed")
-            self.log.function(fid).invocations += 1
+            pool.stats.invocations += 1
             call = _Call(fid, frame, pool)
             batch.append(call)
             if len(frame) > pool.max_frame:
@@ -153,7 +154,7 @@ class LocalPlatform(Platform):
     def _complete(self, call: _Call) -> bytes:
         if call.refused is not None:
             return call.refused
-        stats = self.log.function(call.function)
+        stats = call.pool.stats
         while True:
             try:
                 if call.inst is None:
@@ -185,11 +186,11 @@ class LocalPlatform(Platform):
                 raise
             dt = time.perf_counter() - call.sent_at
             inst = call.inst
-            stats.busy_s += dt
-            if inst.used:
-                self._record(call.function, inst.name, "warm_hit", dt)
-            inst.used = True
             with self._lock:
+                stats.busy_s += dt
+                if inst.used:  # counted, not logged one by one
+                    stats.warm_hits += 1
+                inst.used = True
                 inst.busy = False
                 inst.last_used = time.monotonic()
                 self._lock.notify_all()
@@ -326,7 +327,7 @@ class LocalPlatform(Platform):
             pool.starting -= 1
             inst.started_at = inst.last_used = time.monotonic()
             pool.instances.append(inst)
-            stats = self.log.function(pool.spec.id)
+            stats = pool.stats
             stats.instances = len(pool.instances)
             stats.peak_instances = max(stats.peak_instances, stats.instances)
         self._record(pool.spec.id, inst.name, kind, time.perf_counter() - inst.spawned_at, inst.load_s)
@@ -343,7 +344,7 @@ class LocalPlatform(Platform):
             os.unlink(inst.path)
         except OSError:
             pass
-        self.log.function(pool.spec.id).instances = len(pool.instances)
+        pool.stats.instances = len(pool.instances)
 
     def _record(self, fid: str, instance: str, kind: str, duration: float, load_s: float | None = None) -> None:
         with self._lock:

@@ -51,8 +51,14 @@ def recv_frame(sock: socket.socket, limit: int = MAX_FRAME_BYTES) -> bytearray |
 
 
 def send_frame(sock: socket.socket, frame: bytes) -> None:
-    sock.sendall(LEN.pack(len(frame)))
-    sock.sendall(frame)
+    """Length and frame in one system call (two writes would wake the reader twice)."""
+    head = LEN.pack(len(frame))
+    sent = sock.sendmsg([head, frame])
+    if sent < LEN.size + len(frame):  # a large frame the socket took in part: the rest as a plain stream
+        if sent < LEN.size:
+            sock.sendall(head[sent:])
+            sent = LEN.size
+        sock.sendall(memoryview(frame)[sent - LEN.size:])
 
 
 async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:

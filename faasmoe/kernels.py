@@ -1,0 +1,63 @@
+"""`linear`: F.linear, except where a CPU without bf16 instructions makes a 16-bit matmul slow.
+
+On a CPU with AVX512-BF16 or AMX, oneDNN multiplies bf16 matrices natively. Without them
+(AVX2 only) torch's bf16 and fp16 GEMMs cost the same per row whatever the number of rows
+(measured on a 2-core AVX2 EPYC, 512 -> 2816, 2 threads: 1 row 157 us, 4 rows 647, 16 rows
+2,529), while converting the weights to fp32 once and multiplying there costs 534 us for 4
+rows and 813 for 16. So on such CPUs a product of at least MIN_ROWS rows converts both
+operands to fp32, multiplies and rounds the result back: the fp32 accumulation a bf16 GEMM
+does, in another order. Fewer rows, and fp32 models, take F.linear.
+fp32 models never take this path. FAASMOE_BF16_GEMM=native|fp32 overrides the detection.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_half_gemm() -> bool:
+    """Whether this CPU multiplies 16-bit matrices natively (or FAASMOE_BF16_GEMM says so)."""
+    choice = os.environ.get("FAASMOE_BF16_GEMM", "")
+    if choice in ("native", "fp32"):
+        return choice == "native"
+    if choice:
+        raise ValueError(f"FAASMOE_BF16_GEMM={choice!r}: use native or fp32")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return True
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512_fp16"))
+
+
+MIN_ROWS = 4  # below it the conversion costs more than it saves (1 thread breaks even at 2 rows, 2 threads at 4)
+CHUNK = 1 << 20  # weight elements converted at a time: 4 MiB of fp32, in cache while the rows use it
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype."""
+    if x.dtype in HALF and x.shape[0] >= MIN_ROWS and not native_half_gemm():
+        return _via_fp32(x, w, b)
+    return F.linear(x, w, b)
+
+
+def _via_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The product in fp32, converting the weights a slice of rows at a time (an lm_head converted whole would
+    need its fp32 copy in memory)."""
+    x32 = x.float().t()  # [K, M]
+    N, K = w.shape
+    step = max(1, CHUNK // K)
+    out = torch.empty(N, x.shape[0])  # [N, M]: each slice of weight rows fills contiguous rows
+    for a in range(0, N, step):
+        torch.mm(w[a:a + step].float(), x32, out=out[a:a + step])
+    out = out.t()
+    if b is not None:
+        out = out + b.float()
+    return out.to(x.dtype)
