@@ -179,15 +179,21 @@ def bench_engine_cmd(
     experts_per_function: list[int] = typer.Option([1, 4], "--experts-per-function", "-k", metavar="K",
                                                    help="Granularities to measure, repeatable."),
     platform: list[str] = typer.Option(["local"], metavar="NAME", help="Platforms to measure, repeatable: local, ray."),
+    peer: list[str] = typer.Option([], metavar="ENGINE",
+                                   help="Other engines to measure on the same checkpoint: llama.cpp (build it "
+                                        "first with scripts/build-llama-cpp.sh)."),
     out: Optional[Path] = typer.Option(None, metavar="FILE", help="Write the figures as JSON here."),
 ) -> None:
     """Side by side in one run: faasmoe (warm) vs the monolithic transformers model on the same weights."""
+    unknown = set(peer) - {"llama.cpp"}
+    if unknown:
+        raise typer.BadParameter(f"unknown peer {sorted(unknown)}; supported: llama.cpp", param_hint="--peer")
     from faasmoe.bench.cleanup import session
     from faasmoe.bench.engine import run_engine_bench
 
     with session():  # SIGTERM/SIGINT/SIGHUP stop every process and folder it started, then exit 128 + signal
         report = run_engine_bench(model, layers=layers, tokens=tokens, repeats=repeats, ks=experts_per_function,
-                                  platforms=platform)
+                                  platforms=platform, peers=peer)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -254,7 +260,9 @@ def bench(
                                              help="Strategies of the granularity sweep, repeatable."),
     strategy: list[str] = typer.Option([], metavar="NAME", show_default="all five",
                                        help="Strategies to run, repeatable: baseline, shared-monolithic, "
-                                            "faasmoe-private, faasmoe-shared, local-distribution."),
+                                            "faasmoe-private, faasmoe-shared, local-distribution; and "
+                                            "llama-cpp (llama.cpp's llama-server, built with "
+                                            "scripts/build-llama-cpp.sh), only when named."),
     platform: str = typer.Option("local", metavar="NAME", help="FaaS platform of faasmoe's strategies."),
     chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
                                                       "killing a random function instance every --chaos-interval "
@@ -278,12 +286,12 @@ def bench(
     """
     from faasmoe.bench.cleanup import session
     from faasmoe.bench.load import Workload
-    from faasmoe.bench.multitenant import STRATEGIES, BenchConfig, run_bench
+    from faasmoe.bench.multitenant import KNOWN, STRATEGIES, BenchConfig, run_bench
     from faasmoe.init_model import init_model
 
     for s_ in [*strategy, *sweep_strategy]:
-        if s_ not in STRATEGIES:
-            _fail(f"unknown strategy {s_!r}; choose from {', '.join(STRATEGIES)}")
+        if s_ not in KNOWN:
+            _fail(f"unknown strategy {s_!r}; choose from {', '.join(KNOWN)}")
     if arrival not in ("poisson", "bursty"):
         _fail("--arrival is poisson or bursty")
     model = model or Path("models/bench-tiny" if quick else "models/qwen-quarter")

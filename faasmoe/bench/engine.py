@@ -1,7 +1,9 @@
-"""`faasmoe bench-engine`: the engine against the monolithic transformers model, side by side in one run.
+"""`faasmoe bench-engine`: the engine against the monolithic transformers model (and peers), side by side in one run.
 
 Measured, on the same checkpoint and prompt, interleaved so machine noise hits both:
 * warm decode ms/token of faasmoe vs `Qwen2MoeForCausalLM` (and whether greedy tokens match);
+* with `--peer llama.cpp`, llama.cpp's own `llama-bench` decode on the same checkpoint converted to GGUF (same
+  dtype, threads and cached positions), measured first, with nothing else loaded;
 * the cost of one MoE layer dispatch: a layer's calls through the platform vs the same
   calls computed in this process, and the decode gap divided by the MoE layers;
 * the cold start of one function vs a plain read of its weight bytes, both with the weights in the
@@ -193,17 +195,35 @@ def ensure_model(model: Path, layers: int) -> Path:
     return model
 
 
+def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
+    """A peer engine's warm single-request decode on the same checkpoint, dtype and threads."""
+    from transformers import AutoTokenizer
+
+    from faasmoe.bench import llamacpp
+
+    if peer != "llama.cpp":
+        raise ValueError(f"unknown peer {peer!r}; supported: llama.cpp")
+    depth = len(AutoTokenizer.from_pretrained(str(model), local_files_only=True).encode(PROMPT))
+    return llamacpp.decode_ms_per_token(llamacpp.gguf_for(model, "bf16"), torch.get_num_threads(), tokens, depth,
+                                        repeats)
+
+
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
-                     ks: list[int] = (1, 4), platforms: list[str] = ("local",)) -> dict:
+                     ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = ()) -> dict:
     import faasmoe
     from faasmoe.platforms import PlatformConfig
     from transformers import Qwen2MoeForCausalLM
 
     set_title("bench-engine")
     ensure_model(Path(model), layers)
+    report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {},
+              "peers": {}}
+    for peer in peers:  # first, with nothing else loaded
+        set_title("bench-engine", peer)
+        report["peers"][peer] = p = peer_decode(peer, Path(model), tokens, repeats)
+        print(f"{peer}: {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} positions cached)")
     mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
-    report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {}}
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
@@ -216,6 +236,8 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                                   platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
                     run = _measure(engine, mono, tokens, repeats)
                 run["platform"] = platform
+                for peer, p in report["peers"].items():
+                    run[f"vs_{peer}"] = run["faasmoe_ms_per_token"] / p["ms_per_token"]
                 report["runs"][f"{platform}/k{k}"] = run
                 first_specs[f"{platform}/k{k}"] = engine.specs[0]
                 _print_run(run)
@@ -262,7 +284,8 @@ def _print_run(r: dict) -> None:
     d = r["dispatch"]
     print(f"{r['platform']} k={r['experts_per_function']:<3} decode: faasmoe {r['faasmoe_ms_per_token']:.1f} ms/token vs monolithic "
           f"{r['monolithic_ms_per_token']:.1f} ({r['ratio']:.2f}x, greedy tokens match: {r['greedy_tokens_match']}), "
-          f"{r['invocations_per_token']:.1f} invocations/token")
+          f"{r['invocations_per_token']:.1f} invocations/token"
+          + "".join(f"; {v:.2f}x {k[3:]}" for k, v in r.items() if k.startswith("vs_")))
     print(f"       MoE layer dispatch: {d['platform_ms']:.2f} ms through the platform, overhead "
           f"{d['overhead_ms']:+.2f} ms vs in-process; decode gap {r['decode_gap_per_moe_layer_ms']:+.2f} ms per MoE layer")
 

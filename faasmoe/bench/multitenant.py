@@ -10,6 +10,9 @@
 * local-distribution: the experts spread over always-on local worker processes (the reference's
   "Local Distribution": expert blocks off the tenant's process, but provisioned, not serverless):
   private mode with every function started up front, one instance each, never scaled to zero.
+* llama-cpp (opt-in, `--strategy llama-cpp`): one llama.cpp `llama-server` for every tenant, one slot
+  per tenant with continuous batching, on the same checkpoint converted to GGUF in the same dtype:
+  the CPU engine users deploy (built by scripts/build-llama-cpp.sh, see faasmoe.bench.llamacpp).
 
 Each runs as real processes, metered from outside (CPU from the kernel's counters from
 each process's start to its exit; memory both physical, PSS summed, and billed, RSS
@@ -45,7 +48,10 @@ from faasmoe.metering.meter import Label, Meter
 from faasmoe.proctitle import role_of, set_title
 
 STRATEGIES = ("baseline", "shared-monolithic", "faasmoe-private", "faasmoe-shared", "local-distribution")
+PEERS = ("llama-cpp",)  # other engines, run only when asked for
+KNOWN = STRATEGIES + PEERS
 MONOLITHIC = ("baseline", "shared-monolithic")
+WITHOUT_FUNCTIONS = MONOLITHIC + PEERS
 FAASMOE = ("faasmoe-private", "faasmoe-shared")
 TENANT_WEIGHTS = (1.5, 1.0, 0.5)  # each tenant's rate relative to the mean, cycled: tenants differ
 SUSTAINED = 1.2  # a rate is sustained when the drain time stays within this many arrival windows
@@ -90,7 +96,7 @@ def tenant_rates(rate: float, tenants: int) -> list[float]:
 def plan(cfg: BenchConfig) -> list[RunSpec]:
     """Every run of a bench: each strategy at each rate, then the keep-alive and granularity sweeps."""
     def spec(strategy: str, rate: float, k: int, keep_alive: float, purpose: str = "main") -> RunSpec:
-        mono = strategy in MONOLITHIC
+        mono = strategy in WITHOUT_FUNCTIONS
         return RunSpec(strategy, rate, None if mono else k, None if mono else keep_alive, purpose)
 
     runs = [spec(s, r, cfg.experts_per_function, cfg.keep_alive_s) for r in cfg.rates for s in cfg.strategies]
@@ -234,8 +240,23 @@ def _scrape(servers: list[Server]) -> dict:
     return {**sums, "routed": routed}
 
 
+def _start_llama_server(cfg: BenchConfig, tenants: list[str], workdir: Path) -> Server:
+    from faasmoe.bench import llamacpp
+
+    port = _free_port()
+    context = cfg.workload.prompt_tokens[1] + cfg.workload.output_tokens[1] + 16
+    cmd = llamacpp.server_command(llamacpp.gguf_for(cfg.model, "bf16"), port, parallel=len(tenants),
+                                  threads=torch.get_num_threads(), context=context)
+    log = workdir / f"llama-server-{port}.log"
+    with log.open("w") as out:
+        proc = cleanup.spawn(cmd, stdout=out, stderr=subprocess.STDOUT, env=llamacpp.server_env())
+    return Server(proc, f"http://127.0.0.1:{port}", tenants, log)
+
+
 def _servers_for(cfg: BenchConfig, run: RunSpec, tenants: list[str], workdir: Path) -> list[Server]:
     k = run.k or cfg.experts_per_function
+    if run.strategy == "llama-cpp":
+        return [_start_llama_server(cfg, tenants, workdir)]
     if run.strategy == "baseline":
         return [_start_server(cfg, "monolithic", [t], k, workdir) for t in tenants]
     if run.strategy == "shared-monolithic":
@@ -261,8 +282,8 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
             for root, s in roots:
                 if run.strategy == "baseline":
                     label = Label("baseline", s.tenants[0])
-                elif run.strategy == "shared-monolithic":
-                    label = Label("shared-monolithic")
+                elif run.strategy in ("shared-monolithic", "llama-cpp"):
+                    label = Label(run.strategy)
                 else:
                     label = Label("control-plane" if run.strategy == "faasmoe-shared" else "server")
                 out.update(label_tree(root, label))
