@@ -208,6 +208,19 @@ def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
                                         repeats)
 
 
+def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
+    """faasmoe's control plane with every expert resident in the process (the Baseline's engine): where the
+    engine stands without any function call."""
+    from faasmoe.monolithic import MonolithicEngine
+
+    with MonolithicEngine(model) as engine:
+        ids = engine.encode(PROMPT)
+        engine.generate(ids, max_tokens=4, ignore_eos=True)
+        runs = [engine.generate(ids, max_tokens=tokens, ignore_eos=True) for _ in range(repeats)]
+    return {"ms_per_token": statistics.median(g.stats["decode_ms_per_token"] for g in runs),
+            "token_ids": runs[0].token_ids}
+
+
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
                      ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = ()) -> dict:
     import faasmoe
@@ -222,6 +235,10 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
         set_title("bench-engine", peer)
         report["peers"][peer] = p = peer_decode(peer, Path(model), tokens, repeats)
         print(f"{peer}: {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} positions cached)")
+    set_title("bench-engine", "monolithic")
+    report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
+    print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "
+          f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
     mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
@@ -238,6 +255,8 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                 run["platform"] = platform
                 for peer, p in report["peers"].items():
                     run[f"vs_{peer}"] = run["faasmoe_ms_per_token"] / p["ms_per_token"]
+                run["vs_faasmoe_monolithic"] = (run["faasmoe_ms_per_token"]
+                                                / report["faasmoe_monolithic"]["ms_per_token"])
                 report["runs"][f"{platform}/k{k}"] = run
                 first_specs[f"{platform}/k{k}"] = engine.specs[0]
                 _print_run(run)
