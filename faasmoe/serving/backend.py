@@ -27,7 +27,7 @@ from faasmoe.metering.meter import Label
 from faasmoe.platforms import create_platform
 from faasmoe.platforms.base import Platform
 from faasmoe.serving.config import ServerConfig
-from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler
+from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler, build_engine
 
 log = logging.getLogger("faasmoe.backend")
 
@@ -82,13 +82,13 @@ class SharedBackend(Backend):
             from faasmoe.monolithic import MonolithicEngine
 
             self.mode, self.server_role = "monolithic", "baseline"
-            self.engine = MonolithicEngine(config.model, dtype=config.dtype)
+            self.engine = build_engine(lambda: MonolithicEngine(config.model, dtype=config.dtype))
         else:
             self.mode, self.server_role = "shared", "control-plane"
-            self.engine = Engine(config.model, experts_per_function=config.experts_per_function,
-                                 platform=config.platform, platform_config=config.platform_config(),
-                                 platform_options=config.platform_options(), dtype=config.dtype,
-                                 prewarm=config.prewarm, prefetch_layers=config.prefetch_layers)
+            self.engine = build_engine(lambda: Engine(
+                config.model, experts_per_function=config.experts_per_function, platform=config.platform,
+                platform_config=config.platform_config(), platform_options=config.platform_options(),
+                dtype=config.dtype, prewarm=config.prewarm, prefetch_layers=config.prefetch_layers))
         self.platform = self.engine.platform
         self.tokenizer = self.engine.tokenizer
         self.max_context = self.engine.max_context

@@ -27,16 +27,16 @@ import uuid
 from faasmoe.control.sequence import SamplingParams
 from faasmoe.engine import Engine
 from faasmoe.platforms import PlatformConfig
-from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler
+from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler, build_engine
 
 CANCEL_WAIT_S = 30.0  # how long a cancelled request's connection waits for its final event
 
 
 def serve(args: argparse.Namespace) -> None:
-    engine = Engine(args.model, experts_per_function=args.experts_per_function, platform="gateway",
-                    platform_options={"address": args.gateway}, dtype=args.dtype,
-                    platform_config=PlatformConfig.model_validate_json(args.platform_config),
-                    prefetch_layers=args.prefetch_layers)
+    engine = build_engine(lambda: Engine(
+        args.model, experts_per_function=args.experts_per_function, platform="gateway",
+        platform_options={"address": args.gateway}, dtype=args.dtype,
+        platform_config=PlatformConfig.model_validate_json(args.platform_config), prefetch_layers=args.prefetch_layers))
     scheduler = StepScheduler(engine, args.max_batch, args.max_queue)
     scheduler.start()
 
