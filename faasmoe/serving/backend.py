@@ -85,7 +85,10 @@ class SharedBackend(Backend):
             self.engine = build_engine(lambda: MonolithicEngine(config.model, dtype=config.dtype))
         else:
             self.mode, self.server_role = "shared", "control-plane"
-            self.engine = build_engine(lambda: Engine(
+            # Not for Ray: the Ray it starts dies with the thread that started it (its processes get the
+            # parent-death signal of that thread), so a Ray control plane is built here and keeps two pools.
+            build = build_engine if config.platform != "ray" else (lambda factory: factory())
+            self.engine = build(lambda: Engine(
                 config.model, experts_per_function=config.experts_per_function, platform=config.platform,
                 platform_config=config.platform_config(), platform_options=config.platform_options(),
                 dtype=config.dtype, prewarm=config.prewarm, prefetch_layers=config.prefetch_layers))
