@@ -133,3 +133,20 @@ def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_
         s.close()
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_a_token_named_twice_for_one_expert_counts_twice(fn):
+    """Pairs are summed as sent, even repeated ones (the fast path for 'every row once' must not take them)."""
+    s = fn.spec
+    e = s.experts[0]
+    hidden = torch.randn(2, s.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def result(tokens: list[int]) -> torch.Tensor:
+        frame = wire.encode_invocation(wire.Invocation(
+            bytes.fromhex(s.model), s.layer, s.block, hidden, torch.tensor(tokens, dtype=torch.int32),
+            torch.tensor([e] * len(tokens), dtype=torch.int32), torch.full((len(tokens),), 0.5)))
+        return wire.decode_result(fn.handle(frame), torch.float32, 2, s.hidden_size)
+
+    once = result([0])
+    twice = result([0, 0])
+    assert torch.allclose(twice[0], 2 * once[0]) and torch.equal(twice[1], torch.zeros(s.hidden_size))

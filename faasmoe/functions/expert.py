@@ -71,9 +71,10 @@ class ExpertFunction:
         tok = inv.token.numpy()[order]  # [P], ascending within each expert
         weight = torch.from_numpy(inv.weight.numpy()[order]).to(x.dtype)[:, None]  # [P, 1]
         ends = np.cumsum(counts).tolist()
+        all_rows = np.arange(T)
         for j in np.flatnonzero(counts).tolist():
             lo, hi = ends[j] - counts[j], ends[j]
-            every_row = hi - lo == T  # every token, in order (a token names an expert once)
+            every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
             h = x if every_row else x.index_select(0, rows)  # [n, H]
             gu = linear(h, self.gate_up[j])  # [n, 2I]
