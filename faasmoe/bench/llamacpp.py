@@ -30,8 +30,8 @@ def home() -> Path:
 def binary(name: str) -> Path:
     path = home() / "bin" / name
     if not os.access(path, os.X_OK):
-        raise LlamaCppMissing(f"{path} not found: build llama.cpp first with `{BUILD_SCRIPT}` (about 10-25 minutes "
-                              f"on 2 cores; set FAASMOE_LLAMA_CPP to use another folder)")
+        raise LlamaCppMissing(f"{path} not found: build llama.cpp first with `{BUILD_SCRIPT}` (about 30 minutes on "
+                              f"2 cores; set FAASMOE_LLAMA_CPP to use another folder)")
     return path
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from faasmoe.checkpoint import Checkpoint, is_moe_layer
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import KVCache
-from faasmoe.functions.expert import activation
+from faasmoe.functions.expert import activation, gated_mlp
 from faasmoe.kernels import linear
 from faasmoe.weights import map_stacked, map_tensors
 
@@ -180,9 +180,7 @@ class ControlPlane:
         return linear(out.view(T, h * d), layer.wo)
 
     def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
-        gu = linear(x, layer.mlp_gate_up)  # [T, 2I]
-        inter = layer.mlp_down.shape[1]
-        return linear(self.act(gu[:, :inter]) * gu[:, inter:], layer.mlp_down)
+        return gated_mlp(x, layer.mlp_gate_up, layer.mlp_down, self.act)
 
     def prefetch(self, i: int, x: torch.Tensor) -> None:
         """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual

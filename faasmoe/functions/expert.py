@@ -34,6 +34,14 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) for x [n, H], gate and up stacked as one [2I, H] matrix, down [H, I]: the MLP
+    of a routed expert, of the shared expert and of a dense layer alike."""
+    gu = linear(x, gate_up)  # [n, 2I]
+    inter = down.shape[1]
+    return linear(act(gu[:, :inter]) * gu[:, inter:], down)
+
+
 class ExpertFunction:
     def __init__(self, spec: FunctionSpec):
         self.spec = spec
@@ -49,7 +57,6 @@ class ExpertFunction:
                         {f"{e}.down": [loc[expert_key(L, e, "down_proj")]] for e in spec.experts}, self.dtype)
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H]
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
-        self.inter = self.down[0].shape[1]
         # expert id -> position in this block, -1 for experts of other blocks
         self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)
         self.local[list(spec.experts)] = np.arange(len(spec.experts))
@@ -77,9 +84,7 @@ class ExpertFunction:
             every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
             h = x if every_row else x.index_select(0, rows)  # [n, H]
-            gu = linear(h, self.gate_up[j])  # [n, 2I]
-            y = linear(self.act(gu[:, :self.inter]) * gu[:, self.inter:], self.down[j])  # [n, H]
-            y = y * weight[lo:hi]
+            y = gated_mlp(h, self.gate_up[j], self.down[j], self.act) * weight[lo:hi]  # [n, H]
             if every_row:
                 out.add_(y)
             else:
