@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from faasmoe.engine import Engine, Generation, load
+from faasmoe.engines.distributed import Engine, Generation, load
 
 try:
     __version__ = version("faasmoe")  # one source of truth: pyproject.toml

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from faasmoe.platforms.base import PlatformConfig
 from faasmoe.serving.config import ServerConfig, TenantConfig
 
 # Plain click-style help: typer's rich panels show flags as `<bool>` and squeeze the text into a column.
@@ -22,6 +23,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 _SERVE = ServerConfig.model_fields
 _TENANT = TenantConfig.model_fields
+_SCALING = PlatformConfig.model_fields
+
+
+def _d(field: str) -> Any:
+    """A setting's default, shown in --help (the flags default to it, the config file may override it)."""
+    for fields in (_TENANT, _SCALING, _SERVE):
+        if field in fields:
+            return fields[field].default
+    raise KeyError(field)
 
 
 def _print_version(value: bool) -> None:
@@ -84,7 +94,7 @@ def init_model_cmd(
     the text. To serve a real model, download a Hugging Face checkpoint directory (e.g.
     Qwen1.5-MoE-A2.7B) and pass it to --model.
     """
-    from faasmoe.init_model import init_model
+    from faasmoe.models.presets import init_model
 
     overrides = _parse_sets(set_)
     if dtype:
@@ -105,10 +115,6 @@ RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", metavar="HOST:PORT", sh
                                   help="ray platform: the cluster to join.")
 
 
-def _platform_config(keep_alive: float, max_instances: int, invoke_timeout: float):
-    from faasmoe.platforms import PlatformConfig
-
-    return PlatformConfig(keep_alive_s=keep_alive, max_instances=max_instances, invoke_timeout_s=invoke_timeout)
 
 
 @app.command(short_help="Generate once from the command line.")
@@ -129,9 +135,11 @@ def generate(
     functions: Optional[Path] = FUNCTIONS_OPTION,
     function_token: Optional[str] = FUNCTION_TOKEN_OPTION,
     ray_address: Optional[str] = RAY_ADDRESS_OPTION,
-    keep_alive: float = typer.Option(30.0, metavar="SECONDS", help="How long an idle function instance stays warm."),
-    max_instances: int = typer.Option(4, metavar="N", help="Instances per function under concurrent load."),
-    invoke_timeout: float = typer.Option(60.0, metavar="SECONDS",
+    keep_alive: float = typer.Option(_d("keep_alive_s"), metavar="SECONDS",
+                                     help="How long an idle function instance stays warm."),
+    max_instances: int = typer.Option(_d("max_instances"), metavar="N",
+                                      help="Instances per function under concurrent load."),
+    invoke_timeout: float = typer.Option(_d("invoke_timeout_s"), metavar="SECONDS",
                                          help="A function call taking longer is abandoned and retried."),
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
                                         help="Compute dtype: float32, bfloat16 or float16."),
@@ -139,13 +147,14 @@ def generate(
 ) -> None:
     """Generate text with the experts running as functions on a FaaS platform."""
     import faasmoe
-    from faasmoe.checkpoint import CheckpointError
+    from faasmoe.models.checkpoint import CheckpointError
+    from faasmoe.platforms import platform_options
 
     try:
-        options = {"local": {}, "http": {"manifest": functions, "token": function_token},
-                   "ray": {"address": ray_address}}.get(platform, {})
+        options = platform_options(platform, functions, function_token, ray_address)
         engine = faasmoe.load(model, experts_per_function=experts_per_function, platform=platform, dtype=dtype,
-                              platform_config=_platform_config(keep_alive, max_instances, invoke_timeout),
+                              platform_config=PlatformConfig(keep_alive_s=keep_alive, max_instances=max_instances,
+                                                             invoke_timeout_s=invoke_timeout),
                               platform_options=options)
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
@@ -285,34 +294,25 @@ def bench(
     a headline at the highest rate the Baseline sustains (results.json, results.md, plots under --out).
     """
     from faasmoe.bench.cleanup import session
-    from faasmoe.bench.load import Workload
-    from faasmoe.bench.multitenant import KNOWN, STRATEGIES, BenchConfig, run_bench
-    from faasmoe.init_model import init_model
+    from faasmoe.bench.multitenant import DEFAULTS, KNOWN, make_config, run_bench
+    from faasmoe.models.presets import init_model
 
     for s_ in [*strategy, *sweep_strategy]:
         if s_ not in KNOWN:
             _fail(f"unknown strategy {s_!r}; choose from {', '.join(KNOWN)}")
     if arrival not in ("poisson", "bursty"):
         _fail("--arrival is poisson or bursty")
-    model = model or Path("models/bench-tiny" if quick else "models/qwen-quarter")
-    if not (model / "config.json").is_file():
-        typer.echo(f"creating {model}")
-        init_model(preset or ("tiny" if quick else "qwen1.5-moe-a2.7b-quarter"), model, layers=layers)
-    workload = Workload(
-        tenants=tenants, arrival=arrival, burst_on_s=burst_on or (3.0 if quick else 10.0),  # type: ignore[arg-type]
-        burst_off_s=burst_off or (3.0 if quick else 20.0), duration_s=duration or (12.0 if quick else 120.0),
-        max_requests=max_requests,
-        prompt_tokens=_range(prompt_tokens, "--prompt-tokens") if prompt_tokens else ((8, 32) if quick else (32, 128)),
-        output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else ((8, 16) if quick else (32, 64)),
-        seed=seed)
-    sweeps = not no_sweep
-    cfg = BenchConfig(model=model.resolve(), workload=workload, rates=rate or ([0.5] if quick else [0.01, 0.02, 0.04, 0.08]),
-                      experts_per_function=experts_per_function or (2 if quick else 4),
-                      keep_alive_s=keep_alive if keep_alive is not None else (2.0 if quick else 10.0),
-                      keep_alive_sweep=(keep_alive_sweep or ([] if quick else [2.0, 10.0, 60.0])) if sweeps else [],
-                      keep_alive_ks=tuple(keep_alive_k), sweep=sweep if sweeps else [],
-                      sweep_strategies=tuple(sweep_strategy) or ("faasmoe-private", "faasmoe-shared"),
-                      strategies=tuple(strategy) or STRATEGIES, platform=platform)
+    cfg = make_config(
+        quick, model=model, tenants=tenants, rates=rate, arrival=arrival, burst_on_s=burst_on, burst_off_s=burst_off,
+        duration_s=duration, max_requests=max_requests,
+        prompt_tokens=_range(prompt_tokens, "--prompt-tokens") if prompt_tokens else None,
+        output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else None, seed=seed,
+        experts_per_function=experts_per_function, keep_alive_s=keep_alive, keep_alive_sweep=keep_alive_sweep,
+        keep_alive_ks=tuple(keep_alive_k), sweeps=not no_sweep, sweep=sweep, sweep_strategies=tuple(sweep_strategy),
+        strategies=tuple(strategy), platform=platform)
+    if not (cfg.model / "config.json").is_file():
+        typer.echo(f"creating {cfg.model}")
+        init_model(preset or DEFAULTS[quick]["preset"], cfg.model, layers=layers)
     if chaos:
         from faasmoe.bench.chaos import run_chaos
 
@@ -348,13 +348,14 @@ def package_cmd(
     reference_weights: bool = typer.Option(False, "--reference-weights",
                                            help="Point at the checkpoint's files instead of copying each "
                                                 "function's tensors into its package."),
-    keep_alive: float = typer.Option(30.0, metavar="SECONDS", help="Scale-to-zero delay written into the deploy "
-                                                                   "files."),
-    max_instances: int = typer.Option(4, metavar="N", help="Maximum instances written into the deploy files."),
+    keep_alive: float = typer.Option(_d("keep_alive_s"), metavar="SECONDS",
+                                     help="Scale-to-zero delay written into the deploy files."),
+    max_instances: int = typer.Option(_d("max_instances"), metavar="N",
+                                      help="Maximum instances written into the deploy files."),
 ) -> None:
     """Package every expert function for an external FaaS platform, plus a manifest for --platform http."""
-    from faasmoe.checkpoint import CheckpointError
-    from faasmoe.package import package
+    from faasmoe.models.checkpoint import CheckpointError
+    from faasmoe.packaging.build import package
 
     try:
         manifest = package(model, experts_per_function, target, out, base_url=base_url, start_port=start_port,
@@ -366,11 +367,6 @@ def package_cmd(
     typer.echo(f"the functions require the token in {out / 'function-token'} (0600; keep it out of version "
                f"control): faasmoe serve --platform http --functions {manifest} "
                f"--function-token \"$(cat {out / 'function-token'})\"")
-
-
-def _d(field: str) -> Any:
-    """A server setting's default, shown in --help (the flags default to it, the config file may override it)."""
-    return (_TENANT if field in _TENANT else _SERVE)[field].default
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -391,14 +387,14 @@ def _is_loopback(host: str) -> bool:
 
 def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_source: str) -> str:
     """What a user needs to call the server, printed once it listens, so it is the last thing on screen."""
-    from faasmoe.init_model import has_random_weights
+    from faasmoe.models.presets import has_random_weights
 
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{host}:{port}"
     lines = ["=" * 78, f"faasmoe is serving {cfg.served_model_name!r} at {base}/v1 (OpenAI API; Ctrl-C stops it)",
              f"  model      {cfg.model}",
              f"  mode       {cfg.mode}; experts on the {cfg.platform} platform, {cfg.experts_per_function} per "
-             f"function, keep-alive {cfg.keep_alive_s:g} s"]
+             f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"]
     if has_random_weights(cfg.model):
         lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
                   "             download a Qwen1.5-MoE-A2.7B checkpoint directory and serve it with --model DIR."]
@@ -489,7 +485,7 @@ def serve(
 
     It prints, once it listens, the URL, the tenants with their keys and limits, and the admin key.
     """
-    from faasmoe.checkpoint import CheckpointError
+    from faasmoe.models.checkpoint import CheckpointError
     from faasmoe.serving.app import ListenError, check_listen
     from faasmoe.serving.app import serve as run_server
     from faasmoe.serving.config import ConfigError, load_config
@@ -524,7 +520,7 @@ def serve(
     except ListenError as e:
         _fail(str(e))
     if not (cfg.model / "config.json").is_file():
-        from faasmoe.init_model import init_model
+        from faasmoe.models.presets import init_model
 
         typer.echo(f"model {cfg.model} not found: creating it from preset {cfg.preset!r} (random weights)")
         try:
@@ -532,7 +528,7 @@ def serve(
         except ValueError as e:
             _fail(str(e))
     try:
-        from faasmoe.checkpoint import Checkpoint
+        from faasmoe.models.checkpoint import Checkpoint
 
         Checkpoint(cfg.model)
     except CheckpointError as e:

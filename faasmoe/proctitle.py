@@ -1,6 +1,6 @@
 """Process titles: every long-lived faasmoe process says what it is in `ps` and `top`.
 
-Without them every function instance shows as `python -m faasmoe.platforms.zygote` and an
+Without them every function instance shows as `python -m faasmoe.platforms.local.zygote` and an
 operator cannot tell a server from a zygote or a tenant's orchestrator. Titles all start
 with `faasmoe ` followed by the role (`serve :8000`, `zygote`, `function <model> L<layer>/B<block>`,
 `orchestrator <tenant>`, `bench <strategy>`); `role_of` reads them back, for the bench's

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from faasmoe.init_model import init_model
+from faasmoe.models.presets import init_model
 
 VARIANTS = {
     "tiny": {},

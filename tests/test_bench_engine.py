@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 
 from faasmoe.bench.engine import cold_start_cost
-from faasmoe.checkpoint import Checkpoint
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import function_specs
+from faasmoe.control.deployment import Deployment
+from faasmoe.models.checkpoint import Checkpoint
 
 
 def test_cold_start_is_measured_with_a_warm_and_with_an_evicted_page_cache(tiny, tmp_path):
     private = shutil.copytree(tiny, tmp_path / "tiny")  # pages another test's process maps cannot be evicted
-    spec = function_specs(Checkpoint(private), contiguous_blocks(8, 2), "float32")[0]
+    spec = Deployment.plan(Checkpoint(private), 2, "float32").specs[0]
     c = cold_start_cost(spec, "local", reps=2)
     assert c["bytes"] == spec.nbytes
     for state in ("warm", "cold"):

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from faasmoe.checkpoint import Checkpoint, CheckpointError
-from faasmoe.init_model import init_model, make_config
+from faasmoe.models.checkpoint import Checkpoint, CheckpointError
+from faasmoe.models.presets import init_model, make_config
 
 
 def test_init_model_writes_a_standard_sharded_checkpoint(tmp_path):

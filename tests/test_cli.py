@@ -251,7 +251,7 @@ def test_serve_creates_a_missing_model_answers_and_stops_everything_on_sigterm(t
 
 
 def test_init_model_marks_its_checkpoints_as_random(tiny, tmp_path):
-    from faasmoe.init_model import RANDOM_WEIGHTS_MARKER, has_random_weights
+    from faasmoe.models.presets import RANDOM_WEIGHTS_MARKER, has_random_weights
 
     assert has_random_weights(tiny) and "random" in (Path(tiny) / RANDOM_WEIGHTS_MARKER).read_text()
     assert not has_random_weights(tmp_path)  # a downloaded checkpoint has no marker

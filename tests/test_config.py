@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_config_in_the_repository_loads():
     c = load_config(ROOT / "faasmoe.example.toml")
     assert c.mode == "shared" and [t.name for t in c.tenants] == ["alice", "bob"]
-    assert c.tenants[1].tokens_per_minute == 20000 and c.platform_config().keep_alive_s == 30
+    assert c.tenants[1].tokens_per_minute == 20000 and c.scaling.keep_alive_s == 30
 
 
 def test_yaml_and_flag_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("mode: private\nkeep_alive_s: 5\ntenants:\n  - {name: a, key: sk-aaaaaaaa}\n")
     c = load_config(f, keep_alive_s=9.0, port=None)
-    assert c.mode == "private" and c.keep_alive_s == 9.0 and c.port == 8000 and c.tenants[0].name == "a"
+    assert c.mode == "private" and c.scaling.keep_alive_s == 9.0 and c.port == 8000 and c.tenants[0].name == "a"
 
 
 def test_without_tenants_one_default_tenant_and_keys_are_generated():
@@ -51,11 +51,13 @@ def _fields(model) -> set[str]:
 
 
 def test_example_config_shows_every_field_and_its_commented_lines_are_valid(tmp_path):
+    from faasmoe.platforms import PlatformConfig
     from faasmoe.serving.config import ServerConfig, TenantConfig
 
     text = (ROOT / "faasmoe.example.toml").read_text()
     named = set(re.findall(r"^#? ?(\w+) = ", text, flags=re.M))
-    assert _fields(ServerConfig) - {"tenants"} <= named, "faasmoe.example.toml misses a config field"
+    assert _fields(ServerConfig) - {"tenants", "scaling"} <= named, "faasmoe.example.toml misses a config field"
+    assert _fields(PlatformConfig) <= named, "faasmoe.example.toml misses a scaling field"
     assert _fields(TenantConfig) <= named
     uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M)  # every optional line switched on
     f = tmp_path / "all.toml"
@@ -144,3 +146,21 @@ def test_toml_syntax_errors_give_the_place_not_the_text(tmp_path):
     with pytest.raises(ConfigError, match="line") as e:
         load_config(f)
     assert "SECRET" not in str(e.value)
+
+
+def test_scaling_settings_as_a_table_or_top_level_keys_and_flags_override_either(tmp_path):
+    """Each scaling default lives in PlatformConfig; files and flags that name them at the top level still work."""
+    table = tmp_path / "table.toml"
+    table.write_text("[scaling]\nkeep_alive_s = 5\nmax_instances = 2\n")
+    c = load_config(table)
+    assert (c.scaling.keep_alive_s, c.scaling.max_instances, c.scaling.max_retries) == (5, 2, 2)
+    assert load_config(table, keep_alive_s=7.0).scaling.keep_alive_s == 7.0  # a flag wins over the file
+    flat = tmp_path / "flat.toml"
+    flat.write_text("keep_alive_s = 5\nthreads_per_instance = 2\n")
+    assert load_config(flat, max_instances=3).scaling.model_dump(include={"keep_alive_s", "threads_per_instance",
+                                                                          "max_instances"}) == \
+        {"keep_alive_s": 5, "threads_per_instance": 2, "max_instances": 3}
+    both = tmp_path / "both.toml"
+    both.write_text("keep_alive_s = 5\n[scaling]\nkeep_alive_s = 6\n")
+    with pytest.raises(ConfigError, match="keep_alive_s given both"):
+        load_config(both)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from faasmoe.bench.corpus import expert_top_share, prompt_texts, sentences
-from faasmoe.init_model import tokenizer_dir
+from faasmoe.models.presets import tokenizer_dir
 
 
 @pytest.fixture(scope="module")

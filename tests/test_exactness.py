@@ -33,7 +33,7 @@ def test_logits_and_greedy_tokens_equal_transformers(checkpoint, reference, vari
 
 def test_variants_exercise_the_config_options(checkpoint):
     """Guard the test matrix itself: each variant really sets what it claims."""
-    from faasmoe.checkpoint import Checkpoint
+    from faasmoe.models.checkpoint import Checkpoint
 
     sparse = Checkpoint(checkpoint("sparse2-normtopk"))
     assert sparse.moe_layers() == [1, 3] and sparse.config.norm_topk_prob
@@ -70,7 +70,7 @@ def test_batched_step_equals_single_sequences(tiny):
 def test_the_monolithic_baseline_equals_transformers_and_batches(checkpoint, reference, variant):
     """The Baseline (every expert resident, batched steps) is the same model, not a slower or different one."""
     from faasmoe.control.sequence import SamplingParams
-    from faasmoe.monolithic import MonolithicEngine
+    from faasmoe.engines.monolithic import MonolithicEngine
 
     path = checkpoint(variant)
     with MonolithicEngine(path) as engine:

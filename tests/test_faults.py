@@ -12,7 +12,7 @@ import httpx
 import psutil
 from helpers import running_server
 
-from faasmoe.platforms.local import LocalPlatform
+from faasmoe.platforms.local.platform import LocalPlatform
 from faasmoe.proctitle import role_of, title_of
 
 A, B = "sk-alice-0001", "sk-bob-0000002"

@@ -10,17 +10,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import function_specs
-from faasmoe.platforms.transport import recv_frame, send_frame
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.platforms.local.transport import recv_frame, send_frame
 
 
 @pytest.fixture(scope="module")
 def fn(tiny):
-    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")[0]
+    spec = Deployment.plan(Checkpoint(tiny), 2, "float32").specs[0]
     return ExpertFunction(spec)
 
 
@@ -99,9 +98,9 @@ def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_
     import signal
     import time
 
-    from faasmoe.platforms.zygote import Zygote
+    from faasmoe.platforms.local.zygote import Zygote
 
-    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")[0]
+    spec = Deployment.plan(Checkpoint(tiny), 2, "float32").specs[0]
     path = str(tmp_path / "fn.sock")
     zygote = Zygote.shared()
     zygote.wait_ready()

@@ -15,12 +15,10 @@ import pytest
 import torch
 
 import faasmoe
-from faasmoe.checkpoint import Checkpoint
-from faasmoe.engine import prewarm_calls
+from faasmoe.control.deployment import Deployment, prewarm_calls
 from faasmoe.functions import wire
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import function_specs
-from faasmoe.package import package
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.packaging.build import package
 from faasmoe.platforms import InvocationError, PlatformConfig
 from faasmoe.platforms.http import HttpPlatform
 
@@ -88,6 +86,22 @@ def test_package_contents_for_every_target(tiny, tmp_path):
     assert "com.openfaas.scale.zero" in (tmp_path / "openfaas" / "stack.yml").read_text()
     svc = next((tmp_path / "knative" / "functions").iterdir()) / "service.yaml"
     assert 'min-scale: "0"' in svc.read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in (svc.parent / "requirements.txt").read_text()
+
+
+def test_a_package_runs_on_its_vendored_code_alone(tiny, tmp_path):
+    """The handler's code is copied into each package: it must import nothing of faasmoe that is not there."""
+    manifest = json.loads(package(tiny, K, "openfaas", tmp_path).read_text())
+    d = tmp_path / "functions" / next(iter(manifest["functions"].values()))["name"]
+    probe = ("import sys, faasmoe, faasmoe.functions.http_server, faasmoe.functions.expert\n"
+             "assert faasmoe.__file__.startswith(sys.argv[1]), faasmoe.__file__\n"
+             "assert not [m for m in sys.modules if m.startswith('faasmoe.') and m.split('.')[1] in "
+             "('engines', 'control', 'serving', 'platforms')], 'imports the control plane'\n"
+             "import handler\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"FAASMOE_TOKEN_FILE": str(tmp_path / "function-token")}
+    r = subprocess.run([sys.executable, "-c", probe, str(d)], cwd=d, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_exact_logits_and_tokens_over_http(tiny, reference, packaged):
@@ -108,7 +122,7 @@ def test_exact_logits_and_tokens_over_http(tiny, reference, packaged):
 
 
 def test_function_token_is_enforced(tiny, packaged):
-    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, K), "float32")[0]
+    spec = Deployment.plan(Checkpoint(tiny), K, "float32").specs[0]
     platform = HttpPlatform(PlatformConfig(max_retries=0), packaged, token="wrong")
     try:
         with pytest.raises(InvocationError, match="401"):
@@ -129,7 +143,7 @@ def test_packaged_server_refuses_to_start_without_a_token(packaged):
 
 
 def test_tinyfaas_and_openfaas_entry_points_answer_frames(tiny, tmp_path):
-    spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, K), "float32")[0]
+    spec = Deployment.plan(Checkpoint(tiny), K, "float32").specs[0]
     g = torch.Generator().manual_seed(0)
     inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block, torch.randn(2, 64, generator=g),
                           torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 3], dtype=torch.int32),
@@ -175,7 +189,7 @@ def test_base64_bodies_over_http(tiny, tmp_path):
     # serve only the first function; one call proves base64 in both directions
     procs = _serve_packages_subset(manifest, m, 1)
     try:
-        spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 8), "float32")[0]
+        spec = Deployment.plan(Checkpoint(tiny), 8, "float32").specs[0]
         platform = HttpPlatform(PlatformConfig(), manifest)  # no token given: the one beside the manifest
         reply = platform.invoke(spec.id, prewarm_calls([spec])[0][1])
         platform.close()

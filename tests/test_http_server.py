@@ -9,11 +9,11 @@ from http.server import ThreadingHTTPServer
 import pytest
 import torch
 
-from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.deployment import Deployment
 from faasmoe.functions import http_server, wire
 from faasmoe.functions.http_server import FunctionServer, TokenError, make_handler
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import MAX_TOKENS_PER_CALL, function_specs, max_frame_bytes
+from faasmoe.functions.spec import MAX_TOKENS_PER_CALL, max_frame_bytes
+from faasmoe.models.checkpoint import Checkpoint
 
 TOKEN = "sk-fn-test-token"
 CLIENT_TIMEOUT_S = 60  # a failure detector only: every answer below comes at once from a fixed server
@@ -21,7 +21,7 @@ CLIENT_TIMEOUT_S = 60  # a failure detector only: every answer below comes at on
 
 @pytest.fixture(scope="module")
 def spec(tiny):
-    return function_specs(Checkpoint(tiny), contiguous_blocks(8, 4), "float32")[0]
+    return Deployment.plan(Checkpoint(tiny), 4, "float32").specs[0]
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import torch
 
 import faasmoe
 from faasmoe.bench.corpus import expert_top_share, prompt_texts
-from faasmoe.checkpoint import Checkpoint
-from faasmoe.init_model import ROUTER_SKEW_LEVELS, init_model, make_config, router_skew_value
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.presets import ROUTER_SKEW_LEVELS, init_model, make_config, router_skew_value
 
 # The reference model's routing (60 experts, top-4) on the tiny preset's widths.
 ROUTING = {"num_experts": 60, "num_experts_per_tok": 4}

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from faasmoe import kernels
+from faasmoe.models import kernels
 
 
 @pytest.fixture

@@ -308,7 +308,7 @@ def test_note_exit_reads_the_final_counter_and_the_start_time():
 
 
 def test_the_local_platform_notes_an_instance_exit_right_before_it_kills_it():
-    from faasmoe.platforms.local import LocalPlatform, _Instance, _Pool
+    from faasmoe.platforms.local.platform import LocalPlatform, _Instance, _Pool
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     platform = LocalPlatform()  # not started: no zygote needed to stop an instance

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from faasmoe.checkpoint import Checkpoint
-from faasmoe.package import TARGETS, package, secret_name
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.packaging.build import TARGETS, package, secret_name
 
 K = 4
 SECRET_FILES = {"function-token", "knative-secret.yaml"}  # out/ files that hold the token, by design

@@ -16,20 +16,20 @@ import time
 import pytest
 import torch
 
-from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import function_specs, max_frame_bytes
+from faasmoe.functions.spec import max_frame_bytes
+from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.platforms import InvocationError, PlatformConfig
-from faasmoe.platforms.local import LocalPlatform
-from faasmoe.platforms.transport import recv_frame, send_frame
-from faasmoe.platforms.zygote import Zygote
+from faasmoe.platforms.local.platform import LocalPlatform
+from faasmoe.platforms.local.transport import recv_frame, send_frame
+from faasmoe.platforms.local.zygote import Zygote
 
 
 @pytest.fixture(scope="module")
 def specs(tiny):
-    return function_specs(Checkpoint(tiny), contiguous_blocks(8, 2), "float32")
+    return Deployment.plan(Checkpoint(tiny), 2, "float32").specs
 
 
 def frame_for(spec, tokens: int = 3, seed: int = 0) -> tuple[bytes, wire.Invocation]:
@@ -187,7 +187,7 @@ def test_warm_starts_an_instance_ahead_of_its_first_call_which_is_a_warm_hit(spe
 
 
 def test_warm_through_the_gateway_starts_the_instance_in_the_platform_process(specs, tmp_path):
-    from faasmoe.platforms.gateway import GatewayPlatform, GatewayServer
+    from faasmoe.serving.private.gateway import GatewayPlatform, GatewayServer
 
     s = specs[5]
     with LocalPlatform(PlatformConfig()) as p:

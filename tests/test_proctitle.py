@@ -8,15 +8,13 @@ from faasmoe.proctitle import role_of, title_of
 
 
 def test_a_function_instance_and_its_zygote_are_named(tiny):
-    from faasmoe.checkpoint import Checkpoint
-    from faasmoe.engine import prewarm_calls
-    from faasmoe.functions.packing import contiguous_blocks
-    from faasmoe.functions.spec import function_specs
+    from faasmoe.control.deployment import Deployment, prewarm_calls
+    from faasmoe.models.checkpoint import Checkpoint
     from faasmoe.platforms import PlatformConfig
-    from faasmoe.platforms.local import LocalPlatform
+    from faasmoe.platforms.local.platform import LocalPlatform
 
     ckpt = Checkpoint(tiny)
-    spec = function_specs(ckpt, contiguous_blocks(ckpt.config.num_experts, 4), "float32")[-1]
+    spec = Deployment.plan(ckpt, 4, "float32").specs[-1]
     p = LocalPlatform(PlatformConfig())
     p.start()
     try:

@@ -12,7 +12,7 @@ import pytest
 from helpers import ADMIN, running_server
 
 from faasmoe.control.sequence import SamplingParams
-from faasmoe.engine import Engine
+from faasmoe.engines.distributed import Engine
 
 ALICE, BOB, DAVE, EVE = "sk-alice-0001", "sk-bob-0000002", "sk-dave-000004", "sk-eve-0000005"
 TENANTS = [

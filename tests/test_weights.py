@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from faasmoe.checkpoint import Checkpoint, expert_key
-from faasmoe.weights import map_stacked, map_tensors, stacked_rows
+from faasmoe.models.checkpoint import Checkpoint, expert_key
+from faasmoe.models.weights import map_stacked, map_tensors, stacked_rows
 
 
 def test_adjacent_tensors_map_as_one_and_others_are_concatenated(tiny):

@@ -8,11 +8,11 @@ import struct
 import pytest
 import torch
 
-from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import function_specs, max_frame_bytes
-from faasmoe.platforms.transport import recv_frame, send_frame
+from faasmoe.functions.spec import max_frame_bytes
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.platforms.local.transport import recv_frame, send_frame
 
 
 def invocation(dtype=torch.float32, T=4, H=16, P=6) -> wire.Invocation:
@@ -78,7 +78,7 @@ def test_pair_pointing_outside_the_tokens_is_refused():
 
 def test_max_frame_bytes_is_the_largest_legal_invocation(tiny):
     for dtype in ("float32", "bfloat16"):
-        spec = function_specs(Checkpoint(tiny), contiguous_blocks(8, 4), dtype)[0]
+        spec = Deployment.plan(Checkpoint(tiny), 4, dtype).specs[0]
         T, k = 5, len(spec.experts)
         inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block,
                               torch.ones(T, spec.hidden_size, dtype=getattr(torch, dtype)),

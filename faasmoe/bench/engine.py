@@ -58,7 +58,9 @@ def dispatch_cost(engine, reps: int = 30) -> dict:
     """A decode step's MoE layer calls: through the platform vs computed in-process, one thread."""
     from faasmoe.functions.expert import ExpertFunction
 
+    engine.dispatcher.keep_calls = True
     engine.generate(PROMPT, max_tokens=2, ignore_eos=True)  # the last dispatch of each layer is a 1-token step
+    engine.dispatcher.keep_calls = False
     specs = {s.id: s for s in engine.specs}
     layers = {}
     threads = torch.get_num_threads()
@@ -90,7 +92,7 @@ def _resident(ranges) -> int:
 def _set_cache(spec, cold: bool) -> int:
     """Evict the function's weight bytes (cold) or read them in (warm); returns how many are resident after."""
     from faasmoe.metering.pagecache import FOLIO_MAX, evict
-    from faasmoe.weights import read_bytes
+    from faasmoe.models.weights import read_bytes
 
     ranges = _ranges(spec)
     if cold:  # whole 2 MiB blocks around each tensor: a large folio that straddles a tensor's edge goes too
@@ -119,7 +121,7 @@ def _wait_exited(pids: list[int], timeout: float = 30.0) -> None:
 def plain_read_cost(spec, cold: bool, reps: int = 5) -> dict:
     """`preadv` of the function's weight bytes into fresh memory, median of `reps`, from a warm or an evicted
     page cache; `resident_before_bytes` is the most of them that were in the cache before a read."""
-    from faasmoe.weights import read_bytes
+    from faasmoe.models.weights import read_bytes
 
     times, resident = [], []
     for _ in range(reps):
@@ -152,7 +154,7 @@ def cold_start_cost(spec, platform: str = "local", reps: int = 5, options: dict 
 
 
 def _cold_starts(spec, platform: str, reps: int, options: dict | None, cold: bool) -> dict:
-    from faasmoe.engine import prewarm_calls
+    from faasmoe.control.deployment import prewarm_calls
     from faasmoe.platforms import PlatformConfig, create_platform
 
     frame = prewarm_calls([spec])[0][1]
@@ -187,7 +189,7 @@ def _cold_starts(spec, platform: str, reps: int, options: dict | None, cold: boo
 
 
 def ensure_model(model: Path, layers: int) -> Path:
-    from faasmoe.init_model import init_model
+    from faasmoe.models.presets import init_model
 
     if not (model / "config.json").is_file():
         print(f"creating {model} (Qwen1.5-MoE-A2.7B dimensions, {layers} layers, bf16)")
@@ -211,7 +213,7 @@ def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
 def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
     """faasmoe's control plane with every expert resident in the process (the Baseline's engine): where the
     engine stands without any function call."""
-    from faasmoe.monolithic import MonolithicEngine
+    from faasmoe.engines.monolithic import MonolithicEngine
 
     with MonolithicEngine(model) as engine:
         ids = engine.encode(PROMPT)
@@ -223,9 +225,10 @@ def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
 
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
                      ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = ()) -> dict:
+    from transformers import Qwen2MoeForCausalLM
+
     import faasmoe
     from faasmoe.platforms import PlatformConfig
-    from transformers import Qwen2MoeForCausalLM
 
     set_title("bench-engine")
     ensure_model(Path(model), layers)

@@ -37,7 +37,7 @@ def binary(name: str) -> Path:
 
 def gguf_for(model: str | Path, outtype: str = "bf16") -> Path:
     """The checkpoint as GGUF (converted by llama.cpp's own script on first use, then cached)."""
-    from faasmoe.checkpoint import Checkpoint
+    from faasmoe.models.checkpoint import Checkpoint
 
     out = home() / "gguf" / f"{Checkpoint(model).digest}-{outtype}.gguf"
     if out.is_file():

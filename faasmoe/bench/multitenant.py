@@ -41,9 +41,19 @@ from tqdm import tqdm
 
 from faasmoe.bench import cleanup
 from faasmoe.bench.corpus import expert_top_share
-from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
-                                workload_json)
+from faasmoe.bench.load import (
+    Arrival,
+    Result,
+    Target,
+    Workload,
+    percentile,
+    run_load,
+    schedule,
+    summarize,
+    workload_json,
+)
 from faasmoe.bench.machine import machine_info
+from faasmoe.metering.billing import split_interval
 from faasmoe.metering.meter import Label, Meter
 from faasmoe.proctitle import role_of, set_title
 
@@ -73,6 +83,45 @@ class BenchConfig:
     max_batch: int = 16
     meter_interval_s: float = 1.0  # reading a 2 GB process's smaps costs ~17 ms: sample sparingly
     startup_timeout_s: float = 600.0
+
+
+# The bench's defaults, full and --quick (tiny model, one short on/off load, short keep-alive: minutes).
+DEFAULTS = {
+    False: {"model": "models/qwen-quarter", "preset": "qwen1.5-moe-a2.7b-quarter", "rates": [0.01, 0.02, 0.04, 0.08],
+            "burst_on_s": 10.0, "burst_off_s": 20.0, "duration_s": 120.0, "prompt_tokens": (32, 128),
+            "output_tokens": (32, 64), "experts_per_function": 4, "keep_alive_s": 10.0,
+            "keep_alive_sweep": [2.0, 10.0, 60.0]},
+    True: {"model": "models/bench-tiny", "preset": "tiny", "rates": [0.5], "burst_on_s": 3.0, "burst_off_s": 3.0,
+           "duration_s": 12.0, "prompt_tokens": (8, 32), "output_tokens": (8, 16), "experts_per_function": 2,
+           "keep_alive_s": 2.0, "keep_alive_sweep": []},
+}
+
+
+def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rates: list[float] | None = None,
+                arrival: str = "bursty", burst_on_s: float | None = None, burst_off_s: float | None = None,
+                duration_s: float | None = None, max_requests: int | None = None,
+                prompt_tokens: tuple[int, int] | None = None, output_tokens: tuple[int, int] | None = None,
+                seed: int = 0, experts_per_function: int | None = None, keep_alive_s: float | None = None,
+                keep_alive_sweep: list[float] | None = None, keep_alive_ks: tuple[int, ...] = (1, 4),
+                sweeps: bool = True, sweep: list[int] | None = None, sweep_strategies: tuple[str, ...] = (),
+                strategies: tuple[str, ...] = (), platform: str = "local") -> BenchConfig:
+    """A bench from what the user gave (None or empty: the default of a full or a --quick bench)."""
+    d = DEFAULTS[quick]
+
+    def pick(value, name):
+        return d[name] if value is None or value == [] else value
+
+    workload = Workload(tenants=tenants, arrival=arrival, burst_on_s=pick(burst_on_s, "burst_on_s"),  # type: ignore[arg-type]
+                        burst_off_s=pick(burst_off_s, "burst_off_s"), duration_s=pick(duration_s, "duration_s"),
+                        max_requests=max_requests, prompt_tokens=pick(prompt_tokens, "prompt_tokens"),
+                        output_tokens=pick(output_tokens, "output_tokens"), seed=seed)
+    return BenchConfig(model=Path(pick(model, "model")).resolve(), workload=workload, rates=pick(rates, "rates"),
+                       experts_per_function=pick(experts_per_function, "experts_per_function"),
+                       keep_alive_s=pick(keep_alive_s, "keep_alive_s"),
+                       keep_alive_sweep=pick(keep_alive_sweep, "keep_alive_sweep") if sweeps else [],
+                       keep_alive_ks=keep_alive_ks, sweep=(sweep or []) if sweeps else [],
+                       sweep_strategies=sweep_strategies or FAASMOE, strategies=strategies or STRATEGIES,
+                       platform=platform)
 
 
 @dataclass(frozen=True)
@@ -328,15 +377,11 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
     warm = [r.ttft_s for r in results if r.ok and r.cold_prefill is False and r.ttft_s is not None]
     by_tenant = meter.by(lambda lb: lb.tenant or "")
     shared = by_tenant.get("", {})
-    served = {i: sum(r.prompt_tokens + r.completion_tokens for r in results if r.ok and r.tenant == i)
+    served = {f"t{i}": sum(r.prompt_tokens + r.completion_tokens for r in results if r.ok and r.tenant == i)
               for i in range(tenants)}
-    everyone = sum(served.values()) or 1
-    per_tenant = {}
-    for i in range(tenants):
-        own = by_tenant.get(f"t{i}", {})
-        share = served[i] / everyone
-        per_tenant[f"t{i}"] = {k: own.get(k, 0.0) + share * shared.get(k, 0.0)
-                               for k in ("cpu_seconds", "gb_seconds", "gb_seconds_billed")}
+    costs = ("cpu_seconds", "gb_seconds", "gb_seconds_billed")
+    parts = split_interval({k: shared.get(k, 0.0) for k in costs}, served, costs)  # the run as one interval
+    per_tenant = {t: {k: by_tenant.get(t, {}).get(k, 0.0) + parts[t][k] for k in costs} for t in served}
     return {
         "strategy": run.strategy, "rate_per_tenant": run.rate, "experts_per_function": run.k,
         "keep_alive_s": run.keep_alive_s, "purpose": run.purpose,

@@ -11,14 +11,14 @@ Shapes: T = tokens, H = hidden, A = experts per token, n = tokens sent to one fu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from faasmoe.control.deployment import block_of_expert
 from faasmoe.functions import wire
-from faasmoe.functions.packing import block_of_expert
 from faasmoe.functions.spec import function_id, max_tokens_per_call
 from faasmoe.platforms.base import Platform
 
@@ -26,12 +26,10 @@ from faasmoe.platforms.base import Platform
 @dataclass
 class DispatchStats:
     dispatches: int = 0  # MoE layer steps
-    invocations: int = 0  # function calls
     tokens_sent: int = 0  # token rows sent, summed over calls
     bytes_sent: int = 0
     bytes_received: int = 0
     wait_s: float = 0.0  # time the control plane blocked in `finish`
-    per_layer: dict[int, int] = field(default_factory=dict)  # invocations per MoE layer
 
 
 @dataclass
@@ -43,23 +41,24 @@ class Pending:
 
 
 class ExpertDispatcher:
-    def __init__(self, platform: Platform, model: str, blocks: list[list[int]], num_experts: int,
+    def __init__(self, platform: Platform, model_digest: str, blocks: list[list[int]], num_experts: int,
                  dtype: torch.dtype, max_tokens: int | None = None):
         self.platform = platform
         self.max_tokens = max_tokens or max_tokens_per_call()
-        self.model = model
-        self.model_bytes = bytes.fromhex(model)
+        self.model_digest = model_digest  # names the checkpoint in function ids and frames
+        self.digest = bytes.fromhex(model_digest)
         self.block_of = block_of_expert(blocks, num_experts).numpy()  # [E]
         self.dtype = dtype
         self.stats = DispatchStats()
-        self.last_calls: dict[int, list[tuple[str, bytes]]] = {}  # per layer, the calls of the latest dispatch
+        self.keep_calls = False  # keep each layer's latest calls in `last_calls` (for bench-engine)
+        self.last_calls: dict[int, list[tuple[str, bytes]]] = {}
         self.num_blocks = len(blocks)
         self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
 
     def _function_ids(self, layer: int) -> list[str]:
         fids = self._fids.get(layer)
         if fids is None:
-            fids = self._fids[layer] = [function_id(self.model, layer, b) for b in range(self.num_blocks)]
+            fids = self._fids[layer] = [function_id(self.model_digest, layer, b) for b in range(self.num_blocks)]
         return fids
 
     def prefetch(self, layer: int, experts: torch.Tensor) -> None:
@@ -67,7 +66,7 @@ class ExpertDispatcher:
         fids = self._function_ids(layer)
         self.platform.warm([fids[b] for b in np.unique(self.block_of[experts.numpy()]).tolist()])
 
-    def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> Pending:
+    def send(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> Pending:
         """x [T, H] normalised hidden states, experts/weights [T, A] from the router.
 
         The bookkeeping is numpy on a few hundred pairs (a microsecond an op, where a torch op costs several);
@@ -96,19 +95,18 @@ class ExpertDispatcher:
             for first, (p0, p1) in zip(range(0, len(rows), cap), zip(bounds, bounds[1:])):
                 r = rows[first:first + cap]
                 calls.append((fids[b], wire.encode_invocation_raw(
-                    self.model_bytes, layer, b, self.dtype, len(r), H, xb[r], local[p0:p1] - first,
+                    self.digest, layer, b, self.dtype, len(r), H, xb[r], local[p0:p1] - first,
                     expert[lo + p0:lo + p1], weight[lo + p0:lo + p1])))
                 rows_of.append(r)
-        self.last_calls[layer] = calls
+        if self.keep_calls:
+            self.last_calls[layer] = calls
         st = self.stats
         st.dispatches += 1
-        st.invocations += len(calls)
-        st.per_layer[layer] = st.per_layer.get(layer, 0) + len(calls)
         st.tokens_sent += sum(len(r) for r in rows_of)
         st.bytes_sent += sum(len(f) for _, f in calls)
         return Pending(self.platform.submit(calls), rows_of, T, H)
 
-    def finish(self, p: Pending) -> torch.Tensor:
+    def combine(self, p: Pending) -> torch.Tensor:
         """[T, H]: the sum of every function's weighted expert outputs."""
         t0 = time.perf_counter()
         replies = self.platform.gather(p.batch)

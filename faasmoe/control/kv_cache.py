@@ -5,6 +5,8 @@ Shapes: L = layers, g = key/value heads, C = capacity (positions), d = head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -30,3 +32,12 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Chunk:
+    """The new tokens of one sequence in a step, at positions start .. start+len-1."""
+
+    cache: KVCache
+    tokens: torch.Tensor  # [t] long
+    start: int

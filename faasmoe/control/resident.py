@@ -13,35 +13,35 @@ from __future__ import annotations
 
 import torch
 
-from faasmoe.checkpoint import Checkpoint
+from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
-from faasmoe.functions.spec import function_specs
+from faasmoe.models.checkpoint import Checkpoint
 
 
 class ResidentExperts:
     """All routed experts of every MoE layer, loaded at start-up into this process's own memory."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True):
-        everything = [list(range(ckpt.config.num_experts))]
         self.layers: dict[int, ExpertFunction] = {}
-        for spec in function_specs(ckpt, everything, str(dtype).removeprefix("torch.")):
+        every_expert = Deployment.plan(ckpt, ckpt.config.num_experts, str(dtype).removeprefix("torch."))
+        for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec)
             if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
                 fn.gate_up, fn.down = ([w.clone() for w in ws] for ws in (fn.gate_up, fn.down))
             self.layers[spec.layer] = fn
-        self.model = bytes.fromhex(ckpt.digest)
+        self.digest = bytes.fromhex(ckpt.digest)
         self.nbytes = sum(w.numel() * w.element_size() for fn in self.layers.values()
                           for ws in (fn.gate_up, fn.down) for w in ws)
 
-    def start(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def send(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""
         T, A = experts.shape
-        inv = wire.Invocation(self.model, layer, 0, x, torch.arange(T, dtype=torch.int32).repeat_interleave(A),
+        inv = wire.Invocation(self.digest, layer, 0, x, torch.arange(T, dtype=torch.int32).repeat_interleave(A),
                               experts.flatten().to(torch.int32), weights.flatten().to(torch.float32))
         return self.layers[layer].compute(inv)
 
-    def finish(self, result: torch.Tensor) -> torch.Tensor:
+    def combine(self, result: torch.Tensor) -> torch.Tensor:
         return result
 
     def prefetch(self, layer: int, experts: torch.Tensor) -> None:

@@ -1,4 +1,9 @@
-"""A request being generated: its tokens, KV cache, sampling settings, text and stop rules."""
+"""A request being generated: its token ids, KV cache and sampling settings.
+
+The control plane deals in token ids: a sequence ends on an end-of-sequence token or at max_tokens.
+Text (detokenising, stop strings) is the output side's (`engines/output.py`), which ends a sequence
+whose text reached a stop string through `stop_at_text`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from faasmoe.control.kv_cache import KVCache
-from faasmoe.control.model import Chunk
+from faasmoe.control.kv_cache import Chunk, KVCache
 
 _ids = itertools.count()
 
@@ -39,8 +43,6 @@ class Sequence:
     tenant: str = "default"
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already handed to a stream
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
     error: str | None = None
     created: float = field(default_factory=time.perf_counter)
@@ -66,22 +68,14 @@ class Sequence:
             return Chunk(self.cache, torch.tensor(self.prompt_ids, dtype=torch.long), 0)
         return Chunk(self.cache, torch.tensor(self.output_ids[-1:], dtype=torch.long), self.cache.length)
 
-    def append(self, token: int, decode) -> None:
-        """Add a sampled token; update the text and decide whether the sequence is done."""
-        now = time.perf_counter()
+    def append(self, token: int) -> None:
+        """Add a sampled token; end the sequence on an end-of-sequence token or at max_tokens."""
         if self.first_token_at is None:
-            self.first_token_at = now
+            self.first_token_at = time.perf_counter()
         self.output_ids.append(token)
         if token in self.eos_ids and not self.params.ignore_eos:
             self.finish("stop")
-        text = decode(self.output_ids)
-        for s in self.params.stop:
-            i = text.find(s)
-            if i >= 0:
-                text = text[:i]
-                self.finish("stop")
-        self.text = text
-        if not self.finished and len(self.output_ids) >= self.params.max_tokens:
+        elif len(self.output_ids) >= self.params.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str, error: str | None = None) -> None:
@@ -90,20 +84,12 @@ class Sequence:
             self.error = error
             self.finished_at = time.perf_counter()
 
-    def new_text(self) -> str:
-        """Text that is safe to stream now: never a partial character or the start of a stop string."""
-        safe = len(self.text)
-        if not self.finished:
-            if self.text.endswith("\ufffd"):  # an incomplete UTF-8 sequence the next token will finish
-                safe -= 1
-            for s in self.params.stop:
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if self.text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
-        delta = self.text[self.emitted:safe]
-        self.emitted = max(self.emitted, safe)
-        return delta
+    def stop_at_text(self) -> None:
+        """Its text reached a stop string with the latest token: it ends with 'stop', even where that token
+        was also its last allowed one."""
+        if self.finish_reason in (None, "length"):
+            self.finish_reason, self.error = "stop", None
+            self.finished_at = self.finished_at or time.perf_counter()
 
 
 class SamplingError(ValueError):

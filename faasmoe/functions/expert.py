@@ -12,41 +12,19 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from faasmoe.checkpoint import expert_key
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
-from faasmoe.kernels import linear
-from faasmoe.weights import map_stacked, torch_dtype
-
-
-# Activations by their transformers config name (transformers itself is not imported: it costs seconds per cold start).
-ACTIVATIONS = {
-    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-}
-
-
-def activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) for x [n, H], gate and up stacked as one [2I, H] matrix, down [H, I]: the MLP
-    of a routed expert, of the shared expert and of a dense layer alike."""
-    gu = linear(x, gate_up)  # [n, 2I]
-    inter = down.shape[1]
-    return linear(act(gu[:, :inter]) * gu[:, inter:], down)
+from faasmoe.models.checkpoint import expert_key
+from faasmoe.models.layers import activation, gated_mlp
+from faasmoe.models.weights import map_stacked, torch_dtype
 
 
 class ExpertFunction:
     def __init__(self, spec: FunctionSpec):
         self.spec = spec
         self.dtype = torch_dtype(spec.dtype)
-        self.model = bytes.fromhex(spec.model)
+        self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
         self.act = activation(spec.hidden_act)
         loc = {t.name: t for t in spec.tensors}
         L = spec.layer
@@ -95,7 +73,7 @@ class ExpertFunction:
         """The frame is for this function and its pairs name only this block's experts (input values are checked
         only when the output is not finite: see `diagnose`)."""
         s = self.spec
-        if inv.model != self.model:
+        if inv.model != self.digest:
             raise wire.WireError(f"frame is for model {inv.model.hex()}, this function serves {s.model}")
         if (inv.layer, inv.block) != (s.layer, s.block):
             raise wire.WireError(f"frame is for layer {inv.layer} block {inv.block}, this function is "
@@ -124,10 +102,10 @@ class ExpertFunction:
                 out = self.compute(inv)
             if not bool(torch.isfinite(out).all()):  # never send NaN or inf on: say what was wrong instead
                 raise wire.WireError(self.diagnose(inv))
-            return wire.encode_result(self.model, self.spec.layer, self.spec.block, out)
+            return wire.encode_result(self.digest, self.spec.layer, self.spec.block, out)
         except wire.WireError as e:
-            return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.model, self.spec.layer,
+            return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.digest, self.spec.layer,
                                      self.spec.block)
         except Exception as e:  # a bug must reach the caller as an error, not kill the instance
-            return wire.encode_error(f"{self.spec.id}: {type(e).__name__}: {e}", self.model, self.spec.layer,
+            return wire.encode_error(f"{self.spec.id}: {type(e).__name__}: {e}", self.digest, self.spec.layer,
                                      self.spec.block)

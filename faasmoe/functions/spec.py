@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from faasmoe.checkpoint import Checkpoint, TensorLocation
 from faasmoe.functions.wire import HEADER_SIZE
-from faasmoe.weights import torch_dtype
+from faasmoe.models.checkpoint import Checkpoint, TensorLocation
+from faasmoe.models.weights import torch_dtype
 
 # Token rows one invocation may carry. A function refuses a larger frame before reading it, so a length
 # prefix or Content-Length cannot make it allocate more than this allows. Override: FAASMOE_MAX_TOKENS_PER_CALL.

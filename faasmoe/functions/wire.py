@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Frames arrive as read-only bytes; decoded tensors are views we only read. torch warns once about that.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
+# Frames arrive as read-only bytes; decoded tensors are views we only read. torch warns about that, from
+# this module's frames: silenced here only, not for the process.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=r"faasmoe\.functions\.wire")
 
 MAGIC = b"FMoE"
 VERSION = 1

@@ -15,11 +15,12 @@ from faasmoe.metering.meter import Meter
 COSTS = ("cpu_seconds", "gb_seconds")
 
 
-def split_interval(cost: dict[str, float], tokens: dict[str, int]) -> dict[str, dict[str, float]]:
+def split_interval(cost: dict[str, float], tokens: dict[str, int],
+                   keys: tuple[str, ...] = COSTS) -> dict[str, dict[str, float]]:
     """One interval's shared `cost`, split by each tenant's `tokens` in it (equally when none had any)."""
     total = sum(tokens.values())
     n = len(tokens)
-    return {t: {k: cost[k] * (tokens[t] / total if total else 1 / n) for k in COSTS} for t in tokens}
+    return {t: {k: cost[k] * (tokens[t] / total if total else 1 / n) for k in keys} for t in tokens}
 
 
 class SharedCostLedger:

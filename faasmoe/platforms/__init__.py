@@ -1,35 +1,44 @@
-"""FaaS platforms that run expert functions: `local` (embedded default), more behind the same interface."""
+"""FaaS platforms that run expert functions: `local` (embedded default), `http`, `ray`, behind one interface.
+
+A platform is registered here by its name and class; it is imported only when created (Ray, for one,
+costs seconds to import).
+"""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 from faasmoe.platforms.base import InvocationError, Platform, PlatformConfig
 
-PLATFORMS = ("local", "http", "ray")
+# name -> "module:class"
+REGISTRY: dict[str, str] = {
+    "local": "faasmoe.platforms.local.platform:LocalPlatform",
+    "http": "faasmoe.platforms.http:HttpPlatform",
+    "ray": "faasmoe.platforms.ray:RayPlatform",
+}
+PLATFORMS = tuple(REGISTRY)
+
+
+def platform_options(name: str, functions: str | Path | None = None, function_token: str | None = None,
+                     ray_address: str | None = None) -> dict:
+    """What platform `name` needs besides PlatformConfig, from the user's settings (flags or config file)."""
+    if name == "http":
+        if not functions:
+            raise ValueError("the http platform needs a function manifest (--functions manifest.json, "
+                             "written by `faasmoe package`)")
+        return {"manifest": functions, "token": function_token}
+    if name == "ray":
+        return {"address": ray_address}
+    return {}
 
 
 def create_platform(name: str, config: PlatformConfig | None = None, **options) -> Platform:
-    """A platform by its CLI name."""
-    config = config or PlatformConfig()
-    if name == "local":
-        from faasmoe.platforms.local import LocalPlatform
-
-        return LocalPlatform(config)
-    if name == "http":
-        from faasmoe.platforms.http import HttpPlatform
-
-        if not options.get("manifest"):
-            raise ValueError("the http platform needs a function manifest (--functions manifest.json, "
-                             "written by `faasmoe package`)")
-        return HttpPlatform(config, manifest=options["manifest"], token=options.get("token"))
-    if name == "ray":
-        from faasmoe.platforms.ray import RayPlatform
-
-        return RayPlatform(config, address=options.get("address"))
-    if name == "gateway":  # internal: a private-mode orchestrator reaching the server's platform
-        from faasmoe.platforms.gateway import GatewayPlatform
-
-        return GatewayPlatform(config, address=options["address"])
-    raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
+    """A platform by its name (not started); `options` as `platform_options` makes them."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config or PlatformConfig(), **options)
 
 
-__all__ = ["InvocationError", "Platform", "PlatformConfig", "PLATFORMS", "create_platform"]
+__all__ = ["InvocationError", "Platform", "PlatformConfig", "PLATFORMS", "create_platform", "platform_options"]

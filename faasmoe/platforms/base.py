@@ -8,6 +8,8 @@ events and resource use. It moves opaque wire frames: it never looks inside.
 
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -81,35 +83,63 @@ class InstanceInfo:
 
 @dataclass
 class EventLog:
-    """Counters per function plus the most recent events (bounded)."""
+    """Counters per function plus the most recent events (bounded): every platform's bookkeeping, thread-safe."""
 
     maxlen: int = 100_000
     stats: dict[str, FunctionStats] = field(default_factory=dict)
     recent: deque = field(default_factory=deque)
     cold_starts: int = 0  # over every function: cheap to read at every step
     prefetches: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def event(self, kind: EventKind, function: str, instance: str, duration_s: float,
+              load_s: float | None = None) -> None:
+        """Something happened to an instance now (see InstanceEvent)."""
+        self.record(InstanceEvent(kind, function, instance, time.time(), duration_s, load_s))
 
     def record(self, ev: InstanceEvent) -> None:
-        s = self.stats.setdefault(ev.function, FunctionStats())
-        if ev.kind == "cold_start":
-            self.cold_starts += 1
-            s.cold_starts += 1
-            s.cold_start_s += ev.duration_s
-        elif ev.kind == "prefetch":
-            self.prefetches += 1
-            s.prefetches += 1
-        elif ev.kind == "warm_hit":
-            s.warm_hits += 1
-        elif ev.kind == "eviction":
-            s.evictions += 1
-        elif ev.kind == "crash":
-            s.crashes += 1
-        elif ev.kind == "timeout":
-            s.timeouts += 1
-        if ev.kind != "warm_hit":  # warm hits are counted, not kept one by one
-            self.recent.append(ev)
-            while len(self.recent) > self.maxlen:
-                self.recent.popleft()
+        with self._lock:
+            s = self.stats.setdefault(ev.function, FunctionStats())
+            if ev.kind == "cold_start":
+                self.cold_starts += 1
+                s.cold_starts += 1
+                s.cold_start_s += ev.duration_s
+            elif ev.kind == "prefetch":
+                self.prefetches += 1
+                s.prefetches += 1
+            elif ev.kind == "warm_hit":
+                s.warm_hits += 1
+            elif ev.kind == "eviction":
+                s.evictions += 1
+            elif ev.kind == "crash":
+                s.crashes += 1
+            elif ev.kind == "timeout":
+                s.timeouts += 1
+            if ev.kind != "warm_hit":  # warm hits are counted, not kept one by one
+                self.recent.append(ev)
+                while len(self.recent) > self.maxlen:
+                    self.recent.popleft()
+
+    def invoked(self, function: str) -> None:
+        with self._lock:
+            self.function(function).invocations += 1
+
+    def retried(self, function: str) -> None:
+        with self._lock:
+            self.function(function).retries += 1
+
+    def called(self, function: str, busy_s: float, warm_hit: bool = False) -> None:
+        """A call returned after `busy_s` seconds; a warm hit is counted here, not logged as an event."""
+        with self._lock:
+            s = self.function(function)
+            s.busy_s += busy_s
+            s.warm_hits += warm_hit
+
+    def instances_now(self, function: str, running: int) -> None:
+        with self._lock:
+            s = self.function(function)
+            s.instances = running
+            s.peak_instances = max(s.peak_instances, running)
 
     def function(self, fid: str) -> FunctionStats:
         return self.stats.setdefault(fid, FunctionStats())

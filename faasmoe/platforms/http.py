@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from faasmoe.functions.spec import FunctionSpec
-from faasmoe.platforms.base import InstanceEvent, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.base import InvocationError, Platform, PlatformConfig
 
 
 def load_manifest(path: str | Path) -> dict:
@@ -81,9 +81,7 @@ class HttpPlatform(Platform):
 
     def _call(self, function_id: str, frame: bytes) -> bytes:
         url = self.url(function_id)
-        stats = self.log.function(function_id)
-        with self._lock:
-            stats.invocations += 1
+        self.log.invoked(function_id)
         headers = {"Content-Type": "text/plain" if self.base64 else "application/octet-stream"}
         if self.token:
             headers["X-Faasmoe-Token"] = self.token
@@ -95,11 +93,11 @@ class HttpPlatform(Platform):
                 r = self._client.post(url, content=body, headers=headers)
             except httpx.TimeoutException:
                 errors.append("timed out")
-                self._record("timeout", function_id, "?", time.perf_counter() - t0)
+                self.log.event("timeout", function_id, "?", time.perf_counter() - t0)
                 continue
             except httpx.TransportError as e:
                 errors.append(f"{type(e).__name__}: {e}")
-                self._record("crash", function_id, "?", time.perf_counter() - t0)
+                self.log.event("crash", function_id, "?", time.perf_counter() - t0)
                 continue
             if r.status_code >= 500:
                 errors.append(f"HTTP {r.status_code}: {r.text[:200]}" if r.text else f"HTTP {r.status_code}")
@@ -111,22 +109,17 @@ class HttpPlatform(Platform):
             instance = r.headers.get("X-Faasmoe-Instance", "?")
             cold = r.headers.get("X-Faasmoe-Cold") == "1"
             load_s = float(r.headers.get("X-Faasmoe-Load-S", "nan"))
+            for _ in range(attempt):
+                self.log.retried(function_id)
+            self.log.called(function_id, dt)
             with self._lock:
-                if attempt:
-                    stats.retries += attempt
-                stats.busy_s += dt
                 seen = self._seen.setdefault(function_id, set())
                 seen.add(instance)
-                stats.instances = len(seen)
-                stats.peak_instances = max(stats.peak_instances, stats.instances)
-            self._record("cold_start" if cold else "warm_hit", function_id, instance, dt, load_s if cold else None)
+                self.log.instances_now(function_id, len(seen))
+            self.log.event("cold_start" if cold else "warm_hit", function_id, instance, dt, load_s if cold else None)
             return base64.b64decode(r.content) if self.base64 else r.content
         raise InvocationError(f"function {function_id} at {url} failed after {len(errors)} attempts: "
                               + "; ".join(errors))
-
-    def _record(self, kind: str, fid: str, instance: str, duration: float, load_s: float | None = None) -> None:
-        with self._lock:
-            self.log.record(InstanceEvent(kind, fid, instance, time.time(), duration, load_s))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

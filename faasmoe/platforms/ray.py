@@ -1,29 +1,20 @@
 """The `ray` platform: every expert function a Ray Serve deployment that autoscales from zero replicas.
 
-Same handler, same wire format: a replica wraps `ExpertFunction` and answers frames.
-PlatformConfig maps onto Serve's autoscaling: max_instances -> max_replicas, one call
-at a time per replica -> max_ongoing_requests 1, min_replicas 0 and initial_replicas 0
-(scale to zero, cold start on demand), keep-alive -> downscale delays, with the upscale
-delay and metric intervals cut down so a first call is not held for Serve's defaults
-(30 s, 10 s). Serve's own policy samples ongoing requests, and an expert call lasts a
-millisecond, so it sees an idle deployment under steady traffic and scales it to zero
-(measured: thrashing, a cold start every few calls). `KeepAlivePolicy` fixes that:
-each replica reports its call count (`record_autoscaling_stats`) and a deployment is
-scaled to zero only after keep-alive seconds without any call, the FaaS keep-alive.
-Measured with Ray 2.60 here: a replica's cold start took 5-8 s, not the embedded
-platform's milliseconds: Serve decides to scale up within 0.2 s, but Ray
-starts a fresh worker process for every replica actor (it did not reuse its prestarted
-idle workers), and that process pays Python, Ray's core worker, Serve and torch imports
-before the replica's constructor (2 ms to map the weights) runs. A worker setup hook that
-imported torch early did not help (it runs in the same fresh process) and made every Ray
-worker, the controller included, import torch; so there is none. The control plane calls
-replicas through deployment handles, not the HTTP proxy (none is started).
+Same handler, same wire format: a replica wraps `ExpertFunction` and answers frames. PlatformConfig maps
+onto Serve's autoscaling: max_instances -> max_replicas; one call at a time per replica ->
+max_ongoing_requests 1; min_replicas 0 and initial_replicas 0 (scale to zero, cold start on demand);
+keep-alive -> downscale delay; upscale delay and metric intervals cut so that a first call is not held
+for Serve's defaults. Serve's own policy samples ongoing requests, which a millisecond call almost never
+shows, so it would scale a busy deployment to zero: `KeepAlivePolicy` counts the calls each replica
+reports (`record_autoscaling_stats`) instead and scales to zero only after keep-alive seconds without a
+call, the FaaS keep-alive. A replica is a fresh Ray worker process, so its cold start costs seconds, not
+the embedded platform's milliseconds (docs/benchmarks.md, section 3). The control plane calls replicas
+through deployment handles; no HTTP proxy is started.
 
-Cold starts and warm hits come from the replicas themselves (each reply says whether
-it was its replica's first call); evictions and running replicas from polling
-`serve.status()`. Locally, Ray is started on 127.0.0.1 without a dashboard; with an
-address it joins that cluster, whose nodes need faasmoe installed and the checkpoint
-at the same path.
+Cold starts and warm hits come from the replicas themselves (each reply says whether it was its
+replica's first call); evictions and running replicas from polling `serve.status()`. Locally, Ray is
+started on 127.0.0.1 without a dashboard; with an address it joins that cluster, whose nodes need
+faasmoe installed and the checkpoint at the same path.
 """
 
 from __future__ import annotations
@@ -37,10 +28,11 @@ from collections.abc import Sequence
 
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.metering.meter import Label
-from faasmoe.platforms.base import InstanceEvent, InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
 
 APP = "faasmoe"
 MIN_SENSIBLE_KEEP_ALIVE_S = 30
+OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: frames go through handles, a little is plenty
 log = logging.getLogger(__name__)
 
 
@@ -71,11 +63,8 @@ def keep_alive_policy(ctx, keep_alive_s: float = 30.0) -> tuple[int, dict]:
 
 
 class KeepAlivePolicy:
-    """`keep_alive_policy` as the class Serve instantiates once with `policy_kwargs`.
-
-    Serve forwards `policy_kwargs` only to a class, not to a plain function: with the function,
-    every deployment ran with the default 30 s whatever the keep-alive.
-    """
+    """`keep_alive_policy` as a class, because Serve passes `policy_kwargs` (the keep-alive) only to a class
+    policy; a function policy would always get the default."""
 
     def __init__(self, keep_alive_s: float = 30.0):
         self.keep_alive_s = keep_alive_s
@@ -167,7 +156,7 @@ class RayPlatform(Platform):
                 ray.init(address=self.address, runtime_env={"env_vars": metrics_env}, **kwargs)
             else:  # a local Ray inherits this environment: no runtime env, so Ray's prestarted workers fit
                 ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
-                         object_store_memory=256 * 2**20, **kwargs)
+                         object_store_memory=OBJECT_STORE_BYTES, **kwargs)
                 self._started_ray = True
         serve.start(proxy_location="Disabled")
         self._poller = threading.Thread(target=self._poll, name="faasmoe-ray-status", daemon=True)
@@ -264,8 +253,7 @@ class RayPlatform(Platform):
             handle = self._handles.get(fid)
             if handle is None:
                 raise KeyError(f"function {fid} is not deployed")
-            with self._lock:
-                self.log.function(fid).invocations += 1
+            self.log.invoked(fid)
             batch.append([fid, frame, handle.remote(frame), time.perf_counter(), []])
         return batch
 
@@ -280,25 +268,20 @@ class RayPlatform(Platform):
                 except Exception as e:  # replica died or timed out: Serve routes the retry elsewhere
                     kind = "timeout" if isinstance(e, TimeoutError) else "crash"
                     errors.append(f"{type(e).__name__}: {e}"[:200])
-                    self._record(kind, fid, "?", time.perf_counter() - t0)
+                    self.log.event(kind, fid, "?", time.perf_counter() - t0)
                     if len(errors) > self.config.max_retries:
                         raise InvocationError(f"function {fid} failed after {len(errors)} attempts on Ray: "
                                               + "; ".join(errors)) from e
-                    with self._lock:
-                        self.log.function(fid).retries += 1
+                    self.log.retried(fid)
                     t0 = time.perf_counter()
                     response = self._handles[fid].remote(frame)
             dt = time.perf_counter() - t0
+            self.log.called(fid, dt)
             with self._lock:
-                self.log.function(fid).busy_s += dt
                 self._replicas.setdefault(fid, {})[replica] = pid
-            self._record("cold_start" if cold else "warm_hit", fid, replica, dt, load_s if cold else None)
+            self.log.event("cold_start" if cold else "warm_hit", fid, replica, dt, load_s if cold else None)
             out.append(reply)
         return out
-
-    def _record(self, kind: str, fid: str, instance: str, duration: float, load_s: float | None = None) -> None:
-        with self._lock:
-            self.log.record(InstanceEvent(kind, fid, instance, time.time(), duration, load_s))
 
     # -- observation -------------------------------------------------------------------------
     def _poll(self, period: float = 0.5) -> None:
@@ -321,11 +304,9 @@ class RayPlatform(Platform):
                 with self._lock:
                     before = self._running.get(fid, 0)
                     self._running[fid] = running
-                    stats = self.log.function(fid)
-                    stats.instances = running
-                    stats.peak_instances = max(stats.peak_instances, running)
+                    self.log.instances_now(fid, running)
                     for _ in range(before - running):
-                        self.log.record(InstanceEvent("eviction", fid, "?", time.time(), self.config.keep_alive_s))
+                        self.log.event("eviction", fid, "?", self.config.keep_alive_s)
                     if running == 0:
                         self._replicas.pop(fid, None)
 

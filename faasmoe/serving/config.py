@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from faasmoe.platforms import PlatformConfig
+from faasmoe.platforms import PlatformConfig, platform_options
 
 
 class ConfigError(ValueError):
@@ -57,13 +57,8 @@ class ServerConfig(BaseModel):
     function_token: str | None = Field(None, description="http platform: X-Faasmoe-Token sent to functions")
     ray_address: str | None = Field(None, description="ray platform: a cluster to join (default: start a local one)")
     experts_per_function: int = Field(1, ge=1)
-    keep_alive_s: float = Field(30.0, ge=0)
-    max_instances: int = Field(4, ge=1)
-    scale_out_after_s: float = Field(0.25, ge=0, description="a call waits this long for a busy instance before "
-                                                            "another starts")
-    invoke_timeout_s: float = Field(60.0, gt=0)
-    cold_start_timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(2, ge=0)
+    scaling: PlatformConfig = Field(default_factory=PlatformConfig, description="the function pool's scaling and "
+                                    "fault settings; in a file, as a [scaling] table or as top-level keys")
     prewarm: bool = False
     prefetch_layers: int = Field(0, ge=0, description="warm the functions a layer this many ahead is predicted to "
                                                       "call (0: off)")
@@ -83,6 +78,11 @@ class ServerConfig(BaseModel):
     tenants: list[TenantConfig] = Field(default_factory=list, description="not given: one 'default' tenant with a "
                                                                           "generated key; given, at least one")
     _generated: set[str] = PrivateAttr(default_factory=set)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scaling_keys(cls, data: Any) -> Any:
+        return nest_scaling(data) if isinstance(data, dict) else data
 
     @model_validator(mode="before")
     @classmethod
@@ -131,17 +131,22 @@ class ServerConfig(BaseModel):
 
     def platform_options(self) -> dict:
         """What the chosen platform needs besides PlatformConfig."""
-        if self.platform == "http":
-            return {"manifest": self.functions, "token": self.function_token}
-        if self.platform == "ray":
-            return {"address": self.ray_address}
-        return {}
+        return platform_options(self.platform, self.functions, self.function_token, self.ray_address)
 
-    def platform_config(self) -> PlatformConfig:
-        return PlatformConfig(keep_alive_s=self.keep_alive_s, max_instances=self.max_instances,
-                              scale_out_after_s=self.scale_out_after_s, invoke_timeout_s=self.invoke_timeout_s,
-                              cold_start_timeout_s=self.cold_start_timeout_s,
-                              max_retries=self.max_retries)
+
+
+def nest_scaling(data: dict) -> dict:
+    """Scaling settings given as top-level keys (`keep_alive_s = 10`, as config files and flags have them) go
+    into `scaling`; a key given both ways is an error."""
+    flat = {k: data[k] for k in PlatformConfig.model_fields if k in data}
+    if not flat:
+        return data
+    nested = data.get("scaling") or {}
+    nested = nested.model_dump(exclude_unset=True) if isinstance(nested, PlatformConfig) else dict(nested)
+    both = sorted(set(flat) & set(nested))
+    if both:
+        raise ValueError(f"{', '.join(both)} given both at the top level and in [scaling]")
+    return {**{k: v for k, v in data.items() if k not in flat}, "scaling": {**nested, **flat}}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -193,9 +198,16 @@ def load_config(path: Path | None, *, default_key: str | None = None,
     (max_concurrency, tokens_per_minute, max_queued) override every tenant's. Raises ConfigError, whose
     message never contains a value from the file or the overrides."""
     data: dict = _read(Path(path)) if path is not None else {}
+    try:
+        data = nest_scaling(data)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
     for key, value in overrides.items():
         if value is not None:
-            data[key] = value
+            if key in PlatformConfig.model_fields:  # a flag overrides the file's setting, wherever it was
+                data["scaling"] = {**(data.get("scaling") or {}), key: value}
+            else:
+                data[key] = value
     if default_key is not None and data.get("tenants") is None:
         data["tenants"] = [{"name": "default", "key": default_key}]
     try:

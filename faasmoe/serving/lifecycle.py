@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from faasmoe.serving.messages import Event, TextEvent
 from faasmoe.serving.metrics import Metrics
-from faasmoe.serving.scheduler import Event
 from faasmoe.serving.scheduler import Request as GenRequest
 from faasmoe.serving.tenants import RateLimited, SlotTimeout, Tenant, Tenants
 
@@ -83,22 +83,21 @@ class Lifecycle:
 
     def on_event(self, ticket: Ticket, event: Event) -> None:
         now = time.perf_counter()
-        if event["type"] == "text":
-            made = int(event.get("tokens", 0))
-            if made:
+        if isinstance(event, TextEvent):
+            if event.tokens:
                 ticket.first_token_at = ticket.first_token_at or now
-                self._count(ticket, made)
+                self._count(ticket, event.tokens)
             return
-        reported = int(event["usage"]["completion_tokens"])
+        reported = event.usage.completion_tokens
         if reported > ticket.completion_tokens:  # tokens reported only at the end (a backend that batches them)
             ticket.first_token_at = ticket.first_token_at or now
             self._count(ticket, reported - ticket.completion_tokens)
-        ticket.ended_at, ticket.finish_reason = now, event["finish_reason"]
-        ticket.cold_prefill = event.get("cold_prefill")
-        if event["finish_reason"] not in ("stop", "length"):
-            ticket.error = event.get("error") or event["finish_reason"]
+        ticket.ended_at, ticket.finish_reason = now, event.finish_reason
+        ticket.cold_prefill = event.cold_prefill
+        if event.finish_reason not in ("stop", "length"):
+            ticket.error = event.error or event.finish_reason
         if ticket.status == 200:
-            ticket.status = FINISH_STATUS.get(event["finish_reason"], 502)
+            ticket.status = FINISH_STATUS.get(event.finish_reason, 502)
         self.settle(ticket)
 
     def _count(self, ticket: Ticket, tokens: int) -> None:

@@ -94,7 +94,7 @@ class _Routing:
 
 
 class Metrics:
-    def __init__(self, platform: Platform, queue_depth: Callable[[], int], running: Callable[[], int],
+    def __init__(self, platform: Platform | None, queue_depth: Callable[[], int], running: Callable[[], int],
                  meter: Meter | None = None, routed: Callable[[], torch.Tensor | None] | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("faasmoe_requests", "HTTP requests by tenant, endpoint and status",
@@ -109,13 +109,14 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("faasmoe_queue_depth", "Requests waiting for a batch slot", registry=r).set_function(queue_depth)
         Gauge("faasmoe_running_requests", "Requests being generated", registry=r).set_function(running)
-        r.register(_FunctionPool(platform))
+        if platform is not None:  # a monolithic server has no functions
+            r.register(_FunctionPool(platform))
         if meter is not None:
             r.register(_Processes(meter))
         if routed is not None:
             r.register(_Routing(routed))
 
-    def on_step(self, batch_size: int, seconds: float) -> None:
+    def on_step(self, batch_size: int) -> None:
         self.batch.observe(batch_size)
 
     def render(self) -> bytes:

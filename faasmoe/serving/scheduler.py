@@ -15,21 +15,14 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from faasmoe.control.sequence import SamplingParams, Sequence
-from faasmoe.engine import Engine
+from faasmoe.engines.base import BaseEngine
+from faasmoe.engines.output import TextOutput
+from faasmoe.serving.messages import DoneEvent, Event, TextEvent, Usage
 
 log = logging.getLogger("faasmoe.scheduler")
-
-# {"type": "text", "text", "tokens", "ids"}: `tokens` generated this step, their `ids` (text may be empty: a
-# partial character or the start of a stop string is held back), so usage is counted as tokens are made,
-# however the request ends;
-# {"type": "done", "finish_reason", "usage", "error"?, "cold_prefill"}: always the last event of a request,
-# exactly once; `cold_prefill` says whether a function cold-started during the step that made its first token.
-Event = dict[str, Any]
 
 
 class QueueFull(RuntimeError):
@@ -44,51 +37,48 @@ class Request:
     params: SamplingParams
     emit: Callable[[Event], None]  # called on the scheduler thread
     seq: Sequence | None = None
+    output: TextOutput | None = None  # its text, made from its token ids after each step
     cancelled: bool = False
     counted: int = 0  # output tokens already reported in events
     cold_prefill: bool = False  # a function cold-started during the step that made the first token
     submitted_at: float = field(default_factory=time.perf_counter)
 
 
-@dataclass
-class SchedulerStats:
-    steps: int = 0
-    step_s: float = 0.0
-    tokens: int = 0
-    batch_sizes: dict[int, int] = field(default_factory=dict)  # batch size -> steps
-
-
-def build_engine(factory: Callable[[], Engine]) -> Engine:
-    """Build the engine on a thread that exits right after, so that the scheduler's thread owns the process's
-    only OpenMP pool. torch's pool belongs to the thread that first runs a parallel region (loading does); one
-    left on the main thread beside the stepping thread's means more OpenMP threads than cores, and libgomp
-    then stops spinning between parallel regions: a batch-8 step took 2.5x as long (measured, 2 cores)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="faasmoe-load") as pool:
-        return pool.submit(factory).result()
-
-
 class StepScheduler:
     """Each tenant's admission (its concurrency and queue allowance) is decided before `submit`; here only
-    the server-wide queue bound applies."""
+    the server-wide queue bound applies.
 
-    def __init__(self, engine: Engine, max_batch: int = 16, max_queue: int = 64,
-                 on_step: Callable[[int, float], None] | None = None):
-        self.engine = engine
+    The engine is built, stepped and closed on the scheduler's own thread, from `factory`: torch's OpenMP
+    pool belongs to the thread that first runs a parallel region (loading does), and a second pool left on
+    another thread beside the stepping one means more OpenMP threads than cores, when libgomp stops
+    spinning between parallel regions (a batch-8 step took 2.5x as long, measured on 2 cores). A Ray that
+    the engine starts lives as long as this thread, which is the server's lifetime."""
+
+    def __init__(self, factory: Callable[[], BaseEngine], max_batch: int = 16, max_queue: int = 64,
+                 on_step: Callable[[int], None] | None = None):
+        self._factory = factory
+        self.engine: BaseEngine | None = None
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step
-        self.stats = SchedulerStats()
+        self._ready = threading.Event()
+        self._failed: BaseException | None = None
         self._waiting: OrderedDict[str, deque[Request]] = OrderedDict()  # tenant -> its queue, in turn order
         self._running: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="faasmoe-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="faasmoe-scheduler", daemon=True)
 
     # -- called from other threads -----------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> BaseEngine:
+        """Build the engine on the scheduler thread and start stepping; its error is raised here."""
         self._thread.start()
+        self._ready.wait()
+        if self._failed is not None:
+            raise self._failed
+        return self.engine
 
     def submit(self, req: Request) -> None:
-        """Queue a request; ValueError if the model cannot serve it, QueueFull if there is no room."""
+        """Queue a request; InvalidRequest if the model cannot serve it, QueueFull if there is no room."""
         self.engine.check_request(req.prompt_ids, req.params)
         with self._cond:
             if self._stopping:
@@ -111,12 +101,15 @@ class StepScheduler:
         return len(self._running)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop stepping; every waiting and running request gets a 'cancelled' end."""
+        """Stop stepping (every waiting and running request gets a 'cancelled' end) and close the engine."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self._thread.is_alive() and self.engine is not None:  # a step that hangs: stop its functions anyway
+            log.warning("the scheduler did not stop in %g s; closing its engine from here", timeout)
+            self.engine.close()
 
     # -- the scheduler thread ----------------------------------------------------------------
     def _admit(self) -> None:
@@ -132,10 +125,24 @@ class StepScheduler:
                 continue
             try:
                 req.seq = self.engine.new_sequence(req.prompt_ids, req.params, req.tenant)
-            except ValueError as e:
+                req.output = TextOutput(self.engine.decode, req.params.stop)
+            except (ValueError, RuntimeError) as e:  # its cache could not be allocated
                 self._end(req, "error", str(e))
                 continue
             self._running.append(req)
+
+    def _run(self) -> None:
+        try:
+            self.engine = self._factory()
+        except BaseException as e:  # raised by start() in the caller's thread
+            self._failed = e
+            return
+        finally:
+            self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self.engine.close()
 
     def _loop(self) -> None:
         while True:
@@ -151,7 +158,6 @@ class StepScheduler:
                 batch = list(self._running)
             if not batch:
                 continue
-            t0 = time.perf_counter()
             cold_before = self.engine.cold_starts()
             try:
                 self.engine.step([r.seq for r in batch])
@@ -163,8 +169,8 @@ class StepScheduler:
                             self._running.remove(req)
                         self._end(req, "error", str(e))
                 continue
-            dt = time.perf_counter() - t0
-            self._account(len(batch), dt)
+            if self.on_step:
+                self.on_step(len(batch))
             cold = self.engine.cold_starts() != cold_before
             with self._cond:
                 for req in batch:
@@ -173,9 +179,8 @@ class StepScheduler:
                     if made:
                         req.cold_prefill |= cold and req.counted == 0
                         req.counted += made
-                        text = seq.new_text() if seq.finish_reason != "error" else ""
-                        self._emit(req, {"type": "text", "text": text, "tokens": made,
-                                         "ids": seq.output_ids[-made:]})
+                        text = self._text(req) if seq.finish_reason != "error" else ""
+                        self._emit(req, TextEvent(text=text, tokens=made, ids=seq.output_ids[-made:]))
                     if seq.finished:
                         self._running.remove(req)
                         self._end(req, seq.finish_reason, seq.error)
@@ -185,30 +190,27 @@ class StepScheduler:
             self._running.clear()
             self._waiting.clear()
 
-    def _account(self, batch: int, dt: float) -> None:
-        st = self.stats
-        st.steps += 1
-        st.step_s += dt
-        st.tokens += batch
-        st.batch_sizes[batch] = st.batch_sizes.get(batch, 0) + 1
-        if self.on_step:
-            self.on_step(batch, dt)
+    @staticmethod
+    def _text(req: Request) -> str:
+        """The request's new text (it may end the sequence: a stop string); a text that cannot be made ends
+        this sequence alone."""
+        try:
+            return req.output.update(req.seq)
+        except Exception as e:
+            req.seq.finish("error", f"detokenising failed: {e}")
+            return ""
 
     @staticmethod
     def _end(req: Request, reason: str, error: str | None = None) -> None:
         seq = req.seq
-        event: Event = {"type": "done", "finish_reason": reason,
-                        "usage": {"prompt_tokens": len(req.prompt_ids),
-                                  "completion_tokens": len(seq.output_ids) if seq else 0},
-                        "cold_prefill": req.cold_prefill}
-        if error:
-            event["error"] = error
         if seq is not None:
             seq.finish(reason, error)
-            delta = seq.new_text()
+            delta = req.output.new_text(True) if req.output is not None else ""
             if delta and reason in ("stop", "length"):
-                StepScheduler._emit(req, {"type": "text", "text": delta, "tokens": 0, "ids": []})
-        StepScheduler._emit(req, event)
+                StepScheduler._emit(req, TextEvent(text=delta, tokens=0))
+        usage = Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(seq.output_ids) if seq else 0)
+        StepScheduler._emit(req, DoneEvent(finish_reason=reason, usage=usage, error=error or None,
+                                           cold_prefill=req.cold_prefill))
 
     @staticmethod
     def _emit(req: Request, event: Event) -> None:

@@ -189,3 +189,45 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# -- server-sent events: one chunk per `data:` line of a stream -------------------------------------------
+# Built with only the fields a chunk carries set, and serialized with exclude_unset, so that each chunk
+# has exactly the keys OpenAI's have (a chat delta is `{}` on the final chunk, `token_ids` only when asked).
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str = ""
+    logprobs: None = None
+    finish_reason: str | None = None
+    token_ids: list[int] | None = None
+
+
+class FaasmoeUsageExtension(BaseModel):
+    cold_start_in_prefill: bool | None = Field(None, description="a function cold-started while the first token "
+                                                                 "was made (for benchmarks)")
+
+
+class StreamChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk", "text_completion"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice] | list[CompletionChunkChoice]
+    usage: Usage | None = None
+    faasmoe: FaasmoeUsageExtension | None = None
+
+    def sse(self) -> str:
+        return f"data: {self.model_dump_json(exclude_unset=True)}\n\n"

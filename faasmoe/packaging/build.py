@@ -30,22 +30,26 @@ import json
 import os
 import secrets
 import shutil
+from importlib.metadata import version
+from importlib.resources import files
 from pathlib import Path
+from string import Template
 from typing import Literal
 
 from safetensors.torch import save_file
 
-from faasmoe.checkpoint import Checkpoint, read_safetensors_header
-from faasmoe.functions.packing import contiguous_blocks
-from faasmoe.functions.spec import FunctionSpec, function_specs
-from faasmoe.weights import map_tensors, torch_dtype
+from faasmoe.control.deployment import Deployment
+from faasmoe.functions.spec import FunctionSpec
+from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
+from faasmoe.models.weights import map_tensors, torch_dtype
 
 Target = Literal["tinyfaas", "openfaas", "knative"]
 TARGETS = ("tinyfaas", "openfaas", "knative")
 
-# The handler's own code, vendored into every package (it imports nothing else of faasmoe).
-VENDORED = ["functions/wire.py", "functions/expert.py", "functions/spec.py", "functions/http_server.py",
-            "weights.py", "checkpoint.py"]
+# The handler's own code, vendored into every package (it imports nothing else of faasmoe: tested).
+VENDORED = ["functions/__init__.py", "functions/wire.py", "functions/expert.py", "functions/spec.py",
+            "functions/http_server.py", "models/__init__.py", "models/weights.py", "models/checkpoint.py",
+            "models/layers.py", "models/kernels.py"]
 
 DEFAULT_URLS = {
     "tinyfaas": "http://127.0.0.1:8000/{name}",
@@ -57,7 +61,10 @@ TOKEN_FILE = "function-token"
 KNATIVE_SECRET_FILE = "knative-secret.yaml"
 UNPRIVILEGED_UID = 10001
 
-REQUIREMENTS = "numpy\n--extra-index-url https://download.pytorch.org/whl/cpu\ntorch==2.13.0\n"
+def requirements() -> str:
+    """A function's requirements: the torch this faasmoe runs with (pinned in pyproject.toml, nowhere else)."""
+    torch_version = version("torch").split("+")[0]
+    return f"numpy\n--extra-index-url https://download.pytorch.org/whl/cpu\ntorch=={torch_version}\n"
 
 
 def function_name(spec: FunctionSpec) -> str:
@@ -72,8 +79,8 @@ def package(model: str | Path, experts_per_function: int, target: Target, out: s
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     ckpt = Checkpoint(model)
-    dtype = dtype or ckpt.dtype
-    specs = function_specs(ckpt, contiguous_blocks(ckpt.config.num_experts, experts_per_function), dtype)
+    deployment = Deployment.plan(ckpt, experts_per_function, dtype)
+    specs, dtype = deployment.specs, deployment.dtype
     out = Path(out)
     (out / "functions").mkdir(parents=True, exist_ok=True)
     template = base_url or DEFAULT_URLS[target]
@@ -92,7 +99,7 @@ def package(model: str | Path, experts_per_function: int, target: Target, out: s
             locs = read_safetensors_header(d / "weights.safetensors")
             spec_json["tensors"] = [{**locs[t.name].to_json(), "file": "weights.safetensors"} for t in spec.tensors]
         (d / "spec.json").write_text(json.dumps(spec_json, indent=1))
-        (d / "requirements.txt").write_text(REQUIREMENTS)
+        (d / "requirements.txt").write_text(requirements())
         _write_target(target, d, name, keep_alive_s, max_instances, secret, token)
         functions[spec.id] = {"name": name, "layer": spec.layer, "block": spec.block, "experts": list(spec.experts),
                               "url": template.format(name=name, port=start_port + i, index=i),
@@ -142,116 +149,32 @@ def _knative_secret(name: str, token: str) -> str:
 
 
 def _vendor(d: Path) -> None:
-    src = Path(__file__).resolve().parent
+    src = Path(__file__).resolve().parent.parent  # faasmoe/
     for rel in VENDORED:
         dst = d / "faasmoe" / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, dst)
-    for pkg in (d / "faasmoe", d / "faasmoe" / "functions"):
-        (pkg / "__init__.py").write_text("")
+    (d / "faasmoe" / "__init__.py").write_text("")  # not faasmoe's own: it imports the engine
+
+
+# What each target deploys, written from the templates beside this module (string.Template: ${name}).
+TARGET_FILES = {"tinyfaas": ("fn.py", "README.md"), "openfaas": ("handler.py",),
+                "knative": ("Dockerfile", "service.yaml")}
+
+
+def _render(target: str, file: str, **values) -> str:
+    template = files("faasmoe.packaging").joinpath("templates", target, file + ".tmpl").read_text()
+    return Template(template).substitute(values)
 
 
 def _write_target(target: str, d: Path, name: str, keep_alive_s: float, max_instances: int, secret: str,
                   token: str) -> None:
     if target == "tinyfaas":
         _write_secret(d / TOKEN_FILE, token + "\n")  # tinyFaaS has no secrets or env: the token travels in the zip
-        (d / "fn.py").write_text(f'''"""tinyFaaS entry point: payloads are strings, so frames travel base64-encoded.
-
-Requests must carry the function token ({TOKEN_FILE} beside this file) in X-Faasmoe-Token;
-tinyFaaS answers any exception with HTTP 500, so a missing or wrong token gets 500 here.
-"""
-import base64
-import os
-
-from faasmoe.functions.http_server import TOKEN_HEADER, FunctionServer, header, load_spec, load_token
-
-_here = os.path.dirname(os.path.abspath(__file__))
-_server = FunctionServer(load_spec(os.path.join(_here, "spec.json")), load_token(os.path.join(_here, "{TOKEN_FILE}")))
-
-
-def fn(input: str, headers: dict) -> str:
-    if not _server.authorized(header(headers or {{}}, TOKEN_HEADER)):
-        raise PermissionError(f"missing or wrong {{TOKEN_HEADER}}")
-    if len(input or "") > _server.max_body(True):
-        raise ValueError("frame too large for this function")
-    reply, _ = _server.call(base64.b64decode(input))
-    return base64.b64encode(reply).decode()
-''')
-        (d / "README.md").write_text(f"Upload to tinyFaaS: zip this folder and POST it to the management service:\n\n"
-                                     f"    zip -r {name}.zip . && curl http://<host>:8080/upload --data "
-                                     f"\"{{\\\"name\\\": \\\"{name}\\\", \\\"env\\\": \\\"python3\\\", "
-                                     f"\\\"threads\\\": 1, \\\"zip\\\": \\\"$(base64 -w 0 {name}.zip)\\\"}}\"\n\n"
-                                     f"The zip carries `{TOKEN_FILE}`, the secret callers must send as "
-                                     f"X-Faasmoe-Token: keep the zip private.\n")
-    elif target == "openfaas":
-        (d / "handler.py").write_text(f'''"""OpenFaaS python3-http template handler: the body is a faasmoe wire frame.
-
-Requests must carry the function token in X-Faasmoe-Token: the OpenFaaS secret `{secret}`
-(stack.yml), read from /var/openfaas/secrets/{secret} ($FAASMOE_TOKEN_FILE overrides the path).
-"""
-import os
-
-from faasmoe.functions.http_server import TOKEN_HEADER, FunctionServer, header, load_spec, load_token
-
-_here = os.path.dirname(os.path.abspath(__file__))
-_token = load_token(os.environ.get("FAASMOE_TOKEN_FILE") or "/var/openfaas/secrets/{secret}")
-_server = FunctionServer(load_spec(os.path.join(_here, "spec.json")), _token)
-
-
-def handle(event, context):
-    if not _server.authorized(header(event.headers or {{}}, TOKEN_HEADER)):
-        return {{"statusCode": 401, "body": f"missing or wrong {{TOKEN_HEADER}}", "headers": {{"Content-Type": "text/plain"}}}}
-    if len(event.body or b"") > _server.max_body(False):
-        return {{"statusCode": 413, "body": "frame too large", "headers": {{"Content-Type": "text/plain"}}}}
-    reply, headers = _server.call(event.body)
-    return {{"statusCode": 200, "body": reply, "headers": {{"Content-Type": "application/octet-stream", **headers}}}}
-''')
-    elif target == "knative":
-        (d / "Dockerfile").write_text(f'''FROM python:3.11-slim
-RUN useradd --uid {UNPRIVILEGED_UID} --no-create-home --shell /usr/sbin/nologin faasmoe
-WORKDIR /function
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
-COPY . .
-ENV PORT=8080
-# Knative routes to the pod's address, so listen on every interface; the server refuses to start
-# without FAASMOE_TOKEN (service.yaml sets it from the Secret `{secret}`) and answers 401 without it.
-ENV FAASMOE_FUNCTION_HOST=0.0.0.0
-USER {UNPRIVILEGED_UID}
-CMD ["sh", "-c", "python -m faasmoe.functions.http_server --spec spec.json --port $PORT"]
-''')
-        (d / "service.yaml").write_text(f'''apiVersion: serving.knative.dev/v1
-kind: Service
-metadata:
-  name: {name}
-  labels:
-    networking.knative.dev/visibility: cluster-local
-spec:
-  template:
-    metadata:
-      annotations:
-        autoscaling.knative.dev/min-scale: "0"
-        autoscaling.knative.dev/max-scale: "{max_instances}"
-        autoscaling.knative.dev/scale-to-zero-pod-retention-period: "{int(keep_alive_s)}s"
-    spec:
-      containerConcurrency: 1
-      containers:
-        - image: registry.example.com/{name}:latest
-          ports:
-            - containerPort: 8080
-          env:
-            - name: FAASMOE_TOKEN
-              valueFrom:
-                secretKeyRef:
-                  name: {secret}
-                  key: token
-          securityContext:
-            runAsNonRoot: true
-            runAsUser: {UNPRIVILEGED_UID}
-            allowPrivilegeEscalation: false
-            capabilities:
-              drop: ["ALL"]
-''')
+    values = {"name": name, "secret": secret, "TOKEN_FILE": TOKEN_FILE, "UNPRIVILEGED_UID": UNPRIVILEGED_UID,
+              "keep_alive_s": int(keep_alive_s), "max_instances": max_instances}
+    for file in TARGET_FILES[target]:
+        (d / file).write_text(_render(target, file, **values))
 
 
 def _write_openfaas_stack(out: Path, names: list[str], keep_alive_s: float, max_instances: int,

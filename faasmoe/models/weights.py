@@ -21,10 +21,11 @@ from collections.abc import Iterable
 
 import torch
 
-from faasmoe.checkpoint import DTYPES, TensorLocation
+from faasmoe.models.checkpoint import DTYPES, TensorLocation
 
 PAGE = mmap.PAGESIZE
-warnings.filterwarnings("ignore", message="The given buffer is not writable")  # read-only on purpose
+# Weights are mapped read-only on purpose; torch warns about that, from this module's frames: silenced here only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", module=r"faasmoe\.models\.weights")
 _FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 

@@ -26,7 +26,7 @@ import torch
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
-from faasmoe.platforms.transport import recv_frame, send_frame
+from faasmoe.platforms.local.transport import recv_frame, send_frame
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

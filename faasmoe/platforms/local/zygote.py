@@ -31,7 +31,7 @@ class Zygote:
     def __init__(self):
         self._lock = threading.Lock()
         self._ready = False
-        self._proc = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.zygote"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.local.zygote"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, bufsize=1,
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
 
@@ -89,7 +89,7 @@ class Zygote:
 
 def run() -> None:
     """Zygote side: import once, then fork on every request line."""
-    from faasmoe.platforms import worker  # the import is the point: torch and the handler, once
+    from faasmoe.platforms.local import worker  # the import is the point: torch and the handler, once
     from faasmoe.proctitle import function_title, set_title
 
     set_title("zygote")

@@ -143,14 +143,21 @@ class Checkpoint:
         self.path = Path(path).resolve()
         if not (self.path / "config.json").is_file():
             raise CheckpointError(f"{self.path}: not a checkpoint directory (no config.json)")
+        from faasmoe.models import FAMILIES, supported
+
+        try:
+            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
+        if model_type not in FAMILIES:
+            raise CheckpointError(f"{self.path / 'config.json'}: model_type {model_type!r} is not supported; "
+                                  f"supported: {supported()}")
         from transformers import Qwen2MoeConfig
 
         try:
             self.config = Qwen2MoeConfig.from_pretrained(self.path, local_files_only=True)
         except Exception as e:  # transformers raises several types for a bad config
             raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
-        if self.config.model_type != "qwen2_moe":
-            raise CheckpointError(f"{self.path / 'config.json'}: model_type {self.config.model_type!r} is not qwen2_moe")
         self.tensors = self._read_locations()
         self.digest = self._digest()
         self.validate()

@@ -2,12 +2,10 @@
 
 Started by the server (`PrivateBackend`) with its own engine, whose expert calls go
 through the server's gateway to the shared function pool. It listens on a Unix
-socket; per request, one connection carrying JSON lines:
+socket; per request, one connection carrying `serving.messages` as JSON lines:
 
-  server -> orchestrator  {"id", "tenant", "prompt_ids", "params": {...}}, later maybe {"type": "cancel"}
-  orchestrator -> server  {"type": "accepted"} | {"type": "rejected", "status": 400|429, "message"}
-                          then {"type": "text", "text", "tokens"}... and {"type": "done", "finish_reason",
-                          "usage"[, "error"]}
+  server -> orchestrator  Submit, later maybe Cancel
+  orchestrator -> server  Accepted | Rejected, then TextEvent... and one DoneEvent
 
 A cancel (or the server closing its end) cancels the request; its events, the final one
 with every token it made, still follow while the server listens.
@@ -16,7 +14,6 @@ with every token it made, still follow while the server listens.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import socket
@@ -24,20 +21,20 @@ import socketserver
 import threading
 import uuid
 
-from faasmoe.control.sequence import SamplingParams
-from faasmoe.engine import Engine
+from faasmoe.engines.distributed import Engine
 from faasmoe.platforms import PlatformConfig
-from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler, build_engine
+from faasmoe.serving.messages import Accepted, Cancel, DoneEvent, Rejected, Submit, ToOrchestrator
+from faasmoe.serving.private.gateway import GatewayPlatform
+from faasmoe.serving.scheduler import QueueFull, Request, StepScheduler
 
 CANCEL_WAIT_S = 30.0  # how long a cancelled request's connection waits for its final event
 
 
 def serve(args: argparse.Namespace) -> None:
-    engine = build_engine(lambda: Engine(
-        args.model, experts_per_function=args.experts_per_function, platform="gateway",
-        platform_options={"address": args.gateway}, dtype=args.dtype,
-        platform_config=PlatformConfig.model_validate_json(args.platform_config), prefetch_layers=args.prefetch_layers))
-    scheduler = StepScheduler(engine, args.max_batch, args.max_queue)
+    gateway = GatewayPlatform(PlatformConfig.model_validate_json(args.platform_config), address=args.gateway)
+    scheduler = StepScheduler(lambda: Engine(
+        args.model, experts_per_function=args.experts_per_function, platform=gateway, dtype=args.dtype,
+        prefetch_layers=args.prefetch_layers), args.max_batch, args.max_queue)
     scheduler.start()
 
     class Handler(socketserver.StreamRequestHandler):
@@ -46,33 +43,34 @@ def serve(args: argparse.Namespace) -> None:
             lock = threading.Lock()
             finished = threading.Event()
 
-            def emit(event: dict) -> None:
+            def emit(message) -> None:
                 with lock:
-                    conn.sendall((json.dumps(event) + "\n").encode())
-                if event["type"] == "done":
+                    conn.sendall(message.line())
+                if isinstance(message, DoneEvent):
                     finished.set()
 
             line = self.rfile.readline()
             if not line:
                 return
-            msg = json.loads(line)
-            params = SamplingParams(**{**msg["params"], "stop": tuple(msg["params"].get("stop") or ())})
-            req = Request(msg.get("id") or uuid.uuid4().hex, msg.get("tenant", args.tenant), msg["prompt_ids"],
-                          params, emit)
+            msg = ToOrchestrator.validate_json(line)
+            if not isinstance(msg, Submit):
+                return
+            req = Request(msg.id or uuid.uuid4().hex, msg.tenant or args.tenant, msg.prompt_ids, msg.params, emit)
             try:
                 scheduler.submit(req)
             except ValueError as e:
-                emit({"type": "rejected", "status": 400, "message": str(e)})
+                emit(Rejected(status=400, message=str(e), code=getattr(e, "code", None),
+                              param=getattr(e, "param", None)))
                 return
             except QueueFull as e:
-                emit({"type": "rejected", "status": 429, "message": str(e)})
+                emit(Rejected(status=429, message=str(e)))
                 return
-            emit({"type": "accepted"})
+            emit(Accepted())
             while not finished.is_set():  # a cancel message, or the server closing its end, means: cancel
                 line = self.rfile.readline()
                 if finished.is_set():
                     break
-                if not line or json.loads(line).get("type") == "cancel":
+                if not line or isinstance(ToOrchestrator.validate_json(line), Cancel):
                     scheduler.cancel(req)
                     finished.wait(CANCEL_WAIT_S)
                     return
@@ -92,8 +90,7 @@ def serve(args: argparse.Namespace) -> None:
     try:
         server.serve_forever()
     finally:
-        scheduler.stop()
-        engine.close()
+        scheduler.stop()  # and closes the engine
         server.server_close()
         try:
             os.unlink(args.socket)
@@ -107,11 +104,12 @@ def main() -> None:
     p.add_argument("--gateway", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--tenant", required=True)
-    p.add_argument("--experts-per-function", type=int, default=1)
-    p.add_argument("--max-batch", type=int, default=16)
-    p.add_argument("--max-queue", type=int, default=64)
-    p.add_argument("--prefetch-layers", type=int, default=0)
-    p.add_argument("--platform-config", default="{}")
+    # no defaults: the server passes every setting from its ServerConfig, where each default lives
+    p.add_argument("--experts-per-function", type=int, required=True)
+    p.add_argument("--max-batch", type=int, required=True)
+    p.add_argument("--max-queue", type=int, required=True)
+    p.add_argument("--prefetch-layers", type=int, required=True)
+    p.add_argument("--platform-config", required=True)
     p.add_argument("--dtype", default=None)
     args = p.parse_args()
     import time

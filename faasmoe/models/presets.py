@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import Qwen2MoeConfig
 
-from faasmoe.checkpoint import INDEX_FILE, tensor_shapes
-from faasmoe.weights import torch_dtype
+from faasmoe.models.checkpoint import INDEX_FILE, tensor_shapes
+from faasmoe.models.weights import torch_dtype
 
 QWEN_EOS = [151643, 151645]  # <|endoftext|>, <|im_end|>
 # Written next to the weights, so the server can say the text will be gibberish (and a user listing the

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
-from faasmoe.platforms.base import (FunctionStats, InstanceEvent, InstanceInfo, InvocationError, Platform,
-                                    PlatformConfig)
-from faasmoe.platforms.transport import recv_frame, send_frame
-from faasmoe.platforms.zygote import Zygote, ZygoteError
+from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.local.transport import recv_frame, send_frame
+from faasmoe.platforms.local.zygote import Zygote, ZygoteError
+
+CONNECT_POLL_S = 0.0005  # a starting instance's socket appears within milliseconds: poll finely
 
 
 class InstanceStartError(InvocationError):
@@ -62,7 +63,6 @@ class _Instance:
 class _Pool:
     spec: FunctionSpec
     max_frame: int  # the largest invocation its instances accept
-    stats: FunctionStats = field(default_factory=FunctionStats)  # the platform log's entry for this function
     instances: list[_Instance] = field(default_factory=list)  # ready ones
     starting: int = 0
 
@@ -106,7 +106,8 @@ class LocalPlatform(Platform):
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
             if spec.id not in self._pools:
-                self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec), self.log.function(spec.id))
+                self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec))
+                self.log.function(spec.id)  # listed (with zeros) from deployment on
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -135,7 +136,7 @@ class LocalPlatform(Platform):
             pool = self._pools.get(fid)
             if pool is None:
                 raise KeyError(f"function {fid} is not deployed")
-            pool.stats.invocations += 1
+            self.log.invoked(fid)
             call = _Call(fid, frame, pool)
             batch.append(call)
             if len(frame) > pool.max_frame:
@@ -154,7 +155,6 @@ class LocalPlatform(Platform):
     def _complete(self, call: _Call) -> bytes:
         if call.refused is not None:
             return call.refused
-        stats = call.pool.stats
         while True:
             try:
                 if call.inst is None:
@@ -174,22 +174,20 @@ class LocalPlatform(Platform):
                     kind = "timeout" if isinstance(e, TimeoutError) else "crash"
                     call.errors.append(f"instance {call.inst.name} "
                                        + ("timed out" if kind == "timeout" else f"died ({type(e).__name__})"))
-                    self._record(call.function, call.inst.name, kind, time.perf_counter() - call.sent_at)
+                    self.log.event(kind, call.function, call.inst.name, time.perf_counter() - call.sent_at)
                 self._drop(call)
                 if len(call.errors) > self.config.max_retries:
                     raise InvocationError(f"function {call.function} failed after {len(call.errors)} attempts: "
                                           + "; ".join(call.errors)) from e
-                stats.retries += 1
+                self.log.retried(call.function)
                 continue
             except BaseException:  # interrupted mid-call: the instance's state is unknown
                 self._drop(call)
                 raise
             dt = time.perf_counter() - call.sent_at
             inst = call.inst
+            self.log.called(call.function, dt, warm_hit=inst.used)
             with self._lock:
-                stats.busy_s += dt
-                if inst.used:  # counted, not logged one by one
-                    stats.warm_hits += 1
                 inst.used = True
                 inst.busy = False
                 inst.last_used = time.monotonic()
@@ -310,7 +308,7 @@ class LocalPlatform(Platform):
                     if time.perf_counter() > deadline:
                         raise InstanceStartError(f"instance {inst.name} did not start in "
                                                  f"{self.config.cold_start_timeout_s:g} s")
-                    time.sleep(0.0005)
+                    time.sleep(CONNECT_POLL_S)
             sock.settimeout(max(0.1, deadline - time.perf_counter()))
             try:
                 inst.load_s = wire.decode_ready(recv_frame(sock) or b"")
@@ -320,17 +318,15 @@ class LocalPlatform(Platform):
             sock.settimeout(self.config.invoke_timeout_s)
         except BaseException:
             sock.close()
-            self._record(pool.spec.id, inst.name, "start_failed", time.perf_counter() - inst.spawned_at)
+            self.log.event("start_failed", pool.spec.id, inst.name, time.perf_counter() - inst.spawned_at)
             raise
         inst.sock = sock
         with self._lock:
             pool.starting -= 1
             inst.started_at = inst.last_used = time.monotonic()
             pool.instances.append(inst)
-            stats = pool.stats
-            stats.instances = len(pool.instances)
-            stats.peak_instances = max(stats.peak_instances, stats.instances)
-        self._record(pool.spec.id, inst.name, kind, time.perf_counter() - inst.spawned_at, inst.load_s)
+            self.log.instances_now(pool.spec.id, len(pool.instances))
+        self.log.event(kind, pool.spec.id, inst.name, time.perf_counter() - inst.spawned_at, inst.load_s)
 
     def _stop(self, pool: _Pool, inst: _Instance) -> None:
         """Stop an instance (caller holds the lock): close its socket, end its process."""
@@ -344,11 +340,7 @@ class LocalPlatform(Platform):
             os.unlink(inst.path)
         except OSError:
             pass
-        pool.stats.instances = len(pool.instances)
-
-    def _record(self, fid: str, instance: str, kind: str, duration: float, load_s: float | None = None) -> None:
-        with self._lock:
-            self.log.record(InstanceEvent(kind, fid, instance, time.time(), duration, load_s))
+        self.log.instances_now(pool.spec.id, len(pool.instances))
 
     def _reap_idle(self) -> None:
         """Scale to zero: stop every instance idle for longer than the keep-alive."""
@@ -365,7 +357,7 @@ class LocalPlatform(Platform):
                     idle = now - inst.last_used
                     if idle >= min_idle_s:
                         self._stop(pool, inst)
-                        self.log.record(InstanceEvent("eviction", pool.spec.id, inst.name, time.time(), idle))
+                        self.log.event("eviction", pool.spec.id, inst.name, idle)
                         n += 1
         return n
 

@@ -8,7 +8,6 @@ function's own `spec.max_frame_bytes` where an instance reads its invocations.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 
@@ -59,15 +58,3 @@ def send_frame(sock: socket.socket, frame: bytes) -> None:
             sock.sendall(head[sent:])
             sent = LEN.size
         sock.sendall(memoryview(frame)[sent - LEN.size:])
-
-
-async def read_frame(reader: asyncio.StreamReader, limit: int = MAX_FRAME_BYTES) -> bytes:
-    """The next frame; asyncio.IncompleteReadError if the peer is gone."""
-    (n,) = LEN.unpack(await reader.readexactly(LEN.size))
-    _check_length(n, limit)
-    return await reader.readexactly(n)
-
-
-def write_frame(writer: asyncio.StreamWriter, frame: bytes) -> None:
-    writer.write(LEN.pack(len(frame)))
-    writer.write(frame)

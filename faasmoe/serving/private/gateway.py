@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.functions.wire import WireError
 from faasmoe.platforms.base import InvocationError, Platform, PlatformConfig
-from faasmoe.platforms.transport import recv_frame, send_frame
+from faasmoe.platforms.local.transport import recv_frame, send_frame
 
 log = logging.getLogger("faasmoe.gateway")
 U16, U32 = struct.Struct("<H"), struct.Struct("<I")
@@ -175,7 +175,7 @@ class GatewayPlatform(Platform):
 
     def submit(self, calls: Sequence[tuple[str, bytes]]) -> tuple[socket.socket, int]:
         for fid, _ in calls:
-            self.log.function(fid).invocations += 1
+            self.log.invoked(fid)
         s = self._connect()
         try:
             send_frame(s, encode_batch(calls))

@@ -13,28 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from faasmoe.control.model import ControlPlane
 from faasmoe.control.resident import ResidentExperts
-from faasmoe.engine import BaseEngine
-from faasmoe.platforms.base import Platform, PlatformConfig
-
-
-class NoPlatform(Platform):
-    """No functions: every expert lives inside the model."""
-
-    name = "none"
-
-    def deploy(self, spec) -> None:
-        raise RuntimeError("a monolithic model has no functions to deploy")
-
-    def submit(self, calls):
-        raise RuntimeError("a monolithic model has no functions to invoke")
-
-    def gather(self, batch):
-        raise RuntimeError("a monolithic model has no functions to invoke")
-
-    def close(self) -> None:
-        pass
+from faasmoe.engines.base import BaseEngine
+from faasmoe.models import control_plane_class
 
 
 class MonolithicEngine(BaseEngine):
@@ -42,8 +23,7 @@ class MonolithicEngine(BaseEngine):
         t0 = time.perf_counter()
         super().__init__(model, dtype, threads)
         self.experts = ResidentExperts(self.checkpoint, self.dtype)
-        self.model = ControlPlane(self.checkpoint, self.dtype, self.experts, own_copy=True)
-        self.platform = NoPlatform(PlatformConfig())
+        self.control_plane = control_plane_class(self.config)(self.checkpoint, self.dtype, self.experts, own_copy=True)
         self.load_s = time.perf_counter() - t0
 
     def describe(self) -> dict:

@@ -18,48 +18,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from faasmoe.checkpoint import Checkpoint, is_moe_layer
+from faasmoe.models.checkpoint import Checkpoint, is_moe_layer
 from faasmoe.control.dispatch import ExpertDispatcher
-from faasmoe.control.kv_cache import KVCache
-from faasmoe.functions.expert import activation, gated_mlp
-from faasmoe.kernels import linear
-from faasmoe.weights import map_stacked, map_tensors
+from faasmoe.control.kv_cache import Chunk, KVCache
+from faasmoe.models.kernels import linear
+from faasmoe.models.layers import activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
+from faasmoe.models.weights import map_stacked, map_tensors
 
 if TYPE_CHECKING:
     from faasmoe.control.resident import ResidentExperts
-
-
-@dataclass
-class Chunk:
-    """The new tokens of one sequence in a step, at positions start .. start+len-1."""
-
-    cache: KVCache
-    tokens: torch.Tensor  # [t] long
-    start: int
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm (normalise in fp32, scale in the model dtype) in torch's fused kernel."""
-    return w * F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps).to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling, as transformers computes them."""
-    params = dict(config.rope_parameters or {})
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "default":
-        d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 1.0 / (params["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float) / d)), 1.0
-    if rope_type in ("dynamic", "longrope"):
-        raise ValueError(f"rope_type {rope_type!r} (length-dependent) is not supported")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
 
 
 @dataclass
@@ -172,7 +139,7 @@ class ControlPlane:
             t = len(ch.tokens)
             K, V = ch.cache.update(i, k[row:row + t].transpose(0, 1), v[row:row + t].transpose(0, 1), ch.start)  # [g, S, d]
             qi = q[row:row + t].transpose(0, 1)[None]  # [1, h, t, d]
-            mask, causal = _mask(t, ch.start, layer.sliding_window)
+            mask, causal = attention_mask(t, ch.start, layer.sliding_window)
             o = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask, is_causal=causal,
                                                enable_gqa=h != g)  # [1, h, t, d]
             out[row:row + t] = o[0].transpose(0, 1)
@@ -197,22 +164,6 @@ class ControlPlane:
         self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        pending = self.dispatcher.start(i, x, experts, weights.to(logits.dtype))  # the functions start now
+        pending = self.dispatcher.send(i, x, experts, weights.to(logits.dtype))  # the functions start now
         shared = torch.sigmoid(linear(x, layer.shared_gate)) * self.mlp(layer, x)  # computed meanwhile
-        return self.dispatcher.finish(pending) + shared
-
-
-def _mask(t: int, start: int, window: int | None) -> tuple[torch.Tensor | None, bool]:
-    """Attention mask for t new queries at positions start.. over start+t keys (None where sdpa needs none)."""
-    S = start + t
-    if window is None or S <= window:
-        if t == 1:
-            return None, False
-        if start == 0:
-            return None, True
-    q_pos = torch.arange(start, S)[:, None]
-    k_pos = torch.arange(S)[None, :]
-    allowed = k_pos <= q_pos
-    if window is not None:
-        allowed &= k_pos > q_pos - window
-    return allowed, False
+        return self.dispatcher.combine(pending) + shared

@@ -1,0 +1,28 @@
+"""Model families: reading a checkpoint, mapping its weights, random presets, and each architecture's control plane.
+
+A family is one module holding its control plane (everything but the routed experts); the
+checkpoint's `model_type` picks it. Families are imported on first use, so an expert function,
+which needs only `layers`, `kernels` and `weights`, never loads a control plane.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# model_type in config.json -> (module, control-plane class)
+FAMILIES: dict[str, tuple[str, str]] = {
+    "qwen2_moe": ("faasmoe.models.qwen2_moe", "ControlPlane"),
+}
+
+
+def supported() -> str:
+    return ", ".join(sorted(FAMILIES))
+
+
+def control_plane_class(config) -> type:
+    """The control-plane class of a checkpoint's family (ValueError naming the supported ones)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported; supported: {supported()}")
+    module, name = FAMILIES[model_type]
+    return getattr(importlib.import_module(module), name)
