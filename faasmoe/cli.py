@@ -479,6 +479,9 @@ def serve(
                                         help="Warm the functions a layer N ahead is predicted to call (0: off)."),
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
                                         help="Compute dtype: float32, bfloat16 or float16."),
+    threads: Optional[int] = typer.Option(None, metavar="N", show_default="one per core",
+                                          help="Torch threads of the control plane (of each tenant's, in private "
+                                               "mode) or of the monolithic model."),
     log_level: str = typer.Option("info", metavar="LEVEL", help="uvicorn log level: debug, info, warning, error."),
 ) -> None:
     """Start the OpenAI-compatible server (experts as functions on the embedded FaaS platform by default).
@@ -501,7 +504,7 @@ def serve(
              "function_token": function_token, "ray_address": ray_address, "keep_alive_s": keep_alive,
              "experts_per_function": experts_per_function, "max_instances": max_instances, "max_batch": max_batch,
              "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "prefetch_layers": prefetch_layers,
-             "dtype": dtype}
+             "dtype": dtype, "threads": threads}
     params = {"preset_layers": "layers", "keep_alive_s": "keep_alive"}
     overrides = {k: v for k, v in flags.items() if _given(ctx, params.get(k, k))}
     limits = {k: v for k, v in (("max_concurrency", max_concurrency), ("tokens_per_minute", tokens_per_minute),

@@ -151,6 +151,9 @@ def test_serve_flags_left_at_their_default_do_not_override_the_config_file(serve
     assert "sk-aaaaaaaa" not in r.output and "sk-admin-from-file" not in r.output and f"as set in {f}" in r.output
     r, cfg = served("--config", str(f), "--port", "8000", "--no-prewarm")
     assert cfg.port == 8000 and cfg.prewarm is False  # typed, a flag wins even when it equals the default
+    assert cfg.threads is None and cfg.scaling.keep_alive_s == 30
+    r, cfg = served("--config", str(f), "--threads", "1", "--keep-alive", "5")
+    assert cfg.threads == 1 and cfg.scaling.keep_alive_s == 5
 
 
 def test_serve_warns_when_listening_beyond_loopback(served, tiny):

@@ -69,7 +69,8 @@ class SharedBackend(Backend):
             from faasmoe.engines.monolithic import MonolithicEngine
 
             self.mode, self.server_role = "monolithic", "baseline"
-            factory: Callable[[], BaseEngine] = lambda: MonolithicEngine(config.model, dtype=config.dtype)
+            factory: Callable[[], BaseEngine] = lambda: MonolithicEngine(config.model, dtype=config.dtype,
+                                                                         threads=config.threads)
         else:
             from faasmoe.engines.distributed import Engine
 
@@ -77,7 +78,8 @@ class SharedBackend(Backend):
             factory = lambda: Engine(  # noqa: E731
                 config.model, experts_per_function=config.experts_per_function, platform=config.platform,
                 platform_config=config.scaling, platform_options=config.platform_options(),
-                dtype=config.dtype, prewarm=config.prewarm, prefetch_layers=config.prefetch_layers)
+                dtype=config.dtype, prewarm=config.prewarm, prefetch_layers=config.prefetch_layers,
+                threads=config.threads)
         self.scheduler = StepScheduler(factory, config.max_batch, config.max_queue, on_step=on_step)
         self.engine = self.scheduler.start()
         self.platform = None if self.mode == "monolithic" else self.engine.platform

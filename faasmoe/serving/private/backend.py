@@ -81,6 +81,8 @@ class PrivateBackend(Backend):
                 "--max-queue", str(c.max_queue), "--prefetch-layers", str(c.prefetch_layers), "--platform-config", c.scaling.model_dump_json()]
         if c.dtype:
             args += ["--dtype", c.dtype]
+        if c.threads:
+            args += ["--threads", str(c.threads)]
         self._procs[tenant] = subprocess.Popen(args, stdin=subprocess.DEVNULL)
 
     def _wait_ready(self, tenant: str, timeout: float = READY_TIMEOUT_S) -> None:

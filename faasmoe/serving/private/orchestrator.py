@@ -34,7 +34,7 @@ def serve(args: argparse.Namespace) -> None:
     gateway = GatewayPlatform(PlatformConfig.model_validate_json(args.platform_config), address=args.gateway)
     scheduler = StepScheduler(lambda: Engine(
         args.model, experts_per_function=args.experts_per_function, platform=gateway, dtype=args.dtype,
-        prefetch_layers=args.prefetch_layers), args.max_batch, args.max_queue)
+        prefetch_layers=args.prefetch_layers, threads=args.threads), args.max_batch, args.max_queue)
     scheduler.start()
 
     class Handler(socketserver.StreamRequestHandler):
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--prefetch-layers", type=int, required=True)
     p.add_argument("--platform-config", required=True)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     import time
 
