@@ -1,4 +1,4 @@
-"""`kernels.linear` on CPUs without bf16 instructions: multi-row bf16 products go through fp32, row-sliced."""
+"""`kernels.linear`: multi-row bf16 products through fp32 on CPUs without bf16 instructions, row counts padded where native."""
 
 from __future__ import annotations
 
@@ -47,3 +47,24 @@ def test_a_bad_override_says_what_is_allowed(monkeypatch):
             kernels.native_half_gemm()
     finally:
         kernels.native_half_gemm.cache_clear()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 100])
+def test_native_products_pad_rows_to_a_power_of_two_and_answer_the_rows_asked(monkeypatch, rows):
+    """A bounded set of GEMM shapes (oneDNN keeps a kernel per shape: memory grew with every new row count)."""
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", "native")
+    kernels.native_half_gemm.cache_clear()
+    seen = []
+    real = F.linear
+    monkeypatch.setattr(kernels.F, "linear", lambda x, w, b=None: seen.append(x.shape[0]) or real(x, w, b))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
+        b = torch.randn(48, generator=g).to(torch.bfloat16)
+        out = kernels.linear(x, w, b)
+    finally:
+        kernels.native_half_gemm.cache_clear()
+    assert seen == [1 << (rows - 1).bit_length()] and out.shape == (rows, 48) and out.dtype == torch.bfloat16
+    ref = F.linear(x.float(), w.float(), b.float())
+    assert torch.allclose(out.float(), ref, rtol=2e-2, atol=5e-2)
