@@ -22,17 +22,8 @@ import psutil
 from faasmoe.bench import cleanup
 from faasmoe.bench.load import run_load, schedule
 from faasmoe.bench.machine import machine_info
-from faasmoe.bench.multitenant import (
-    BenchConfig,
-    Target,
-    _key,
-    _scrape,
-    _start_server,
-    _stop,
-    _wait_healthy,
-    label_tree,
-    tenant_rates,
-)
+from faasmoe.bench.multitenant import (BenchConfig, Target, _key, _scrape, _start_server, _stop, _wait_healthy,
+                                       label_tree, tenant_rates)
 from faasmoe.metering.meter import Label
 from faasmoe.proctitle import set_title
 

@@ -41,17 +41,8 @@ from tqdm import tqdm
 
 from faasmoe.bench import cleanup
 from faasmoe.bench.corpus import expert_top_share
-from faasmoe.bench.load import (
-    Arrival,
-    Result,
-    Target,
-    Workload,
-    percentile,
-    run_load,
-    schedule,
-    summarize,
-    workload_json,
-)
+from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
+                                workload_json)
 from faasmoe.bench.machine import machine_info
 from faasmoe.metering.billing import split_interval
 from faasmoe.metering.meter import Label, Meter

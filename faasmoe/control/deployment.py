@@ -58,14 +58,12 @@ class Deployment:
     specs: list[FunctionSpec]
 
     @classmethod
-    def plan(cls, checkpoint: Checkpoint, experts_per_function: int, dtype: str | None = None) -> "Deployment":
-        dtype = str(torch_dtype(dtype or checkpoint.dtype)).removeprefix("torch.")
+    def plan(cls, checkpoint: Checkpoint, experts_per_function: int,
+             dtype: str | torch.dtype | None = None) -> "Deployment":
+        """`dtype`: a name or a torch dtype (default: the checkpoint's)."""
+        dtype = str(torch_dtype(str(dtype or checkpoint.dtype))).removeprefix("torch.")
         blocks = contiguous_blocks(checkpoint.config.num_experts, experts_per_function)
         return cls(checkpoint, experts_per_function, dtype, blocks, function_specs(checkpoint, blocks, dtype))
-
-    @property
-    def ids(self) -> list[str]:
-        return [s.id for s in self.specs]
 
     def deploy(self, platform: Platform) -> None:
         """Register every function (no instance starts: they scale from zero)."""

@@ -24,7 +24,7 @@ class ResidentExperts:
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True):
         self.layers: dict[int, ExpertFunction] = {}
-        every_expert = Deployment.plan(ckpt, ckpt.config.num_experts, str(dtype).removeprefix("torch."))
+        every_expert = Deployment.plan(ckpt, ckpt.config.num_experts, dtype)
         for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec)
             if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others

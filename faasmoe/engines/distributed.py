@@ -35,7 +35,7 @@ class Engine(BaseEngine):
                  prefetch_layers: int = 0):
         t0 = time.perf_counter()
         super().__init__(model, dtype, threads)
-        self.deployment = Deployment.plan(self.checkpoint, experts_per_function, str(self.dtype).removeprefix("torch."))
+        self.deployment = Deployment.plan(self.checkpoint, experts_per_function, self.dtype)
         self.platform = (platform if isinstance(platform, Platform)
                          else create_platform(platform, platform_config, **(platform_options or {})))
         self.platform.start()
@@ -85,7 +85,6 @@ class Engine(BaseEngine):
                 "retries": int(t.get("retries", 0)), "crashes": int(t.get("crashes", 0)),
                 "dispatches": d.dispatches, "dispatch_wait_s": d.wait_s, "tokens_sent": d.tokens_sent,
                 "bytes_sent": d.bytes_sent, "bytes_received": d.bytes_received}
-
 
 
 def load(model: str | Path, **options) -> Engine:

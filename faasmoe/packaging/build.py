@@ -44,7 +44,10 @@ from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
 from faasmoe.models.weights import map_tensors, torch_dtype
 
 Target = Literal["tinyfaas", "openfaas", "knative"]
-TARGETS = ("tinyfaas", "openfaas", "knative")
+# What each target deploys, written from the templates beside this module (string.Template: ${name}).
+TARGET_FILES = {"tinyfaas": ("fn.py", "README.md"), "openfaas": ("handler.py",),
+                "knative": ("Dockerfile", "service.yaml")}
+TARGETS = tuple(TARGET_FILES)
 
 # The handler's own code, vendored into every package (it imports nothing else of faasmoe: tested).
 VENDORED = ["functions/__init__.py", "functions/wire.py", "functions/expert.py", "functions/spec.py",
@@ -155,11 +158,6 @@ def _vendor(d: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src / rel, dst)
     (d / "faasmoe" / "__init__.py").write_text("")  # not faasmoe's own: it imports the engine
-
-
-# What each target deploys, written from the templates beside this module (string.Template: ${name}).
-TARGET_FILES = {"tinyfaas": ("fn.py", "README.md"), "openfaas": ("handler.py",),
-                "knative": ("Dockerfile", "service.yaml")}
 
 
 def _render(target: str, file: str, **values) -> str:

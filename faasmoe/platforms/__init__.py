@@ -6,7 +6,7 @@ costs seconds to import).
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from pathlib import Path
 
 from faasmoe.platforms.base import InvocationError, Platform, PlatformConfig
@@ -37,8 +37,7 @@ def create_platform(name: str, config: PlatformConfig | None = None, **options) 
     """A platform by its name (not started); `options` as `platform_options` makes them."""
     if name not in REGISTRY:
         raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config or PlatformConfig(), **options)
+    return pkgutil.resolve_name(REGISTRY[name])(config or PlatformConfig(), **options)
 
 
 __all__ = ["InvocationError", "Platform", "PlatformConfig", "PLATFORMS", "create_platform", "platform_options"]

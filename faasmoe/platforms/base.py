@@ -124,9 +124,9 @@ class EventLog:
         with self._lock:
             self.function(function).invocations += 1
 
-    def retried(self, function: str) -> None:
+    def retried(self, function: str, times: int = 1) -> None:
         with self._lock:
-            self.function(function).retries += 1
+            self.function(function).retries += times
 
     def called(self, function: str, busy_s: float, warm_hit: bool = False) -> None:
         """A call returned after `busy_s` seconds; a warm hit is counted here, not logged as an event."""

@@ -109,8 +109,8 @@ class HttpPlatform(Platform):
             instance = r.headers.get("X-Faasmoe-Instance", "?")
             cold = r.headers.get("X-Faasmoe-Cold") == "1"
             load_s = float(r.headers.get("X-Faasmoe-Load-S", "nan"))
-            for _ in range(attempt):
-                self.log.retried(function_id)
+            if attempt:
+                self.log.retried(function_id, attempt)
             self.log.called(function_id, dt)
             with self._lock:
                 seen = self._seen.setdefault(function_id, set())

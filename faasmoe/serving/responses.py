@@ -57,9 +57,7 @@ async def collect(server: ServerState, request: Request, ticket: Ticket) -> tupl
 def whole(server: ServerState, endpoint: str, ticket: Ticket, created: int, text: str, ids: list[int] | None,
           headers: dict[str, str]) -> JSONResponse:
     """A finished request's one JSON body (token ids only where they were asked for)."""
-    config, rid = server.config, ticket.request.id
-    usage = S.Usage(prompt_tokens=ticket.prompt_tokens, completion_tokens=ticket.completion_tokens,
-                    total_tokens=ticket.prompt_tokens + ticket.completion_tokens)
+    config, rid, usage = server.config, ticket.request.id, _usage(ticket)
     if endpoint == "chat":
         out = S.ChatResponse(id=rid, created=created, model=config.served_model_name, usage=usage,
                              choices=[S.ChatChoice(message=S.AssistantMessage(content=text),
@@ -107,9 +105,7 @@ async def stream(server: ServerState, request: Request, endpoint: str, ticket: T
             if ticket.status == 200:
                 yield chunk(None, ticket.finish_reason)
                 if include_usage:
-                    usage = S.Usage(prompt_tokens=ticket.prompt_tokens, completion_tokens=ticket.completion_tokens,
-                                    total_tokens=ticket.prompt_tokens + ticket.completion_tokens)
-                    yield S.StreamChunk(**head, choices=[], usage=usage, faasmoe=S.FaasmoeUsageExtension(
+                    yield S.StreamChunk(**head, choices=[], usage=_usage(ticket), faasmoe=S.FaasmoeUsageExtension(
                         cold_start_in_prefill=ticket.cold_prefill)).sse()
             else:
                 yield error(S.ErrorDetail(message=ticket.error or "generation failed", type="server_error",
@@ -125,6 +121,11 @@ async def stream(server: ServerState, request: Request, endpoint: str, ticket: T
                 ticket.status = 499
             with suppress(Exception):
                 server.backend.cancel(ticket.request)
+
+
+def _usage(ticket: Ticket) -> S.Usage:
+    return S.Usage(prompt_tokens=ticket.prompt_tokens, completion_tokens=ticket.completion_tokens,
+                   total_tokens=ticket.prompt_tokens + ticket.completion_tokens)
 
 
 def failure(ticket: Ticket, headers: dict[str, str]) -> Response:
