@@ -333,3 +333,18 @@ def _gone(pid: int, timeout: float = 5.0) -> bool:
     while _alive(pid) and time.time() < deadline:
         time.sleep(0.02)
     return not _alive(pid)
+
+
+def test_zygote_warms_each_function_shape_once(tiny, specs):
+    """The zygote runs a shape's kernels once before forking its instances (which then share them)."""
+    from faasmoe.platforms.local.zygote import _warm_up
+
+    ExpertFunction(specs[0]).warm_up(max_rows=8)  # raises if a path it warms is broken (the zygote would not say)
+    warmed: set[str] = set()
+    _warm_up(specs[0].to_json(), 1, warmed)
+    _warm_up(specs[1].to_json(), 1, warmed)  # another function, same shape
+    assert len(warmed) == 1
+    _warm_up(Deployment.plan(Checkpoint(tiny), 1, "float32").specs[0].to_json(), 1, warmed)  # k=1: another shape
+    assert len(warmed) == 2
+    _warm_up({"not": "a spec"}, 1, warmed)  # left to fail in the instance, which says why
+    assert len(warmed) == 2

@@ -20,6 +20,9 @@ from faasmoe.models.layers import activation, gated_mlp
 from faasmoe.models.weights import map_stacked, torch_dtype
 
 
+WARM_ROWS = 512  # row counts warmed up before forking (larger calls are rare: long prompts' prefill)
+
+
 class ExpertFunction:
     def __init__(self, spec: FunctionSpec):
         self.spec = spec
@@ -68,6 +71,28 @@ class ExpertFunction:
             else:
                 out.index_add_(0, rows, y)
         return out
+
+    def warm_up(self, max_rows: int = WARM_ROWS) -> None:
+        """Run every kernel once for each row count `linear` pads to, up to max_rows, both with every row routed to
+        an expert and with some.
+
+        Kernels are compiled and cached on first use, per shape, and the allocator grows around them. The
+        zygote calls this once per function shape before forking, so its instances share one copy of all that
+        (copy-on-write) instead of each building its own: measured on the quarter preset, an instance's own
+        memory after 300 varied calls went from 18 to 10 MB."""
+        H = self.spec.hidden_size
+        n = 1
+        while n <= max_rows:
+            for every_row in (True, False):
+                T = n if every_row else 2 * n
+                token = torch.arange(n, dtype=torch.int32).repeat_interleave(len(self.down))
+                expert = torch.tensor(self.spec.experts, dtype=torch.int32).repeat(n)
+                inv = wire.Invocation(self.digest, self.spec.layer, self.spec.block,
+                                      torch.zeros(T, H, dtype=self.dtype), token, expert,
+                                      torch.ones(token.numel(), dtype=torch.float32))
+                with torch.inference_mode():
+                    self.compute(inv)
+            n *= 2
 
     def check(self, inv: wire.Invocation) -> None:
         """The frame is for this function and its pairs name only this block's experts (input values are checked

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import socket
 import sys
@@ -53,7 +54,7 @@ def serve(spec: FunctionSpec, socket_path: str, threads: int = 1, hang_on_frame:
         with conn:
             try:
                 send_frame(conn, ready)
-                while (frame := recv_frame(conn, limit)) is not None:
+                while _idle_trim(conn) and (frame := recv_frame(conn, limit)) is not None:
                     received += 1
                     if received == hang_on_frame:
                         _hang()
@@ -65,6 +66,20 @@ def serve(spec: FunctionSpec, socket_path: str, threads: int = 1, hang_on_frame:
                     pass
             except OSError:
                 pass
+
+
+IDLE_TRIM_S = 0.5  # idle this long, an instance hands its allocator's free pages back to the OS
+_libc = ctypes.CDLL("libc.so.6")
+
+
+def _idle_trim(conn: socket.socket) -> bool:
+    """Wait for the next frame; if none comes within IDLE_TRIM_S, return free heap pages first (malloc_trim).
+
+    glibc keeps what a call freed for the next one; an instance idle between steps would hold its largest
+    call's temporaries for good (measured: 5.6 -> 3.5 MB of its own memory after 300 varied calls)."""
+    if not select.select([conn], [], [], IDLE_TRIM_S)[0]:
+        _libc.malloc_trim(0)
+    return True
 
 
 def _hang() -> None:

@@ -98,8 +98,10 @@ def run() -> None:
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
+    warmed: set[str] = set()
     for line in sys.stdin:
         req = json.loads(line)
+        _warm_up(req["spec"], int(req.get("threads", 1)), warmed)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -111,6 +113,29 @@ def run() -> None:
         out.write(json.dumps({"pid": pid}) + "\n")
         out.flush()
     os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
+
+
+def _warm_up(spec_json: dict, threads: int, warmed: set[str]) -> None:
+    """Before the first fork of a function shape, run its kernels here once, so that every instance of that
+    shape inherits them copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights
+    mapped for it are unmapped again; a spec that cannot be warmed is left to fail in its instance, which
+    reports why."""
+    import torch
+
+    from faasmoe.functions.expert import ExpertFunction
+    from faasmoe.functions.spec import FunctionSpec
+
+    try:
+        spec = FunctionSpec.from_json(spec_json)
+        shape = json.dumps([spec.dtype, spec.hidden_size, spec.hidden_act, len(spec.experts), threads,
+                            sorted(t.shape for t in spec.tensors)])
+        if shape in warmed:
+            return
+        warmed.add(shape)
+        torch.set_num_threads(threads)  # kernels are chosen per thread count: warm the instances' own
+        ExpertFunction(spec).warm_up()
+    except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
+        pass
 
 
 if __name__ == "__main__":
