@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from faasmoe.bench.defaults import DEFAULTS, describe
 from faasmoe.platforms.base import PlatformConfig
 from faasmoe.serving.config import ServerConfig, TenantConfig
 
@@ -226,39 +227,37 @@ def bench(
                              help="Directory for results.json, results.md and the plots."),
     quick: bool = typer.Option(False, "--quick", help="Tiny model, one short on/off load, short keep-alive: a few "
                                                       "minutes, every strategy, evictions included."),
-    model: Optional[Path] = typer.Option(None, metavar="DIR", show_default="models/bench-tiny with --quick, else "
-                                                                           "models/qwen-quarter",
+    model: Optional[Path] = typer.Option(None, metavar="DIR", show_default=describe("model"),
                                          help="Checkpoint (created with random weights from --preset if missing)."),
-    preset: Optional[str] = typer.Option(None, metavar="NAME", show_default="tiny with --quick, else "
-                                                                            "qwen1.5-moe-a2.7b-quarter",
+    preset: Optional[str] = typer.Option(None, metavar="NAME", show_default=describe("preset"),
                                          help="Preset of the checkpoint when it is created."),
     layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
                                          help="Layers of the preset when the checkpoint is created."),
     tenants: int = typer.Option(6, metavar="N", help="Tenants sending requests."),
-    rate: list[float] = typer.Option([], metavar="RPS", show_default="0.5 with --quick, else 0.01 0.02 0.04 0.08",
+    rate: list[float] = typer.Option([], metavar="RPS", show_default=describe("rates"),
                                      help="Mean requests/s per tenant, repeatable: every strategy runs at each "
                                           "(tenants' own rates are weighted 1.5 : 1 : 0.5 around it)."),
     arrival: str = typer.Option("bursty", metavar="KIND",
                                 help="bursty (on periods at 3x the rate, then silent off periods) or poisson."),
-    burst_on: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="3 with --quick, else 10",
+    burst_on: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("burst_on_s"),
                                              help="Mean length of an on period."),
-    burst_off: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="3 with --quick, else 20",
+    burst_off: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("burst_off_s"),
                                               help="Mean length of an off period (the tenant is idle)."),
-    duration: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="12 with --quick, else 120",
+    duration: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("duration_s"),
                                              help="How long requests keep arriving."),
     max_requests: Optional[int] = typer.Option(None, metavar="N", show_default="no limit",
                                                help="Requests per tenant at most."),
-    prompt_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:32 with --quick, else 32:128",
+    prompt_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default=describe("prompt_tokens"),
                                                 help="Prompt length range in tokens (English text)."),
-    output_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default="8:16 with --quick, else 32:64",
+    output_tokens: Optional[str] = typer.Option(None, metavar="MIN:MAX", show_default=describe("output_tokens"),
                                                 help="Output length range in tokens."),
     seed: int = typer.Option(0, metavar="N", help="Seed of the workload: the same requests for every strategy."),
     experts_per_function: Optional[int] = typer.Option(None, "--experts-per-function", "-k", metavar="K",
-                                                       show_default="2 with --quick, else 4",
+                                                       show_default=describe("experts_per_function"),
                                                        help="k of faasmoe's main runs."),
-    keep_alive: Optional[float] = typer.Option(None, metavar="SECONDS", show_default="2 with --quick, else 10",
+    keep_alive: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("keep_alive_s"),
                                                help="Function keep-alive of the main runs."),
-    keep_alive_sweep: list[float] = typer.Option([], metavar="SECONDS", show_default="none with --quick, else 2 10 60",
+    keep_alive_sweep: list[float] = typer.Option([], metavar="SECONDS", show_default=describe("keep_alive_sweep"),
                                                  help="Keep-alives to run faasmoe-shared at, repeatable (at the "
                                                       "middle rate, for each --keep-alive-k)."),
     keep_alive_k: list[int] = typer.Option([1, 4], metavar="K", help="k values of the keep-alive sweep, repeatable."),
@@ -294,7 +293,7 @@ def bench(
     a headline at the highest rate the Baseline sustains (results.json, results.md, plots under --out).
     """
     from faasmoe.bench.cleanup import session
-    from faasmoe.bench.multitenant import DEFAULTS, KNOWN, make_config, run_bench
+    from faasmoe.bench.multitenant import KNOWN, make_config, run_bench
     from faasmoe.models.presets import init_model
 
     for s_ in [*strategy, *sweep_strategy]:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from faasmoe.bench import cleanup
 from faasmoe.bench.corpus import expert_top_share
+from faasmoe.bench.defaults import DEFAULTS
 from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
                                 workload_json)
 from faasmoe.bench.machine import machine_info
@@ -74,18 +75,6 @@ class BenchConfig:
     max_batch: int = 16
     meter_interval_s: float = 1.0  # reading a 2 GB process's smaps costs ~17 ms: sample sparingly
     startup_timeout_s: float = 600.0
-
-
-# The bench's defaults, full and --quick (tiny model, one short on/off load, short keep-alive: minutes).
-DEFAULTS = {
-    False: {"model": "models/qwen-quarter", "preset": "qwen1.5-moe-a2.7b-quarter", "rates": [0.01, 0.02, 0.04, 0.08],
-            "burst_on_s": 10.0, "burst_off_s": 20.0, "duration_s": 120.0, "prompt_tokens": (32, 128),
-            "output_tokens": (32, 64), "experts_per_function": 4, "keep_alive_s": 10.0,
-            "keep_alive_sweep": [2.0, 10.0, 60.0]},
-    True: {"model": "models/bench-tiny", "preset": "tiny", "rates": [0.5], "burst_on_s": 3.0, "burst_off_s": 3.0,
-           "duration_s": 12.0, "prompt_tokens": (8, 32), "output_tokens": (8, 16), "experts_per_function": 2,
-           "keep_alive_s": 2.0, "keep_alive_sweep": []},
-}
 
 
 def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rates: list[float] | None = None,
