@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -260,12 +259,3 @@ def test_init_model_marks_its_checkpoints_as_random(tiny, tmp_path):
     assert has_random_weights(tiny) and "random" in (Path(tiny) / RANDOM_WEIGHTS_MARKER).read_text()
     assert not has_random_weights(tmp_path)  # a downloaded checkpoint has no marker
 
-
-@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_sleep_between_regions_unless_the_user_says_otherwise(given, expected):
-    """faasmoe sets OMP_WAIT_POLICY before torch loads OpenMP: its control plane waits on sockets between
-    parallel regions, and a spinning thread would take the core its function instances need."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | ({"OMP_WAIT_POLICY": given} if given else {})
-    out = subprocess.run([sys.executable, "-c", "import faasmoe, os; print(os.environ['OMP_WAIT_POLICY'])"],
-                         env=env, capture_output=True, text=True, check=True).stdout.strip()
-    assert out == expected
