@@ -10,7 +10,7 @@ import time
 
 import httpx
 import psutil
-from helpers import running_server
+from helpers import in_threads, running_server
 
 from faasmoe.platforms.local.platform import LocalPlatform
 from faasmoe.proctitle import role_of, title_of
@@ -38,17 +38,7 @@ def instances_of(role: str) -> list[psutil.Process]:
 
 
 def run_jobs(base: str, jobs: list[tuple[str, str]]) -> list[httpx.Response]:
-    out: list = [None] * len(jobs)
-
-    def go(i, key, prompt):
-        out[i] = complete(base, key, prompt)
-
-    threads = [threading.Thread(target=go, args=(i, *job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    return in_threads(lambda key, prompt: complete(base, key, prompt), jobs)
 
 
 def test_instances_killed_under_multitenant_load_lose_nothing(tiny):

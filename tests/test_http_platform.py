@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,14 +26,25 @@ from faasmoe.platforms.http import HttpPlatform
 K = 4
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def _free_port_run(n: int) -> int:
+    """The first of n consecutive free ports, below the kernel's ephemeral range (32768 and up here), where
+    no outgoing connection of another test can take one of them between this check and the servers' bind."""
+    rng = random.Random(os.getpid())
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - n)
+        socks = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-32000")
 
 
 def _token(manifest_path: Path) -> str:
@@ -59,7 +71,7 @@ def _serve_packages(manifest_path: Path) -> list[subprocess.Popen]:
 @pytest.fixture(scope="module")
 def packaged(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("pkg")
-    first = _free_ports(1)[0]
+    first = _free_port_run(3 * (8 // K))  # one port per function: 3 MoE layers of the tiny model, 8 // K blocks
     manifest = package(tiny, K, "knative", out, base_url="http://127.0.0.1:{port}/", start_port=first)
     procs = _serve_packages(manifest)
     yield manifest
@@ -183,7 +195,7 @@ def test_tinyfaas_and_openfaas_entry_points_answer_frames(tiny, tmp_path):
 
 
 def test_base64_bodies_over_http(tiny, tmp_path):
-    port = _free_ports(1)[0]
+    port = _free_port_run(3)
     manifest = package(tiny, 8, "tinyfaas", tmp_path, base_url="http://127.0.0.1:{port}/", start_port=port)
     m = json.loads(manifest.read_text())
     # serve only the first function; one call proves base64 in both directions

@@ -9,7 +9,7 @@ import time
 import httpx
 import openai
 import pytest
-from helpers import ADMIN, metric_sum, running_server
+from helpers import ADMIN, in_threads, metric_sum, running_server
 
 ALICE, BOB, CAROL = "sk-alice-0001", "sk-bob-0000002", "sk-carol-00003"
 TENANTS = [
@@ -189,19 +189,13 @@ def test_usage_is_per_tenant_and_metrics_need_the_admin_key(server):
 
 
 def _run_together(base: str, jobs: list[tuple[str, str]], max_tokens: int) -> list[str]:
-    out: list = [None] * len(jobs)
     barrier = threading.Barrier(len(jobs))
 
-    def go(i: int, key: str, prompt: str):
+    def go(key: str, prompt: str) -> str:
         barrier.wait()
-        out[i] = complete(base, key, prompt, max_tokens)["choices"][0]["text"]
+        return complete(base, key, prompt, max_tokens)["choices"][0]["text"]
 
-    threads = [threading.Thread(target=go, args=(i, *job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return out
+    return in_threads(go, jobs)
 
 
 def test_shared_mode_batches_tenants_into_the_same_invocations(server):
