@@ -62,9 +62,15 @@ def _serve_packages(manifest_path: Path) -> list[subprocess.Popen]:
         env.update(PYTHONPATH=str(d), FAASMOE_TOKEN_FILE=str(manifest_path.parent / "function-token"))
         procs.append(subprocess.Popen([sys.executable, "-m", "faasmoe.functions.http_server", "--spec", "spec.json",
                                        "--port", str(f["port"])], cwd=d, env=env, stdout=subprocess.PIPE, text=True))
-    for p in procs:
-        line = p.stdout.readline()
-        assert "listening" in line, line
+    try:
+        for p in procs:
+            line = p.stdout.readline()
+            assert "listening" in line, line
+    except BaseException:  # one failed to start: stop the others too, or they outlive the test run
+        for p in procs:
+            p.kill()
+            p.wait()
+        raise
     return procs
 
 
