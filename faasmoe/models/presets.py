@@ -28,25 +28,23 @@ QWEN_EOS = [151643, 151645]  # <|endoftext|>, <|im_end|>
 # directory sees it).
 RANDOM_WEIGHTS_MARKER = "FAASMOE_RANDOM_WEIGHTS"
 
+# Qwen1.5-MoE-A2.7B's published config.json values; choose the layer count with `layers`.
+_QWEN15_MOE_A27B: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
+    num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6,
+    rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
+    use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
+)
+_MATRIX_DIMS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+                "num_attention_heads", "num_key_value_heads")
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # Qwen1.5-MoE-A2.7B's published config.json values; choose the layer count with `layers`.
-    "qwen1.5-moe-a2.7b": dict(
-        vocab_size=151936, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-        shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, rope_theta=1e6,
-        rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
-        use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
-    ),
+    "qwen1.5-moe-a2.7b": _QWEN15_MOE_A27B,
     # Qwen1.5-MoE-A2.7B with every matrix dimension divided by 4 (hidden 512, 4 heads, experts 352 wide):
     # the real structure (24 layers, 60 experts, top-4, shared expert, vocabulary, tokenizer) at ~1/10 the
     # bytes (~2 GB bf16), so benchmarks of routing and scheduling run on the real shape on a small machine.
-    "qwen1.5-moe-a2.7b-quarter": dict(
-        vocab_size=151936, hidden_size=512, intermediate_size=1408, moe_intermediate_size=352,
-        shared_expert_intermediate_size=1408, num_experts=60, num_experts_per_tok=4, num_hidden_layers=24,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192, rope_theta=1e6,
-        rms_norm_eps=1e-6, norm_topk_prob=False, decoder_sparse_step=1, tie_word_embeddings=False,
-        use_sliding_window=False, sliding_window=32768, max_window_layers=21, dtype="bfloat16",
-    ),
+    "qwen1.5-moe-a2.7b-quarter": _QWEN15_MOE_A27B | {k: _QWEN15_MOE_A27B[k] // 4 for k in _MATRIX_DIMS},
     # The same architecture shrunk until a test runs it in milliseconds; the vocabulary stays Qwen's.
     "tiny": dict(
         vocab_size=151936, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
