@@ -478,7 +478,9 @@ def serve(
                                         help="Warm the functions a layer N ahead is predicted to call (0: off)."),
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
                                         help="Compute dtype: float32, bfloat16 or float16."),
-    threads: Optional[int] = typer.Option(None, metavar="N", show_default="one per core",
+    threads: Optional[int] = typer.Option(None, metavar="N",
+                                          show_default="half the cores for a control plane next to local "
+                                                       "functions, else one per core",
                                           help="Torch threads of the control plane (of each tenant's, in private "
                                                "mode) or of the monolithic model."),
     log_level: str = typer.Option("info", metavar="LEVEL", help="uvicorn log level: debug, info, warning, error."),

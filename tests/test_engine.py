@@ -7,6 +7,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 import faasmoe
 
@@ -28,6 +29,20 @@ def test_generate_reports_invocations_cold_starts_and_phase_times(tiny):
     for key in ("load_s", "tokenize_s", "prefill_s", "decode_s", "total_s", "decode_ms_per_token"):
         assert second.stats[key] >= 0
     assert first.finish_reason == "length" and first.prompt_tokens == 1
+
+
+def test_control_plane_leaves_half_the_cores_to_functions_on_this_machine(tiny, monkeypatch):
+    """Its idle OpenMP threads would otherwise spin on the cores the local functions need; `threads` overrides."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    before = torch.get_num_threads()
+    try:
+        with faasmoe.load(tiny, experts_per_function=4) as e:
+            assert torch.get_num_threads() == 4
+            assert e.generate("Hi", max_tokens=2).stats["threads"] == 4
+        with faasmoe.load(tiny, experts_per_function=4, threads=3):
+            assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_seeded_sampling_is_reproducible(engine):

@@ -13,6 +13,7 @@ Measured, on the same checkpoint and prompt, interleaved so machine noise hits b
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import tempfile
@@ -54,6 +55,17 @@ def monolithic_decode(model, ids: list[int], tokens: int) -> tuple[float, list[i
         return 1000 * (time.perf_counter() - t0) / (tokens - 1), toks
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch threads (a process-wide setting, which the engines also make)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def dispatch_cost(engine, reps: int = 30) -> dict:
     """A decode step's MoE layer calls: through the platform vs computed in-process, one thread."""
     from faasmoe.functions.expert import ExpertFunction
@@ -63,15 +75,11 @@ def dispatch_cost(engine, reps: int = 30) -> dict:
     engine.dispatcher.keep_calls = False
     specs = {s.id: s for s in engine.specs}
     layers = {}
-    threads = torch.get_num_threads()
     for layer, calls in engine.dispatcher.last_calls.items():
         fns = [ExpertFunction(specs[fid]) for fid, _ in calls]
         rt = _median_ms(lambda: engine.platform.invoke_many(calls), reps)
-        torch.set_num_threads(engine.platform.config.threads_per_instance)
-        try:
+        with torch_threads(engine.platform.config.threads_per_instance):
             local = _median_ms(lambda: [f.handle(frame) for f, (_, frame) in zip(fns, calls)], reps)
-        finally:
-            torch.set_num_threads(threads)
         layers[layer] = {"calls": len(calls), "platform_ms": rt, "in_process_ms": local, "overhead_ms": rt - local}
     return {"per_layer": layers,
             "overhead_ms": statistics.mean(v["overhead_ms"] for v in layers.values()),
@@ -244,6 +252,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
           f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
     mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
+    mono_threads = torch.get_num_threads()  # the engines below may take fewer (half, next to local functions)
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
@@ -254,7 +263,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                 set_title("bench-engine", platform, f"k={k}")
                 with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
                                   platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
-                    run = _measure(engine, mono, tokens, repeats)
+                    run = _measure(engine, mono, mono_threads, tokens, repeats)
                 run["platform"] = platform
                 for peer, p in report["peers"].items():
                     run[f"vs_{peer}"] = run["faasmoe_ms_per_token"] / p["ms_per_token"]
@@ -279,12 +288,13 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     return report
 
 
-def _measure(engine, mono, tokens: int, repeats: int) -> dict:
+def _measure(engine, mono, mono_threads: int, tokens: int, repeats: int) -> dict:
     ids = engine.encode(PROMPT)
     engine.generate(ids, max_tokens=4, ignore_eos=True)  # warm every path once
     mono_ms, faas_ms, same = [], [], []
     for _ in range(repeats):  # interleaved: noise hits both sides alike
-        m, mono_tokens = monolithic_decode(mono, ids, tokens)
+        with torch_threads(mono_threads):
+            m, mono_tokens = monolithic_decode(mono, ids, tokens)
         g = engine.generate(ids, max_tokens=tokens, ignore_eos=True)
         mono_ms.append(m)
         faas_ms.append(g.stats["decode_ms_per_token"])

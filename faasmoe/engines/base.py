@@ -152,7 +152,7 @@ class BaseEngine:
         after = self.counters()
         n = len(seq.output_ids)
         stats = {k: after[k] - before[k] for k in after}
-        stats.update(self.describe())
+        stats.update(self.describe(), threads=torch.get_num_threads())
         stats.update(
             prompt_tokens=len(ids), completion_tokens=n, load_s=self.load_s, tokenize_s=t_tok - t0, prefill_s=t_prefill - t_tok,
             decode_s=t_end - t_prefill, total_s=t_end - t0,

@@ -171,6 +171,10 @@ class Platform(ABC):
     def start(self) -> None:
         """Bring up whatever the platform needs (a zygote, a Ray connection)."""
 
+    def shares_host_cores(self) -> bool:
+        """Whether the functions run on this machine's cores, next to the control plane."""
+        return False
+
     @abstractmethod
     def deploy(self, spec: FunctionSpec) -> None:
         """Register a function; no instance starts until it is invoked (scale from zero)."""

@@ -162,6 +162,9 @@ class RayPlatform(Platform):
         self._poller = threading.Thread(target=self._poll, name="faasmoe-ray-status", daemon=True)
         self._poller.start()
 
+    def shares_host_cores(self) -> bool:
+        return not self.address  # a local Ray's replicas are processes on this machine
+
     def _metrics_interval(self) -> float:
         """How often handles and replicas report to Serve's autoscaler (Serve's default, 10 s, is no FaaS)."""
         return max(0.1, min(1.0, self.config.keep_alive_s / 4))
