@@ -1,4 +1,5 @@
-"""`kernels.linear`: multi-row bf16 products through fp32 on CPUs without bf16 instructions, row counts padded where native."""
+"""`kernels.linear`: multi-row bf16 products through fp32 on CPUs without bf16 instructions, row counts padded where
+native, one row as a matrix-vector product where native."""
 
 from __future__ import annotations
 
@@ -68,3 +69,26 @@ def test_native_products_pad_rows_to_a_power_of_two_and_answer_the_rows_asked(mo
     assert seen == [1 << (rows - 1).bit_length()] and out.shape == (rows, 48) and out.dtype == torch.bfloat16
     ref = F.linear(x.float(), w.float(), b.float())
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=5e-2)
+
+
+def test_native_one_row_products_without_a_bias_are_matrix_vector_products(monkeypatch):
+    """Faster than oneDNN's GEMM for one row (which packs the weights at every call), same fp32 accumulation."""
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", "native")
+    kernels.native_half_gemm.cache_clear()
+    calls = []
+    real = torch.mv
+    monkeypatch.setattr(kernels.torch, "mv", lambda w, v: calls.append(w.shape) or real(w, v))
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
+        w = torch.randn(48, 64, generator=g).to(torch.bfloat16)
+        b = torch.randn(48, generator=g).to(torch.bfloat16)
+        out = kernels.linear(x, w)
+        with_bias = kernels.linear(x, w, b)
+        strided = kernels.linear(x, torch.randn(48, 128, generator=g).to(torch.bfloat16)[:, :64])
+    finally:
+        kernels.native_half_gemm.cache_clear()
+    assert calls == [(48, 64)]  # not with a bias, nor for a strided weight: F.linear there
+    assert out.shape == (1, 48) and out.dtype == torch.bfloat16 and strided.shape == (1, 48)
+    assert torch.allclose(out.float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=5e-2)
+    assert torch.equal(with_bias, F.linear(x, w, b))
