@@ -10,6 +10,8 @@ intermediate size, P = routing pairs, k = experts in the block.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -21,6 +23,12 @@ from faasmoe.models.weights import map_stacked, torch_dtype
 
 
 WARM_ROWS = 512  # row counts warmed up before forking (larger calls are rare: long prompts' prefill)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element is finite: one reduction, and the exact test only when the sum is not finite (a NaN
+    or inf anywhere makes it so; finite values whose sum overflows are then found fine)."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 class ExpertFunction:
@@ -62,6 +70,10 @@ class ExpertFunction:
         all_rows = np.arange(T)
         for j in np.flatnonzero(counts).tolist():
             lo, hi = ends[j] - counts[j], ends[j]
+            if hi - lo == 1:  # one token (most of a decode step's pairs): a view in, one row added out
+                r = int(tok[lo])
+                out[r:r + 1].add_(gated_mlp(x[r:r + 1], self.gate_up[j], self.down[j], self.act) * weight[lo:hi])
+                continue
             every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
             h = x if every_row else x.index_select(0, rows)  # [n, H]
@@ -125,7 +137,7 @@ class ExpertFunction:
             self.check(inv)
             with torch.inference_mode():
                 out = self.compute(inv)
-            if not bool(torch.isfinite(out).all()):  # never send NaN or inf on: say what was wrong instead
+            if not _finite(out):  # never send NaN or inf on: say what was wrong instead
                 raise wire.WireError(self.diagnose(inv))
             return wire.encode_result(self.digest, self.spec.layer, self.spec.block, out)
         except wire.WireError as e:

@@ -133,7 +133,7 @@ def decode_invocation(frame: bytes | memoryview) -> Invocation:
     h = decode_header(frame)
     if h.kind != INVOKE:
         raise WireError(f"expected an invocation frame, got kind {h.kind}")
-    item = torch.empty((), dtype=h.dtype).element_size()
+    item = h.dtype.itemsize
     nx = h.T * h.H
     _expect_size(frame, h, nx * item + h.P * 12)
     off = HEADER_SIZE
@@ -142,7 +142,7 @@ def decode_invocation(frame: bytes | memoryview) -> Invocation:
     token = _tensor(frame, off, torch.int32, h.P)
     expert = _tensor(frame, off + 4 * h.P, torch.int32, h.P)
     weight = _tensor(frame, off + 8 * h.P, torch.float32, h.P)
-    if h.P and (token.numpy().min() < 0 or token.numpy().max() >= h.T):
+    if h.P and not (0 <= (tk := token.numpy()).min() and tk.max() < h.T):
         raise WireError(f"routing pair points at a token outside 0..{h.T - 1}")
     return Invocation(h.model, h.layer, h.block, hidden, token, expert, weight)
 
@@ -156,7 +156,7 @@ def decode_result(frame: bytes | memoryview, dtype: torch.dtype, T: int, H: int)
         raise WireError(f"expected a result frame, got kind {h.kind}")
     if (h.T, h.H, h.dtype) != (T, H, dtype):
         raise WireError(f"result is [{h.T}, {h.H}] {h.dtype}, expected [{T}, {H}] {dtype}")
-    _expect_size(frame, h, T * H * torch.empty((), dtype=dtype).element_size())
+    _expect_size(frame, h, T * H * dtype.itemsize)
     return _tensor(frame, HEADER_SIZE, dtype, T * H).view(T, H)
 
 
