@@ -93,6 +93,18 @@ def test_well_formed_but_wrong_frames_are_refused(fn, case):
     assert answer_kind(reply) == wire.ERROR and s.id in wire.error_message(reply)
 
 
+def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():
+    """Its fast path sums the output: a sum that overflows must not turn finite values into an error."""
+    from faasmoe.functions.expert import _finite
+
+    big = torch.full((2, 4), 3e38)
+    assert _finite(big) and _finite(big.to(torch.bfloat16)) and _finite(torch.zeros(0, 4))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[1, 2] = bad
+        assert not _finite(t) and not _finite(t.to(torch.bfloat16))
+
+
 def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_path):
     import os
     import signal
