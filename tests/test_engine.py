@@ -32,15 +32,30 @@ def test_generate_reports_invocations_cold_starts_and_phase_times(tiny):
 
 
 def test_control_plane_leaves_half_the_cores_to_functions_on_this_machine(tiny, monkeypatch):
-    """Its idle OpenMP threads would otherwise spin on the cores the local functions need; `threads` overrides."""
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    """Its idle OpenMP threads would otherwise spin on the cores the local functions need; remote functions and
+    the monolithic model get torch's default back (the setting is process-wide); `threads` overrides."""
+    from faasmoe.engines import base, distributed
+    from faasmoe.engines.monolithic import MonolithicEngine
+    from faasmoe.platforms.local.platform import LocalPlatform
+
+    class Elsewhere(LocalPlatform):  # functions on other machines, as far as the control plane can tell
+        def shares_host_cores(self) -> bool:
+            return False
+
+    monkeypatch.setattr(base, "DEFAULT_THREADS", 6)
+    monkeypatch.setattr(distributed, "DEFAULT_THREADS", 6)
     before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with faasmoe.load(tiny, experts_per_function=4) as e:
-            assert torch.get_num_threads() == 4
-            assert e.generate("Hi", max_tokens=2).stats["threads"] == 4
-        with faasmoe.load(tiny, experts_per_function=4, threads=3):
             assert torch.get_num_threads() == 3
+            assert e.generate("Hi", max_tokens=2).stats["threads"] == 3
+        with faasmoe.load(tiny, experts_per_function=4, platform=Elsewhere()):
+            assert torch.get_num_threads() == 6
+        with faasmoe.load(tiny, experts_per_function=4, threads=5):
+            assert torch.get_num_threads() == 5
+        with MonolithicEngine(tiny):
+            assert torch.get_num_threads() == 6
     finally:
         torch.set_num_threads(before)
 

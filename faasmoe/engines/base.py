@@ -20,6 +20,8 @@ from faasmoe.engines.output import TextOutput
 from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.models.weights import torch_dtype
 
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own (a thread per physical core), read before any engine sets it
+
 
 class InvalidRequest(ValueError):
     """A request this model cannot serve (400); `code` is the OpenAI error code and `param` the request field at
@@ -50,8 +52,7 @@ class BaseEngine:
     """
 
     def __init__(self, model: str | Path, dtype: str | None = None, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads or DEFAULT_THREADS)  # process-wide: an earlier engine's count must not stay
         self.checkpoint = ckpt = Checkpoint(model)
         self.config = ckpt.config
         self.dtype = torch_dtype(dtype or ckpt.dtype)

@@ -11,28 +11,27 @@ its running requests.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from faasmoe.control.deployment import Deployment
 from faasmoe.control.dispatch import ExpertDispatcher
-from faasmoe.engines.base import BaseEngine, Generation
+from faasmoe.engines.base import DEFAULT_THREADS, BaseEngine, Generation
 from faasmoe.models import control_plane_class
 from faasmoe.platforms import PlatformConfig, create_platform
 from faasmoe.platforms.base import Platform, totals
 
 
 def control_plane_threads(platform: Platform) -> int | None:
-    """The control plane's default torch threads: half the cores when its functions run on them too, else all.
+    """The control plane's default torch threads: half of torch's default when its functions run on this
+    machine's cores too, else None (torch's default).
 
     The control plane waits on its functions at every MoE layer, and its idle OpenMP threads spin (libgomp's
-    default) on the cores those functions need. One thread instead of two on 2 cores (quarter preset, k = 4):
-    a single request's step 192 -> 145 ms and the control plane's CPU per token 245 -> 93 ms; batch 8,
-    462 -> 381 ms and 59 -> 22 ms. Spinning cannot be switched off for this process alone once torch is loaded
-    (OMP_WAIT_POLICY is read at import), and switching it off everywhere slows the monolithic model."""
-    return max(1, len(os.sched_getaffinity(0)) // 2) if platform.shares_host_cores() else None
+    default) on the cores those functions need: on 2 cores (quarter preset, k = 4), one thread instead of two
+    made a single request's step 1.3x faster at 0.4x the control plane's CPU. OMP_WAIT_POLICY, which would
+    stop the spinning, is read once when torch loads, and set for every process it slows the monolithic model."""
+    return max(1, DEFAULT_THREADS // 2) if platform.shares_host_cores() else None
 
 
 class Engine(BaseEngine):
@@ -48,10 +47,10 @@ class Engine(BaseEngine):
         t0 = time.perf_counter()
         self.platform = (platform if isinstance(platform, Platform)
                          else create_platform(platform, platform_config, **(platform_options or {})))
-        super().__init__(model, dtype, threads or control_plane_threads(self.platform))
-        self.deployment = Deployment.plan(self.checkpoint, experts_per_function, self.dtype)
-        self.platform.start()
         try:
+            super().__init__(model, dtype, threads or control_plane_threads(self.platform))
+            self.deployment = Deployment.plan(self.checkpoint, experts_per_function, self.dtype)
+            self.platform.start()
             self.deployment.deploy(self.platform)
             self.dispatcher = ExpertDispatcher(self.platform, self.checkpoint.digest, self.deployment.blocks,
                                                self.config.num_experts, self.dtype)

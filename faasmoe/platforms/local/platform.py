@@ -96,10 +96,10 @@ class LocalPlatform(Platform):
         self._reaper: threading.Thread | None = None
         self._warmer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="faasmoe-warm")  # `warm`'s cold starts
 
-    # -- lifecycle ---------------------------------------------------------------------------
     def shares_host_cores(self) -> bool:
         return True
 
+    # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._zygote = Zygote.shared()
         self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
