@@ -93,16 +93,43 @@ def test_well_formed_but_wrong_frames_are_refused(fn, case):
     assert answer_kind(reply) == wire.ERROR and s.id in wire.error_message(reply)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_token_experts_add_exactly_what_the_gathered_path_adds(tiny, dtype):
+    """The one-token shortcut (a view in, one row added) against index_select / index_add_, bit for bit."""
+    from faasmoe.models.layers import gated_mlp
+
+    f = ExpertFunction(Deployment.plan(Checkpoint(tiny), 4, dtype).specs[1])
+    e = f.spec.experts
+    g = torch.Generator().manual_seed(3)
+    T = 5  # e[0]: tokens 0, 2, 4; e[1]: token 2 only; e[2]: token 4 only; e[3]: none
+    token = torch.tensor([0, 2, 2, 4, 4], dtype=torch.int32)
+    expert = torch.tensor([e[0], e[0], e[1], e[0], e[2]], dtype=torch.int32)
+    weight = torch.rand(5, generator=g)
+    inv = wire.Invocation(f.digest, f.spec.layer, f.spec.block, torch.randn(T, f.spec.hidden_size, generator=g).to(
+        f.dtype), token, expert, weight)
+    with torch.inference_mode():
+        out = f.compute(inv)
+        ref = torch.zeros_like(inv.hidden)
+        w = weight.to(f.dtype)[:, None]
+        for j in range(3):
+            sel = (expert == e[j]).nonzero().flatten()
+            rows = token[sel].long()
+            y = gated_mlp(inv.hidden.index_select(0, rows), f.gate_up[j], f.down[j], f.act) * w[sel]
+            ref.index_add_(0, rows, y)
+    assert torch.equal(out, ref)
+
+
 def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():
     """Its fast path sums the output: a sum that overflows must not turn finite values into an error."""
     from faasmoe.functions.expert import _finite
 
     big = torch.full((2, 4), 3e38)
     assert _finite(big) and _finite(big.to(torch.bfloat16)) and _finite(torch.zeros(0, 4))
+    assert _finite(torch.full((4,), 6e4).half())  # fp16: the sum would overflow at 65504
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = big.clone()
         t[1, 2] = bad
-        assert not _finite(t) and not _finite(t.to(torch.bfloat16))
+        assert not _finite(t) and not _finite(t.to(torch.bfloat16)) and not _finite(t.half())
 
 
 def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_path):

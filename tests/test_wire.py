@@ -69,9 +69,10 @@ def test_malformed_frames_raise_wire_errors(mutate, message):
         wire.decode_invocation(mutate(wire.encode_invocation(invocation())))
 
 
-def test_pair_pointing_outside_the_tokens_is_refused():
-    inv = invocation()
-    inv.token[0] = 99
+@pytest.mark.parametrize("index", [99, 4, -1])
+def test_pair_pointing_outside_the_tokens_is_refused(index):
+    inv = invocation()  # T = 4
+    inv.token[0] = index
     with pytest.raises(wire.WireError, match="outside"):
         wire.decode_invocation(wire.encode_invocation(inv))
 

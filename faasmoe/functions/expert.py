@@ -28,7 +28,7 @@ WARM_ROWS = 512  # row counts warmed up before forking (larger calls are rare: l
 def _finite(t: torch.Tensor) -> bool:
     """Whether every element is finite: one reduction, and the exact test only when the sum is not finite (a NaN
     or inf anywhere makes it so; finite values whose sum overflows are then found fine)."""
-    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+    return math.isfinite(t.sum(dtype=torch.float32).item()) or bool(torch.isfinite(t).all())
 
 
 class ExpertFunction:
