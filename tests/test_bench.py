@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from faasmoe.bench.load import Workload, schedule
 
@@ -99,3 +102,14 @@ def test_bursty_arrivals_come_in_on_periods():
 def test_max_requests_caps_each_tenant():
     arrivals = schedule(Workload(tenants=2, rates=[10.0], duration_s=100, max_requests=7))
     assert [sum(1 for x in arrivals if x.tenant == t) for t in range(2)] == [7, 7]
+
+
+def test_results_name_the_commit_that_ran():
+    """A figure in the docs can be traced to its code: machine_info records the checkout's commit."""
+    from faasmoe.bench.machine import machine_info
+
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("not a git checkout")
+    assert machine_info()["code"].startswith(head.stdout.strip())
