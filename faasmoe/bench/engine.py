@@ -24,6 +24,7 @@ import torch
 
 from faasmoe.bench import cleanup
 from faasmoe.bench.machine import machine_info
+from faasmoe.engines.base import DEFAULT_THREADS
 from faasmoe.proctitle import set_title
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -252,7 +253,6 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
           f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
     mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
-    mono_threads = torch.get_num_threads()  # the engines below may take fewer (half, next to local functions)
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
@@ -263,7 +263,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                 set_title("bench-engine", platform, f"k={k}")
                 with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
                                   platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
-                    run = _measure(engine, mono, mono_threads, tokens, repeats)
+                    run = _measure(engine, mono, tokens, repeats)
                 run["platform"] = platform
                 for peer, p in report["peers"].items():
                     run[f"vs_{peer}"] = run["faasmoe_ms_per_token"] / p["ms_per_token"]
@@ -288,12 +288,12 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     return report
 
 
-def _measure(engine, mono, mono_threads: int, tokens: int, repeats: int) -> dict:
+def _measure(engine, mono, tokens: int, repeats: int) -> dict:
     ids = engine.encode(PROMPT)
     engine.generate(ids, max_tokens=4, ignore_eos=True)  # warm every path once
     mono_ms, faas_ms, same = [], [], []
     for _ in range(repeats):  # interleaved: noise hits both sides alike
-        with torch_threads(mono_threads):
+        with torch_threads(DEFAULT_THREADS):  # the engine's control plane may take fewer (next to its functions)
             m, mono_tokens = monolithic_decode(mono, ids, tokens)
         g = engine.generate(ids, max_tokens=tokens, ignore_eos=True)
         mono_ms.append(m)

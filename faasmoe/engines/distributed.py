@@ -23,15 +23,15 @@ from faasmoe.platforms import PlatformConfig, create_platform
 from faasmoe.platforms.base import Platform, totals
 
 
-def control_plane_threads(platform: Platform) -> int | None:
+def control_plane_threads(platform: Platform) -> int:
     """The control plane's default torch threads: half of torch's default when its functions run on this
-    machine's cores too, else None (torch's default).
+    machine's cores too, else torch's default.
 
     The control plane waits on its functions at every MoE layer, and its idle OpenMP threads spin (libgomp's
     default) on the cores those functions need: on 2 cores (quarter preset, k = 4), one thread instead of two
     made a single request's step 1.3x faster at 0.4x the control plane's CPU. OMP_WAIT_POLICY, which would
     stop the spinning, is read once when torch loads, and set for every process it slows the monolithic model."""
-    return max(1, DEFAULT_THREADS // 2) if platform.shares_host_cores() else None
+    return max(1, DEFAULT_THREADS // 2) if platform.shares_host_cores() else DEFAULT_THREADS
 
 
 class Engine(BaseEngine):

@@ -142,7 +142,8 @@ def decode_invocation(frame: bytes | memoryview) -> Invocation:
     token = _tensor(frame, off, torch.int32, h.P)
     expert = _tensor(frame, off + 4 * h.P, torch.int32, h.P)
     weight = _tensor(frame, off + 8 * h.P, torch.float32, h.P)
-    if h.P and not (0 <= (tk := token.numpy()).min() and tk.max() < h.T):
+    tk = token.numpy()
+    if h.P and not (0 <= tk.min() and tk.max() < h.T):
         raise WireError(f"routing pair points at a token outside 0..{h.T - 1}")
     return Invocation(h.model, h.layer, h.block, hidden, token, expert, weight)
 

@@ -132,7 +132,7 @@ def write_checkpoint(config: Qwen2MoeConfig, out: str | Path, seed: int = 0,
     config.save_pretrained(out)
     dtype = torch_dtype(str(config.dtype))
     shapes = tensor_shapes(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     shards: list[list[str]] = [[]]
     size = 0
     for name, shape in shapes.items():
