@@ -74,8 +74,12 @@ def _fail(message: str) -> None:
 def init_model_cmd(
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Directory to write the checkpoint into."),
     preset: str = typer.Option("tiny", metavar="NAME", help="Architecture: tiny (tests, demos), qwen1.5-moe-a2.7b "
-                                                            "(the real model's sizes) or qwen1.5-moe-a2.7b-quarter "
-                                                            "(its structure, every matrix dimension / 4)."),
+                                                            "(the real model's sizes), qwen1.5-moe-a2.7b-quarter "
+                                                            "(its structure, every matrix dimension / 4); other "
+                                                            "families at published sizes: qwen3-30b-a3b, "
+                                                            "mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite; tiny "
+                                                            "ones: tiny-qwen3-moe, tiny-mixtral, tiny-olmoe, "
+                                                            "tiny-deepseek-v2, tiny-deepseek-v3."),
     layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",
                                          help="Number of decoder layers."),
     seed: int = typer.Option(0, metavar="N", help="Seed of the random weights; the same seed writes the same "
@@ -89,7 +93,7 @@ def init_model_cmd(
                                     help="Synthetic expert popularity per router: uniform, mild, strong or a "
                                          "number >= 0 (0 = uniform random routers)."),
 ) -> None:
-    """Write a Qwen2-MoE checkpoint with RANDOM weights (config, sharded safetensors, Qwen tokenizer).
+    """Write a MoE checkpoint with RANDOM weights (config, sharded safetensors, Qwen tokenizer).
 
     The model generates gibberish: it is for tests, demos and benchmarks, which measure the system, not
     the text. To serve a real model, download a Hugging Face checkpoint directory (e.g.
@@ -120,7 +124,8 @@ RAY_ADDRESS_OPTION = typer.Option(None, "--ray-address", metavar="HOST:PORT", sh
 
 @app.command(short_help="Generate once from the command line.")
 def generate(
-    model: Path = typer.Option(..., metavar="DIR", help="A Qwen2-MoE checkpoint directory (Hugging Face layout)."),
+    model: Path = typer.Option(..., metavar="DIR", help="A MoE checkpoint directory (Hugging Face layout): "
+                                                        "Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, DeepSeek-V2 or V3."),
     prompt: str = typer.Option(..., metavar="TEXT", help="The prompt text."),
     max_tokens: int = typer.Option(32, metavar="N", help="Tokens to generate at most."),
     temperature: float = typer.Option(0.0, metavar="T", help="Sampling temperature; 0 decodes greedily."),
@@ -184,6 +189,8 @@ def bench_engine_cmd(
     model: Path = typer.Option(Path("models/qwen1.5-moe-a2.7b-2l"), metavar="DIR",
                                help="Checkpoint (created with random weights if missing)."),
     layers: int = typer.Option(2, metavar="N", help="Layers of the real preset when the checkpoint must be created."),
+    preset: str = typer.Option("qwen1.5-moe-a2.7b", metavar="NAME",
+                               help="Preset of the checkpoint when it must be created (`faasmoe init-model --help`)."),
     tokens: int = typer.Option(32, metavar="N", help="Tokens to decode per measured run."),
     repeats: int = typer.Option(3, metavar="N", help="Measured runs of each side, interleaved."),
     experts_per_function: list[int] = typer.Option([1, 4], "--experts-per-function", "-k", metavar="K",
@@ -203,7 +210,7 @@ def bench_engine_cmd(
 
     with session():  # SIGTERM/SIGINT/SIGHUP stop every process and folder it started, then exit 128 + signal
         report = run_engine_bench(model, layers=layers, tokens=tokens, repeats=repeats, ks=experts_per_function,
-                                  platforms=platform, peers=peer)
+                                  platforms=platform, peers=peer, preset=preset)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
@@ -432,7 +439,7 @@ def serve(
                                                                  "serves plain HTTP beyond this machine."),
     port: int = typer.Option(_d("port"), metavar="PORT", help="Port to listen on."),
     model: Path = typer.Option(_d("model"), metavar="DIR",
-                               help="Qwen2-MoE checkpoint directory (Hugging Face layout). If missing, it is created "
+                               help="MoE checkpoint directory (Hugging Face layout). If missing, it is created "
                                     "from --preset with RANDOM weights (gibberish text); for a real model, download "
                                     "e.g. Qwen1.5-MoE-A2.7B and point --model at its directory."),
     model_name: Optional[str] = typer.Option(None, metavar="NAME", show_default="the directory name",

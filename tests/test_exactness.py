@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import faasmoe
+from conftest import FAMILY_VARIANTS
 
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 CASES = [("tiny", 1), ("tiny", 2), ("tiny", 8), ("sparse2-normtopk", 2), ("sparse2-normtopk", 8),
-         ("tied-mlponly-window", 3)]
+         ("tied-mlponly-window", 3)] + [(v, k) for v in FAMILY_VARIANTS for k in (1, 2, 8)]
 
 
 @pytest.mark.parametrize("variant,k", CASES, ids=[f"{v}-k{k}" for v, k in CASES])
@@ -41,6 +42,21 @@ def test_variants_exercise_the_config_options(checkpoint):
     assert tied.config.tie_word_embeddings and "lm_head.weight" not in tied.tensors
     assert 1 not in tied.moe_layers() and "sliding_attention" in tied.config.layer_types
     assert not tied.config.qkv_bias
+    qwen3 = Checkpoint(checkpoint("qwen3-moe"))
+    assert qwen3.moe_layers() == [0, 2] and qwen3.config.sliding_window == 6 and qwen3.config.norm_topk_prob
+    assert "model.layers.0.self_attn.q_norm.weight" in qwen3.tensors
+    mixtral = Checkpoint(checkpoint("mixtral"))
+    assert mixtral.config.sliding_window == 6 and mixtral.num_experts == 8
+    assert "model.layers.0.block_sparse_moe.experts.7.w3.weight" in mixtral.tensors
+    olmoe = Checkpoint(checkpoint("olmoe"))
+    assert olmoe.config.clip_qkv == 0.5 and "model.layers.0.self_attn.o_proj.bias" in olmoe.tensors
+    v2 = Checkpoint(checkpoint("deepseek-v2"))
+    assert v2.moe_layers() == [1, 2] and v2.config.topk_method == "group_limited_greedy"
+    assert v2.config.routed_scaling_factor != 1 and v2.config.rope_parameters["rope_type"] == "yarn"
+    assert "model.layers.1.mlp.shared_experts.gate_proj.weight" in v2.tensors and v2.config.q_lora_rank is None
+    v3 = Checkpoint(checkpoint("deepseek-v3"))
+    assert v3.config.q_lora_rank and v3.config.n_group > v3.config.topk_group and v3.config.norm_topk_prob
+    assert v3.tensors["model.layers.1.mlp.gate.e_score_correction_bias"].shape == (8,)
 
 
 def test_long_prompt_crosses_the_sliding_window(checkpoint, reference):

@@ -74,16 +74,25 @@ def _serve_packages(manifest_path: Path) -> list[subprocess.Popen]:
     return procs
 
 
-@pytest.fixture(scope="module")
-def packaged(tiny, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pkg")
-    first = _free_port_run(3 * (8 // K))  # one port per function: 3 MoE layers of the tiny model, 8 // K blocks
-    manifest = package(tiny, K, "knative", out, base_url="http://127.0.0.1:{port}/", start_port=first)
+def _packaged(path: str, out: Path):
+    first = _free_port_run(3 * (8 // K))  # one port per function: 3 MoE layers of the tiny models, 8 // K blocks
+    manifest = package(path, K, "knative", out, base_url="http://127.0.0.1:{port}/", start_port=first)
     procs = _serve_packages(manifest)
     yield manifest
     for p in procs:
         p.kill()
         p.wait()
+
+
+@pytest.fixture(scope="module")
+def packaged(tiny, tmp_path_factory):
+    yield from _packaged(tiny, tmp_path_factory.mktemp("pkg"))
+
+
+@pytest.fixture(scope="module")
+def packaged_mixtral(checkpoint, tmp_path_factory):
+    """Another family (whose expert tensors are named w1, w3, w2, with gate and up apart) over HTTP."""
+    yield from _packaged(checkpoint("mixtral"), tmp_path_factory.mktemp("pkg-mixtral"))
 
 
 def test_package_contents_for_every_target(tiny, tmp_path):
@@ -122,17 +131,20 @@ def test_a_package_runs_on_its_vendored_code_alone(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_exact_logits_and_tokens_over_http(tiny, reference, packaged):
+@pytest.mark.parametrize("variant", ["tiny", "mixtral"])
+def test_exact_logits_and_tokens_over_http(checkpoint, reference, request, variant):
+    path = checkpoint(variant)
+    packaged = request.getfixturevalue("packaged" if variant == "tiny" else "packaged_mixtral")
     ids = [785, 6722, 315, 9625, 374, 12095, 13]
-    with faasmoe.load(tiny, experts_per_function=K, platform="http",
+    with faasmoe.load(path, experts_per_function=K, platform="http",
                       platform_options={"manifest": packaged, "token": _token(packaged)}) as engine:
         logits = engine.logits(ids)
         with torch.no_grad():
-            expected = reference(tiny)(torch.tensor([ids])).logits[0]
+            expected = reference(path)(torch.tensor([ids])).logits[0]
         assert (logits - expected).abs().max().item() < 1e-4
         result = engine.generate(ids, max_tokens=8)
         with torch.no_grad():
-            out = reference(tiny).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+            out = reference(path).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
         assert result.token_ids == out[0, len(ids):].tolist()
         stats = engine.platform.log.stats
         assert sum(s.cold_starts for s in stats.values()) == len(engine.specs)  # one process each, first call cold

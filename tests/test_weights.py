@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from faasmoe.models.checkpoint import Checkpoint, expert_key
+from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.models.weights import map_stacked, map_tensors, stacked_rows
 
 
 def test_adjacent_tensors_map_as_one_and_others_are_concatenated(tiny):
     ckpt = Checkpoint(tiny)
-    gate, up, down = (ckpt.tensors[expert_key(0, 1, p)] for p in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = ckpt.expert_tensors(0, [1])
     assert stacked_rows([gate, up], "gu") is not None  # name order puts up_proj right after gate_proj
     assert stacked_rows([up, gate], "ug") is None and stacked_rows([gate, down], "gd") is None
     w = map_stacked({"gu": [gate, up], "ug": [up, gate]}, torch.float32)

@@ -1,7 +1,7 @@
 """`faasmoe bench-engine`: the engine against the monolithic transformers model (and peers), side by side in one run.
 
 Measured, on the same checkpoint and prompt, interleaved so machine noise hits both:
-* warm decode ms/token of faasmoe vs `Qwen2MoeForCausalLM` (and whether greedy tokens match);
+* warm decode ms/token of faasmoe vs the family's transformers model (and whether greedy tokens match);
 * with `--peer llama.cpp`, llama.cpp's own `llama-bench` decode on the same checkpoint converted to GGUF (same
   dtype, threads and cached positions), measured first, with nothing else loaded;
 * the cost of one MoE layer dispatch: a layer's calls through the platform vs the same
@@ -197,12 +197,12 @@ def _cold_starts(spec, platform: str, reps: int, options: dict | None, cold: boo
             "load_in_instance_ms": 1000 * statistics.median(e.load_s for e in starts)}
 
 
-def ensure_model(model: Path, layers: int) -> Path:
+def ensure_model(model: Path, layers: int, preset: str = "qwen1.5-moe-a2.7b") -> Path:
     from faasmoe.models.presets import init_model
 
     if not (model / "config.json").is_file():
-        print(f"creating {model} (Qwen1.5-MoE-A2.7B dimensions, {layers} layers, bf16)")
-        init_model("qwen1.5-moe-a2.7b", model, layers=layers)
+        print(f"creating {model} ({preset} dimensions, {layers} layers, bf16)")
+        init_model(preset, model, layers=layers)
     return model
 
 
@@ -233,14 +233,15 @@ def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
 
 
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
-                     ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = ()) -> dict:
-    from transformers import Qwen2MoeForCausalLM
+                     ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = (),
+                     preset: str = "qwen1.5-moe-a2.7b") -> dict:
+    from transformers import AutoModelForCausalLM
 
     import faasmoe
     from faasmoe.platforms import PlatformConfig
 
     set_title("bench-engine")
-    ensure_model(Path(model), layers)
+    ensure_model(Path(model), layers, preset)
     report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {},
               "peers": {}}
     for peer in peers:  # first, with nothing else loaded
@@ -251,7 +252,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
     print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "
           f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
-    mono = Qwen2MoeForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    mono = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
     mono.eval()
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir

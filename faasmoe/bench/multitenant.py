@@ -47,6 +47,7 @@ from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, r
 from faasmoe.bench.machine import machine_info
 from faasmoe.metering.billing import split_interval
 from faasmoe.metering.meter import Label, Meter
+from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.proctitle import role_of, set_title
 
 STRATEGIES = ("baseline", "shared-monolithic", "faasmoe-private", "faasmoe-shared", "local-distribution")
@@ -339,7 +340,7 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
     finally:
         _stop(servers)
         cleanup.remove_workdir(workdir)
-    experts = json.loads((cfg.model / "config.json").read_text())["num_experts"]
+    experts = Checkpoint(cfg.model).num_experts
     return report_run(run, cfg.workload.tenants, experts, meter, metered_s, arrivals, results, counters)
 
 

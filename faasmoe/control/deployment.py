@@ -62,7 +62,7 @@ class Deployment:
              dtype: str | torch.dtype | None = None) -> "Deployment":
         """`dtype`: a name or a torch dtype (default: the checkpoint's)."""
         dtype = str(torch_dtype(str(dtype or checkpoint.dtype))).removeprefix("torch.")
-        blocks = contiguous_blocks(checkpoint.config.num_experts, experts_per_function)
+        blocks = contiguous_blocks(checkpoint.num_experts, experts_per_function)
         return cls(checkpoint, experts_per_function, dtype, blocks, function_specs(checkpoint, blocks, dtype))
 
     def deploy(self, platform: Platform) -> None:

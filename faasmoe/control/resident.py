@@ -24,15 +24,16 @@ class ResidentExperts:
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True):
         self.layers: dict[int, ExpertFunction] = {}
-        every_expert = Deployment.plan(ckpt, ckpt.config.num_experts, dtype)
+        every_expert = Deployment.plan(ckpt, ckpt.num_experts, dtype)
         for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec)
             if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
-                fn.gate_up, fn.down = ([w.clone() for w in ws] for ws in (fn.gate_up, fn.down))
+                fn.gate_up = [tuple(t.clone() for t in w) if isinstance(w, tuple) else w.clone() for w in fn.gate_up]
+                fn.down = [w.clone() for w in fn.down]
             self.layers[spec.layer] = fn
         self.digest = bytes.fromhex(ckpt.digest)
-        self.nbytes = sum(w.numel() * w.element_size() for fn in self.layers.values()
-                          for ws in (fn.gate_up, fn.down) for w in ws)
+        self.nbytes = sum(t.numel() * t.element_size() for fn in self.layers.values()
+                          for w in (*fn.gate_up, *fn.down) for t in (w if isinstance(w, tuple) else (w,)))
 
     def send(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""

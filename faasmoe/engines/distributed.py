@@ -18,7 +18,6 @@ from typing import Any
 from faasmoe.control.deployment import Deployment
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.engines.base import DEFAULT_THREADS, BaseEngine, Generation
-from faasmoe.models import control_plane_class
 from faasmoe.platforms import PlatformConfig, create_platform
 from faasmoe.platforms.base import Platform, totals
 
@@ -53,9 +52,10 @@ class Engine(BaseEngine):
             self.platform.start()
             self.deployment.deploy(self.platform)
             self.dispatcher = ExpertDispatcher(self.platform, self.checkpoint.digest, self.deployment.blocks,
-                                               self.config.num_experts, self.dtype)
-            self.control_plane = control_plane_class(self.config)(self.checkpoint, self.dtype, self.dispatcher,
-                                                          prefetch_layers=prefetch_layers)
+                                               self.checkpoint.num_experts, self.dtype)
+            control_plane = self.checkpoint.family.control_plane_class()
+            self.control_plane = control_plane(self.checkpoint, self.dtype, self.dispatcher,
+                                               prefetch_layers=prefetch_layers)
             if prewarm:
                 self.prewarm()
         except BaseException:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from faasmoe.control.resident import ResidentExperts
 from faasmoe.engines.base import BaseEngine
-from faasmoe.models import control_plane_class
 
 
 class MonolithicEngine(BaseEngine):
@@ -23,7 +22,8 @@ class MonolithicEngine(BaseEngine):
         t0 = time.perf_counter()
         super().__init__(model, dtype, threads)
         self.experts = ResidentExperts(self.checkpoint, self.dtype)
-        self.control_plane = control_plane_class(self.config)(self.checkpoint, self.dtype, self.experts, own_copy=True)
+        control_plane = self.checkpoint.family.control_plane_class()
+        self.control_plane = control_plane(self.checkpoint, self.dtype, self.experts, own_copy=True)
         self.load_s = time.perf_counter() - t0
 
     def describe(self) -> dict:

@@ -17,7 +17,6 @@ import torch
 
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
-from faasmoe.models.checkpoint import expert_key
 from faasmoe.models.layers import activation, gated_mlp
 from faasmoe.models.weights import map_stacked, torch_dtype
 
@@ -37,14 +36,15 @@ class ExpertFunction:
         self.dtype = torch_dtype(spec.dtype)
         self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
         self.act = activation(spec.hidden_act)
-        loc = {t.name: t for t in spec.tensors}
-        L = spec.layer
-        # cold start: only this block's bytes; gate and up as one [2I, H] matrix (one matmul), mapped as one
-        # where the checkpoint stores them back to back (it does, in name order)
-        w = map_stacked({f"{e}.gate_up": [loc[expert_key(L, e, "gate_proj")], loc[expert_key(L, e, "up_proj")]]
-                         for e in spec.experts} |
-                        {f"{e}.down": [loc[expert_key(L, e, "down_proj")]] for e in spec.experts}, self.dtype)
-        self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H]
+        # cold start: only this block's bytes, listed per expert as gate, up, down (whatever the family calls
+        # them); gate and up as one [2I, H] matrix (one matmul), mapped as one where the checkpoint stores them
+        # back to back (presets do)
+        if len(spec.tensors) != 3 * len(spec.experts):
+            raise ValueError(f"{spec.id}: {len(spec.tensors)} tensors for {len(spec.experts)} experts, not 3 each")
+        gate, up, down = spec.tensors[0::3], spec.tensors[1::3], spec.tensors[2::3]
+        w = map_stacked({f"{e}.gate_up": [g, u] for e, g, u in zip(spec.experts, gate, up)} |
+                        {f"{e}.down": [d] for e, d in zip(spec.experts, down)}, self.dtype, concatenate=False)
+        self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
         # expert id -> position in this block, -1 for experts of other blocks
         self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)

@@ -28,7 +28,7 @@ class FunctionSpec:
     dtype: str  # torch dtype name the function computes in
     hidden_size: int
     hidden_act: str
-    tensors: tuple[TensorLocation, ...] = field(repr=False)
+    tensors: tuple[TensorLocation, ...] = field(repr=False)  # per expert: gate, up and down projections
 
     @property
     def id(self) -> str:

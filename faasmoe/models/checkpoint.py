@@ -1,9 +1,10 @@
-"""Read a Hugging Face Qwen2-MoE checkpoint directory without loading it.
+"""Read a Hugging Face MoE checkpoint directory without loading it.
 
 The control plane and every expert function need different slices of the same
 checkpoint. This module parses the safetensors headers once, so each of them can
-map exactly its own tensors (`weights.map_tensors`) and nothing else. It imports
-transformers (for the config class) only when a checkpoint is opened.
+map exactly its own tensors (`weights.map_tensors`) and nothing else; the family
+(`faasmoe.models.family`) says which tensors there must be. It imports transformers
+(for the config class) only when a checkpoint is opened.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # transformers costs seconds to import; function instances never need it
-    from transformers import Qwen2MoeConfig
+if TYPE_CHECKING:
+    from faasmoe.models.family import Family
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -55,19 +56,6 @@ class TensorLocation:
         return cls(d["name"], d["file"], int(d["offset"]), int(d["nbytes"]), d["dtype"], tuple(d["shape"]))
 
 
-def expert_key(layer: int, expert: int, proj: str) -> str:
-    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
-
-
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-def is_moe_layer(config: "Qwen2MoeConfig", layer: int) -> bool:
-    """Same rule as transformers' Qwen2MoeDecoderLayer."""
-    return (layer not in config.mlp_only_layers and config.num_experts > 0
-            and (layer + 1) % config.decoder_sparse_step == 0)
-
-
 def read_safetensors_header(file: Path) -> dict[str, TensorLocation]:
     """Parse one shard's header; raise CheckpointError naming the file if it is corrupt."""
     try:
@@ -101,63 +89,13 @@ def read_safetensors_header(file: Path) -> dict[str, TensorLocation]:
     return out
 
 
-def tensor_shapes(c: "Qwen2MoeConfig") -> dict[str, tuple[int, ...]]:
-    """Every tensor the model needs, with its shape, derived from the config alone."""
-    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    H = c.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, H)
-    for L in range(c.num_hidden_layers):
-        p = f"model.layers.{L}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
-        })
-        if c.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-        if is_moe_layer(c, L):
-            S, I = c.shared_expert_intermediate_size, c.moe_intermediate_size
-            shapes.update({
-                p + "mlp.gate.weight": (c.num_experts, H),
-                p + "mlp.shared_expert.gate_proj.weight": (S, H), p + "mlp.shared_expert.up_proj.weight": (S, H),
-                p + "mlp.shared_expert.down_proj.weight": (H, S), p + "mlp.shared_expert_gate.weight": (1, H),
-            })
-            for e in range(c.num_experts):
-                shapes.update({expert_key(L, e, "gate_proj"): (I, H), expert_key(L, e, "up_proj"): (I, H),
-                               expert_key(L, e, "down_proj"): (H, I)})
-        else:
-            F = c.intermediate_size
-            shapes.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
-                           p + "mlp.down_proj.weight": (H, F)})
-    return shapes
-
-
 class Checkpoint:
     """A checkpoint directory: its config, where each tensor lies, and a digest naming it."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).resolve()
-        if not (self.path / "config.json").is_file():
-            raise CheckpointError(f"{self.path}: not a checkpoint directory (no config.json)")
-        from faasmoe.models import FAMILIES, supported
-
-        try:
-            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError) as e:
-            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
-        if model_type not in FAMILIES:
-            raise CheckpointError(f"{self.path / 'config.json'}: model_type {model_type!r} is not supported; "
-                                  f"supported: {supported()}")
-        from transformers import Qwen2MoeConfig
-
-        try:
-            self.config = Qwen2MoeConfig.from_pretrained(self.path, local_files_only=True)
-        except Exception as e:  # transformers raises several types for a bad config
-            raise CheckpointError(f"{self.path / 'config.json'}: {e}") from e
+        self.family, self.config_bytes = open_family(self.path / "config.json")
+        self.config = self.family.config
         self.tensors = self._read_locations()
         self.digest = self._digest()
         self.validate()
@@ -187,7 +125,7 @@ class Checkpoint:
 
     def _digest(self) -> str:
         """Names the model in function ids and on the wire: config plus tensor layout."""
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        h = hashlib.sha256(self.config_bytes)
         for name in sorted(self.tensors):
             t = self.tensors[name]
             h.update(f"{name}:{Path(t.file).name}:{t.offset}:{t.nbytes}:{t.dtype}".encode())
@@ -195,7 +133,7 @@ class Checkpoint:
 
     def validate(self) -> None:
         """Fail at load time, naming file and tensor, rather than during serving."""
-        for name, shape in tensor_shapes(self.config).items():
+        for name, shape in self.family.tensor_shapes().items():
             loc = self.tensors.get(name)
             if loc is None:
                 raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
@@ -204,13 +142,21 @@ class Checkpoint:
 
     def control_plane_tensors(self) -> list[TensorLocation]:
         """Every tensor the model needs except the routed experts."""
-        return [self.tensors[n] for n in tensor_shapes(self.config) if ".mlp.experts." not in n]
+        routed = {name for L in self.family.moe_layers() for e in range(self.num_experts)
+                  for name in self.family.expert_names(L, e)}
+        return [self.tensors[n] for n in self.family.tensor_shapes() if n not in routed]
 
     def expert_tensors(self, layer: int, experts: list[int]) -> list[TensorLocation]:
-        return [self.tensors[expert_key(layer, e, p)] for e in experts for p in EXPERT_PROJS]
+        """Each expert's gate, up and down projections, in that order (what an expert function maps)."""
+        return [self.tensors[name] for e in experts for name in self.family.expert_names(layer, e)]
 
     def moe_layers(self) -> list[int]:
-        return [L for L in range(self.config.num_hidden_layers) if is_moe_layer(self.config, L)]
+        return self.family.moe_layers()
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer."""
+        return self.family.num_experts
 
     @property
     def dtype(self) -> str:
@@ -219,3 +165,27 @@ class Checkpoint:
         if d is not None:
             return str(d).removeprefix("torch.")
         return DTYPES[next(iter(self.tensors.values())).dtype][1]
+
+
+def open_family(config_file: Path) -> tuple["Family", bytes]:
+    """The family of a config.json, holding its config, and the file's bytes: refused with the supported list if faasmoe does not
+    serve its model_type (transformers would accept any config.json for any config class)."""
+    from faasmoe.models import FAMILIES, family_class, supported
+
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file.parent}: not a checkpoint directory (no config.json)")
+    try:
+        raw = config_file.read_bytes()
+        model_type = json.loads(raw).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+    if model_type not in FAMILIES:
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not supported; supported: {supported()}")
+    family = family_class(model_type)
+    import transformers
+
+    try:
+        config = getattr(transformers, family.config_class).from_dict(json.loads(raw))
+    except Exception as e:  # transformers raises several types for a bad config
+        raise CheckpointError(f"{config_file}: {e}") from e
+    return family(config), raw

@@ -82,17 +82,20 @@ def stacked_rows(locations: list[TensorLocation], name: str) -> TensorLocation |
                           (rows, *first.shape[1:]))
 
 
-def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype,
+                concatenate: bool = True) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
     """Name -> the tensors of each group concatenated along rows: mapped as one where they are adjacent in
-    the file (no copy), concatenated (a copy) where they are not."""
-    out: dict[str, torch.Tensor] = {}
+    the file (no copy); where they are not, concatenated (a copy) or, with `concatenate` False, left apart as
+    a tuple (a Mixtral checkpoint stores w1, w2, w3: gate and up are never adjacent)."""
+    out: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
     adjacent = {name: stacked_rows(locs, name) for name, locs in groups.items()}
     out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype))
     apart = [name for name, loc in adjacent.items() if loc is None]
     if apart:
         parts = map_tensors([loc for name in apart for loc in groups[name]], dtype)
         for name in apart:
-            out[name] = torch.cat([parts[loc.name] for loc in groups[name]])
+            tensors = tuple(parts[loc.name] for loc in groups[name])
+            out[name] = torch.cat(tensors) if concatenate else tensors
     return out
 
 

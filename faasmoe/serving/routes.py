@@ -13,6 +13,7 @@ import hmac
 import time
 import uuid
 
+import jinja2
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -141,7 +142,13 @@ async def chat(body: S.ChatRequest, request: Request, tenant: Tenant = Depends(t
         raise APIError(400, str(e), param="messages") from e
     _check_chars(server, sum(len(m["content"]) for m in messages), "messages")
     tok = server.backend.tokenizer
-    text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+    if not tok.chat_template:
+        raise APIError(400, f"model {body.model!r} has no chat template (its tokenizer_config.json defines none): "
+                            "send the prompt to /v1/completions", param="messages")
+    try:
+        text = await asyncio.to_thread(tok.apply_chat_template, messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as e:  # the model's own template refuses the conversation (say, roles out of order)
+        raise APIError(400, f"the model's chat template refused these messages: {e}", param="messages") from e
     ids = await _encode(server, text)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # as OpenAI: up to what the context leaves, within the server's and tenant's limits

@@ -1,0 +1,221 @@
+"""The control plane's half of a MoE model: everything but the routed experts.
+
+It holds embeddings, attention (with a KV cache per sequence), norms, routers,
+shared experts, dense layers and lm_head, and runs one step over a ragged batch: the
+new tokens of several sequences flattened into one [T, H] tensor, so that at every
+MoE layer the tokens of every sequence (whatever its tenant) are routed and dispatched
+together. This base is what the families share (grouped-query attention with rotary
+embeddings, RMSNorm, gated MLPs, a softmax top-k router); each family's module
+subclasses it for what differs, following its transformers model line by line.
+
+Shapes: T = tokens in the step, H = hidden, h = query heads, g = key/value heads,
+d = head dim, S = cached positions, E = experts, A = experts per token, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from faasmoe.control.dispatch import ExpertDispatcher
+from faasmoe.control.kv_cache import Chunk, KVCache
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.kernels import linear
+from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
+from faasmoe.models.weights import map_stacked, map_tensors
+
+if TYPE_CHECKING:
+    from faasmoe.control.resident import ResidentExperts
+
+
+@dataclass
+class Attention:
+    """Grouped-query attention's weights."""
+
+    wqkv: torch.Tensor  # [h*d + 2*g*d, H]: q_proj, k_proj, v_proj stacked, one matmul
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # [H, h*d]
+    bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # families with query/key norms
+    k_norm: torch.Tensor | None = None
+
+
+@dataclass
+class Layer:
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    attn: Any  # the family's attention weights (`Attention` unless it overrides `load_attention`)
+    sliding_window: int | None
+    # MoE layer: router and (where the family has one) shared expert; dense layer: its MLP in mlp_*
+    router: torch.Tensor | None = None  # [E, H]
+    mlp_gate_up: GateUp | None = None  # [2I, H]: gate_proj then up_proj, one matmul
+    mlp_down: torch.Tensor | None = None  # [H, I]
+    shared_gate: torch.Tensor | None = None  # [1, H], Qwen2-MoE's sigmoid gate of the shared expert
+    router_bias: torch.Tensor | None = None  # [E], DeepSeek-V3's score correction
+
+
+class ControlPlane:
+    # Renormalise the top-k routing weights to sum to 1 (a family reads it from its config or always does).
+    norm_topk: bool = False
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
+                 own_copy: bool = False, prefetch_layers: int = 0):
+        """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
+        `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
+        hidden state here) and warm the functions it names that have no instance, so that a cold start runs
+        while the layers in between compute instead of stalling the step; 0: off."""
+        c = self.config = ckpt.config
+        fam = self.family = ckpt.family
+        self.prefetch_layers = prefetch_layers
+        self.dtype = dtype
+        self.dispatcher = dispatcher
+        # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
+        lazy = frozenset() if c.tie_word_embeddings or own_copy else frozenset({"model.embed_tokens.weight"})
+        tensors = ckpt.control_plane_tensors()
+        loc = {t.name: t for t in tensors}
+        mlps = {L: m for L in range(c.num_hidden_layers) if (m := fam.mlp_prefix(L)) is not None}
+        gate_up = {f"{m}gate_up": [loc[m + "gate_proj.weight"], loc[m + "up_proj.weight"]] for m in mlps.values()}
+        stacked = {t.name for group in gate_up.values() for t in group}
+        w = map_tensors([t for t in tensors if t.name not in stacked], dtype, lazy)
+        # one [2I, H] matrix per MLP, mapped as one where adjacent (else a (gate, up) pair)
+        w.update(map_stacked(gate_up, dtype, concatenate=False))
+        if own_copy:
+            w = {name: tuple(p.clone() for p in t) if isinstance(t, tuple) else t.clone() for name, t in w.items()}
+        self.routed = torch.zeros(c.num_hidden_layers, fam.num_experts, dtype=torch.long)  # [L, E] routing pairs
+        self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in (t if isinstance(t, tuple) else (t,)))
+        self.h, self.g, self.d = c.num_attention_heads, c.num_key_value_heads, fam.head_dim
+        self.eps = c.rms_norm_eps
+        self.top_k = c.num_experts_per_tok
+        self.act = activation(c.hidden_act)
+        self.embed = w["model.embed_tokens.weight"]  # [V, H]
+        self.norm = w["model.norm.weight"]
+        self.lm_head = self.embed if c.tie_word_embeddings else w["lm_head.weight"]  # [V, H]
+        self.inv_freq, self.rope_scale = rope_inv_freq(c)
+        self.layers: list[Layer] = []
+        for L in range(c.num_hidden_layers):
+            p = f"model.layers.{L}."
+            layer = Layer(ln1=w[p + "input_layernorm.weight"], ln2=w[p + "post_attention_layernorm.weight"],
+                          attn=self.load_attention(p + "self_attn.", w), sliding_window=fam.sliding_window(L))
+            if (m := mlps.get(L)) is not None:
+                layer.mlp_gate_up, layer.mlp_down = w[m + "gate_up"], w[m + "down_proj.weight"]
+            if fam.is_moe_layer(L):
+                layer.router = w[fam.router_name(L)]
+                self.load_moe(L, layer, w)
+            self.layers.append(layer)
+
+    def load_attention(self, prefix: str, w: dict[str, torch.Tensor]) -> Any:
+        bias = (torch.cat([w[prefix + "q_proj.bias"], w[prefix + "k_proj.bias"], w[prefix + "v_proj.bias"]])
+                if self.family.qkv_bias else None)
+        return Attention(wqkv=torch.cat([w[prefix + "q_proj.weight"], w[prefix + "k_proj.weight"],
+                                         w[prefix + "v_proj.weight"]]),
+                         bqkv=bias, wo=w[prefix + "o_proj.weight"], bo=w.get(prefix + "o_proj.bias"),
+                         q_norm=w.get(prefix + "q_norm.weight"), k_norm=w.get(prefix + "k_norm.weight"))
+
+    def load_moe(self, layer: int, into: Layer, w: dict[str, torch.Tensor]) -> None:
+        """A family's MoE-layer weights beyond router and shared expert."""
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(len(self.layers), self.g, self.d, capacity, self.dtype)
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk], all_logits: bool = False) -> torch.Tensor:
+        """Logits [len(chunks), V] at each chunk's last position ([T, V] at every position if all_logits)."""
+        tokens = torch.cat([ch.tokens for ch in chunks])  # [T]
+        pos = torch.cat([torch.arange(ch.start, ch.start + len(ch.tokens)) for ch in chunks])  # [T]
+        x = F.embedding(tokens, self.embed)  # [T, H]
+        freqs = pos[:, None].float() * self.inv_freq[None, :]  # [T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]  # [T, 1, d]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        ahead = self.prefetch_layers
+        for j in range(min(ahead, len(self.layers))):  # the first layers, predicted from the embeddings
+            self.prefetch(j, x)
+        for i, layer in enumerate(self.layers):
+            x = x + self.attention(i, layer, rms_norm(x, layer.ln1, self.eps), chunks, cos, sin)
+            if ahead and i + ahead < len(self.layers):
+                self.prefetch(i + ahead, x)
+            m = rms_norm(x, layer.ln2, self.eps)
+            x = x + (self.moe(i, layer, m) if layer.router is not None else self.mlp(layer, m))
+        for ch in chunks:
+            ch.cache.length = ch.start + len(ch.tokens)
+        if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
+            x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
+        return linear(rms_norm(x, self.norm, self.eps), self.lm_head)  # [*, V]
+
+    def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        """[T, h+2g, d]: queries, keys and values of x [T, H], before the rotary embedding."""
+        T = x.shape[0]
+        return linear(x, attn.wqkv, attn.bqkv).view(T, self.h + 2 * self.g, self.d)
+
+    def attention(self, i: int, layer: Layer, x: torch.Tensor, chunks: list[Chunk], cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        h, g, d = self.h, self.g, self.d
+        qkv = self.qkv(layer.attn, x)
+        qk = qkv[:, :h + g]
+        qk = qk * cos + rotate_half(qk) * sin  # [T, h+g, d]: queries and keys rotated together
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + g:]
+        out = self.attend(i, layer, q, k, v, chunks)
+        return linear(out.view(T, h * d), layer.attn.wo, layer.attn.bo)
+
+    def attend(self, i: int, layer: Layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               chunks: list[Chunk], scale: float | None = None) -> torch.Tensor:
+        """Each sequence's queries q [T, h, d] over its cache, after writing its keys k and values v [T, g, *]
+        there (v None: the cache derives values from keys): [T, h, dv]. Attention is per sequence; everything else in the step is batched."""
+        out: torch.Tensor | None = None
+        row = 0
+        for ch in chunks:
+            t = len(ch.tokens)
+            new_v = None if v is None else v[row:row + t].transpose(0, 1)
+            K, V = ch.cache.update(i, k[row:row + t].transpose(0, 1), new_v, ch.start)  # [g, S, d]
+            qi = q[row:row + t].transpose(0, 1)[None]  # [1, h, t, d]
+            mask, causal = attention_mask(t, ch.start, layer.sliding_window)
+            o = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask, is_causal=causal,
+                                               enable_gqa=q.shape[1] != K.shape[0], scale=scale)  # [1, h, t, dv]
+            if out is None:
+                out = torch.empty(q.shape[0], q.shape[1], o.shape[-1], dtype=q.dtype)
+            out[row:row + t] = o[0].transpose(0, 1)
+            row += t
+        return out
+
+    def mlp(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(x, layer.mlp_gate_up, layer.mlp_down, self.act)
+
+    def router_logits(self, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, layer.router)  # [T, E]
+
+    def prefetch(self, i: int, x: torch.Tensor) -> None:
+        """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual
+        stream changes little from one layer to the next)."""
+        layer = self.layers[i]
+        if layer.router is not None:
+            logits = self.router_logits(layer, rms_norm(x, layer.ln2, self.eps))
+            self.dispatcher.prefetch(i, torch.topk(logits, self.top_k, dim=-1).indices)
+
+    def route(self, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts [T, A] and their weights [T, A] for x [T, H]: softmax, top-k, optionally renormalised."""
+        logits = self.router_logits(layer, x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights.to(logits.dtype)
+
+    def shared(self, layer: Layer, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output, or None where the layer has none."""
+        if layer.mlp_gate_up is None:
+            return None
+        out = self.mlp(layer, x)
+        return out if layer.shared_gate is None else torch.sigmoid(linear(x, layer.shared_gate)) * out
+
+    def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        experts, weights = self.route(layer, x)
+        self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
+        pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
+        shared = self.shared(layer, x)  # computed meanwhile
+        out = self.dispatcher.combine(pending)
+        return out if shared is None else out + shared
