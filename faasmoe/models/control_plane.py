@@ -79,7 +79,9 @@ class ControlPlane:
         mlps = {L: m for L in range(c.num_hidden_layers) if (m := fam.mlp_prefix(L)) is not None}
         gate_up = {f"{m}gate_up": [loc[m + "gate_proj.weight"], loc[m + "up_proj.weight"]] for m in mlps.values()}
         stacked = {t.name for group in gate_up.values() for t in group}
-        w = map_tensors([t for t in tensors if t.name not in stacked], dtype, lazy)
+        fp32 = fam.float32_tensors()
+        w = map_tensors([t for t in tensors if t.name not in stacked and t.name not in fp32], dtype, lazy)
+        w.update(map_tensors([t for t in tensors if t.name in fp32], torch.float32))
         # one [2I, H] matrix per MLP, mapped as one where adjacent (else a (gate, up) pair)
         w.update(map_stacked(gate_up, dtype, concatenate=False))
         if own_copy:

@@ -56,6 +56,13 @@ class DeepseekV2(Family):
     def shared_expert_width(self) -> int:
         return self.config.moe_intermediate_size * self.config.n_shared_experts
 
+    def float32_tensors(self) -> set[str]:
+        """The routers (and V3's score correction): `_keep_in_fp32_modules_strict` in transformers."""
+        names = set()
+        for L in self.moe_layers():
+            names |= {self.router_name(L), f"model.layers.{L}.mlp.gate.e_score_correction_bias"}
+        return names
+
     def attention_shapes(self, prefix: str) -> dict[str, tuple[int, ...]]:
         c = self.config
         H, h, r = c.hidden_size, c.num_attention_heads, c.kv_lora_rank
@@ -164,9 +171,7 @@ class ControlPlane(control_plane.ControlPlane):
             wo=w[prefix + "o_proj.weight"], bo=w.get(prefix + "o_proj.bias"))
 
     def load_moe(self, layer: int, into: control_plane.Layer, w: dict[str, torch.Tensor]) -> None:
-        into.router = into.router.float()  # routing is in fp32, as in transformers
-        bias = w.get(f"model.layers.{layer}.mlp.gate.e_score_correction_bias")
-        into.router_bias = None if bias is None else bias.float()
+        into.router_bias = w.get(f"model.layers.{layer}.mlp.gate.e_score_correction_bias")  # fp32, as the router
 
     def new_cache(self, capacity: int) -> KVCache:
         return LatentCache(len(self.layers), self.rank, self.dr, capacity, self.dtype)

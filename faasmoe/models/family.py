@@ -122,6 +122,10 @@ class Family:
                 shapes |= mlp_shapes(p + "mlp.", H, c.intermediate_size)
         return shapes
 
+    def float32_tensors(self) -> set[str]:
+        """Control-plane tensors transformers keeps in fp32 whatever the model's dtype (so must we, to agree)."""
+        return set()
+
     def control_plane_class(self) -> type:
         """The family's control plane: `ControlPlane` in the family's own module."""
         return importlib.import_module(type(self).__module__).ControlPlane
