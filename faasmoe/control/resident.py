@@ -17,6 +17,7 @@ from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
 from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.weights import parts, private_copy
 
 
 class ResidentExperts:
@@ -28,12 +29,11 @@ class ResidentExperts:
         for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec)
             if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
-                fn.gate_up = [tuple(t.clone() for t in w) if isinstance(w, tuple) else w.clone() for w in fn.gate_up]
-                fn.down = [w.clone() for w in fn.down]
+                fn.gate_up, fn.down = [private_copy(w) for w in fn.gate_up], [private_copy(w) for w in fn.down]
             self.layers[spec.layer] = fn
         self.digest = bytes.fromhex(ckpt.digest)
         self.nbytes = sum(t.numel() * t.element_size() for fn in self.layers.values()
-                          for w in (*fn.gate_up, *fn.down) for t in (w if isinstance(w, tuple) else (w,)))
+                          for w in (*fn.gate_up, *fn.down) for t in parts(w))
 
     def send(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""

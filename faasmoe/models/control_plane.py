@@ -25,7 +25,7 @@ from faasmoe.control.kv_cache import Chunk, KVCache
 from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.models.kernels import linear
 from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
-from faasmoe.models.weights import map_stacked, map_tensors
+from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy
 
 if TYPE_CHECKING:
     from faasmoe.control.resident import ResidentExperts
@@ -85,9 +85,9 @@ class ControlPlane:
         # one [2I, H] matrix per MLP, mapped as one where adjacent (else a (gate, up) pair)
         w.update(map_stacked(gate_up, dtype, concatenate=False))
         if own_copy:
-            w = {name: tuple(p.clone() for p in t) if isinstance(t, tuple) else t.clone() for name, t in w.items()}
+            w = {name: private_copy(t) for name, t in w.items()}
         self.routed = torch.zeros(c.num_hidden_layers, fam.num_experts, dtype=torch.long)  # [L, E] routing pairs
-        self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in (t if isinstance(t, tuple) else (t,)))
+        self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in parts(t))
         self.h, self.g, self.d = c.num_attention_heads, c.num_key_value_heads, fam.head_dim
         self.eps = c.rms_norm_eps
         self.top_k = c.num_experts_per_tok

@@ -99,6 +99,16 @@ def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype,
     return out
 
 
+def parts(w: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The tensors of a `map_stacked` value: itself, or its pieces where they were left apart."""
+    return w if isinstance(w, tuple) else (w,)
+
+
+def private_copy(w: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A private copy of a `map_stacked` value (a server's own weights, not the page cache's)."""
+    return tuple(t.clone() for t in w) if isinstance(w, tuple) else w.clone()
+
+
 def read_bytes(locations: Iterable[TensorLocation]) -> int:
     """Plain read of the tensors' bytes (the yardstick a cold start is compared with)."""
     total = 0
