@@ -77,7 +77,8 @@ def init_model_cmd(
                                                             "(the real model's sizes), qwen1.5-moe-a2.7b-quarter "
                                                             "(its structure, every matrix dimension / 4); other "
                                                             "families at published sizes: qwen3-30b-a3b, "
-                                                            "mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite; tiny "
+                                                            "mixtral-8x7b, olmoe-1b-7b, deepseek-v2-lite, "
+                                                            "moonlight-16b-a3b (DeepSeek-V3); tiny "
                                                             "ones: tiny-qwen3-moe, tiny-mixtral, tiny-olmoe, "
                                                             "tiny-deepseek-v2, tiny-deepseek-v3."),
     layers: Optional[int] = typer.Option(None, metavar="N", show_default="the preset's",

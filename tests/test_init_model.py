@@ -1,4 +1,4 @@
-"""init-model presets and the synthetic router skew: graded expert popularity, still a plain Qwen2-MoE checkpoint."""
+"""init-model presets and the synthetic router skew: graded expert popularity, still a plain checkpoint of its family."""
 
 from __future__ import annotations
 
@@ -90,3 +90,24 @@ def test_skewed_checkpoint_is_standard_recorded_and_deterministic(skewed, tmp_pa
         with torch.no_grad():
             expected = reference(skewed["strong"])(torch.tensor([ids])).logits[0]
         assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["tiny-mixtral", "tiny-deepseek-v2"])
+def test_router_skew_works_for_other_families(preset, tmp_path):
+    """The skew is placed through each family's own router (Mixtral's block_sparse_moe.gate, DeepSeek's fp32
+    router, its group-limited top-k): the strong level concentrates routing on fewer experts than uniform."""
+    from faasmoe.engines.monolithic import MonolithicEngine
+
+    shares = {}
+    for level in ("uniform", "strong"):
+        path = init_model(preset, tmp_path / level, overrides={"num_experts_per_tok": 2}, progress=False,
+                          router_skew=level)
+        with MonolithicEngine(path) as engine:
+            prompts = [engine.encode(p) for p in prompt_texts(16, engine.tokenizer, 16, 48, seed=3)]
+            for ids in prompts:
+                engine.logits(ids)
+            routed = engine.control_plane.routed
+            shares[level] = sum(expert_top_share(routed[L]) for L in engine.checkpoint.moe_layers()) / len(
+                engine.checkpoint.moe_layers())
+    print(preset, shares)
+    assert shares["strong"] > shares["uniform"] + 0.1, shares

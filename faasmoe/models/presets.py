@@ -78,6 +78,15 @@ _DEEPSEEK_V2_LITE: dict[str, Any] = dict(  # published vocabulary: 102,400
                      "mscale": 0.707, "mscale_all_dim": 0.707},
     tie_word_embeddings=False, dtype="bfloat16",
 )
+_MOONLIGHT_16B_A3B: dict[str, Any] = dict(  # DeepSeek-V3's architecture at 16B; published vocabulary: 163,840
+    model_type="deepseek_v3",
+    vocab_size=QWEN_VOCAB, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.446,
+    norm_topk_prob=True, max_position_embeddings=8192, rope_theta=50000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, dtype="bfloat16",
+)
 # Every family shrunk until a test runs it in milliseconds; the vocabulary stays Qwen's.
 _TINY: dict[str, Any] = dict(
     vocab_size=QWEN_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -95,6 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": _MIXTRAL_8X7B,
     "olmoe-1b-7b": _OLMOE_1B_7B,
     "deepseek-v2-lite": _DEEPSEEK_V2_LITE,
+    "moonlight-16b-a3b": _MOONLIGHT_16B_A3B,
     "tiny": _TINY | dict(model_type="qwen2_moe", moe_intermediate_size=32, shared_expert_intermediate_size=96,
                          num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1),
     "tiny-qwen3-moe": _TINY | dict(model_type="qwen3_moe", moe_intermediate_size=32, num_experts=8,
