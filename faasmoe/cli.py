@@ -404,7 +404,8 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
              f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"]
     if has_random_weights(cfg.model):
         lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
-                  "             download a Qwen1.5-MoE-A2.7B checkpoint directory and serve it with --model DIR."]
+                  "             download a checkpoint directory (Qwen-MoE, Mixtral, OLMoE, DeepSeek) and serve it",
+                  "             with --model DIR."]
     lines.append("  tenants    (each sends Authorization: Bearer KEY)")
     for t in cfg.tenants:
         if cfg.key_generated(f"tenant:{t.name}"):
