@@ -112,6 +112,11 @@ def init_model_cmd(
     typer.echo(f"wrote {path}")
 
 
+MEMORY_BUDGET_OPTION = typer.Option(
+    None, metavar="SIZE", show_default="none",
+    help="Expert weight bytes the local platform may hold in memory, e.g. 14GiB: a cold start past it first "
+         "stops idle functions (least recently used) and drops their pages from the page cache.")
+
 # Where the expert functions run besides the embedded platform: the same flags for generate and serve.
 FUNCTIONS_OPTION = typer.Option(None, "--functions", metavar="FILE",
                                 help="http platform: the manifest written by `faasmoe package`.")
@@ -148,6 +153,7 @@ def generate(
                                       help="Instances per function under concurrent load."),
     invoke_timeout: float = typer.Option(_d("invoke_timeout_s"), metavar="SECONDS",
                                          help="A function call taking longer is abandoned and retried."),
+    memory_budget: Optional[str] = MEMORY_BUDGET_OPTION,
     dtype: Optional[str] = typer.Option(None, metavar="DTYPE", show_default="the checkpoint's",
                                         help="Compute dtype: float32, bfloat16 or float16."),
     as_json: bool = typer.Option(False, "--json", help="Print {text, token_ids, stats} as JSON."),
@@ -159,10 +165,10 @@ def generate(
 
     try:
         options = platform_options(platform, functions, function_token, ray_address)
+        scaling = PlatformConfig(keep_alive_s=keep_alive, max_instances=max_instances,
+                                 invoke_timeout_s=invoke_timeout, memory_budget=memory_budget)
         engine = faasmoe.load(model, experts_per_function=experts_per_function, platform=platform, dtype=dtype,
-                              platform_config=PlatformConfig(keep_alive_s=keep_alive, max_instances=max_instances,
-                                                             invoke_timeout_s=invoke_timeout),
-                              platform_options=options)
+                              platform_config=scaling, platform_options=options)
     except (CheckpointError, ValueError) as e:
         _fail(str(e))
     with engine:
@@ -464,6 +470,7 @@ def serve(
     experts_per_function: int = typer.Option(_d("experts_per_function"), "--experts-per-function", "-k", metavar="K",
                                              help="Experts per function, 1 .. all experts of a layer."),
     max_instances: int = typer.Option(_d("max_instances"), metavar="N", help="Instances per function under load."),
+    memory_budget: Optional[str] = MEMORY_BUDGET_OPTION,
     max_batch: int = typer.Option(_d("max_batch"), metavar="N", help="Sequences stepped together."),
     max_queue: int = typer.Option(_d("max_queue"), metavar="N",
                                   help="Requests waiting, all tenants together; more get 429."),
@@ -514,7 +521,7 @@ def serve(
              "function_token": function_token, "ray_address": ray_address, "keep_alive_s": keep_alive,
              "experts_per_function": experts_per_function, "max_instances": max_instances, "max_batch": max_batch,
              "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "prefetch_layers": prefetch_layers,
-             "dtype": dtype, "threads": threads}
+             "dtype": dtype, "threads": threads, "memory_budget": memory_budget}
     params = {"preset_layers": "layers", "keep_alive_s": "keep_alive"}
     overrides = {k: v for k, v in flags.items() if _given(ctx, params.get(k, k))}
     limits = {k: v for k, v in (("max_concurrency", max_concurrency), ("tokens_per_minute", tokens_per_minute),

@@ -93,6 +93,7 @@ class Engine(BaseEngine):
         return {"invocations": int(t.get("invocations", 0)), "cold_starts": int(t.get("cold_starts", 0)),
                 "prefetches": int(t.get("prefetches", 0)),
                 "warm_hits": int(t.get("warm_hits", 0)), "evictions": int(t.get("evictions", 0)),
+                "budget_evictions": int(t.get("budget_evictions", 0)),
                 "retries": int(t.get("retries", 0)), "crashes": int(t.get("crashes", 0)),
                 "dispatches": d.dispatches, "dispatch_wait_s": d.wait_s, "tokens_sent": d.tokens_sent,
                 "bytes_sent": d.bytes_sent, "bytes_received": d.bytes_received}

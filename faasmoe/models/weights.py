@@ -8,6 +8,14 @@ in page cache: 0.5 ms, against 24 ms for a private writable mapping (MAP_POPULAT
 copies every page) and 16 ms for a plain read. A dtype conversion (say an fp32
 checkpoint served in bf16) is the only case that copies.
 
+Before mapping, the exact byte ranges are announced with posix_fadvise(WILLNEED): the kernel
+reads them (large requests, all submitted at once) and MAP_POPULATE then finds them cached.
+Without it, populating a mapping from a cold cache faults page by page, and each fault reads
+around itself: measured on the quarter preset from an evicted cache, a 1 MiB function read
+4.4 MiB (3.2x more, its neighbours' bytes, which then sit in the page cache uncounted) in
+5.1 ms; with WILLNEED 1 MiB plus 2 pages in 1.7 ms (4 MiB functions: 20 MiB in 20.9 ms
+against 4 MiB in 5.4 ms).
+
 The tensors are read-only: writing to one faults. Nothing in faasmoe writes weights.
 Do not rewrite a checkpoint's files in place while it is being served.
 """
@@ -42,6 +50,8 @@ def map_tensor(loc: TensorLocation, fd: int, populate: bool = True) -> torch.Ten
     start = loc.offset - loc.offset % PAGE
     flags = _FLAGS if populate else mmap.MAP_SHARED
     mm = mmap.mmap(fd, loc.offset + loc.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    if not populate:  # read a row at a time: no read-around, which would pull in the next tensors' bytes too
+        mm.madvise(mmap.MADV_RANDOM)
     t = torch.frombuffer(mm, dtype=torch_dtype(loc.dtype), count=loc.nbytes // DTYPES[loc.dtype][0],
                          offset=loc.offset - start)
     return t.view(loc.shape)  # the tensor keeps `mm` alive
@@ -51,17 +61,22 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
                 lazy: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise.
 
-    Tensors named in `lazy` are not populated: their pages are read when first touched. That suits a
-    table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's row 4 KiB).
+    Tensors named in `lazy` are not populated: their pages are read when first touched, without read-around.
+    That suits a table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's
+    row 4 KiB); read-around would also read the bytes after the table (measured: most of the first expert's).
     """
     out: dict[str, torch.Tensor] = {}
     fds: dict[str, int] = {}
+    locations = list(locations)
     try:
         for loc in locations:
-            fd = fds.get(loc.file)
-            if fd is None:
-                fd = fds[loc.file] = os.open(loc.file, os.O_RDONLY)
-            t = map_tensor(loc, fd, populate=loc.name not in lazy)
+            if loc.file not in fds:
+                fds[loc.file] = os.open(loc.file, os.O_RDONLY)
+        for loc in locations:  # every read submitted at once, for exactly these bytes: see the module's docstring
+            if loc.name not in lazy:
+                os.posix_fadvise(fds[loc.file], loc.offset, loc.nbytes, os.POSIX_FADV_WILLNEED)
+        for loc in locations:
+            t = map_tensor(loc, fds[loc.file], populate=loc.name not in lazy)
             out[loc.name] = t if t.dtype == dtype else t.to(dtype)
     finally:
         for fd in fds.values():

@@ -37,6 +37,9 @@ def create_platform(name: str, config: PlatformConfig | None = None, **options) 
     """A platform by its name (not started); `options` as `platform_options` makes them."""
     if name not in REGISTRY:
         raise ValueError(f"unknown platform {name!r}; choose one of {', '.join(PLATFORMS)}")
+    if config is not None and config.memory_budget is not None and name != "local":
+        raise ValueError(f"a memory budget applies to the local platform only, whose functions' weights live on "
+                         f"this machine; the {name} platform's live elsewhere")
     return pkgutil.resolve_name(REGISTRY[name])(config or PlatformConfig(), **options)
 
 

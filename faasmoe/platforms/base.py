@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.metering.meter import Label
 
-EventKind = Literal["cold_start", "prefetch", "warm_hit", "eviction", "crash", "timeout", "start_failed"]
+EventKind = Literal["cold_start", "prefetch", "warm_hit", "eviction", "budget_eviction", "crash", "timeout",
+                    "start_failed"]
 
 
 class PlatformConfig(BaseModel):
@@ -39,6 +40,11 @@ class PlatformConfig(BaseModel):
     cold_start_timeout_s: float = Field(120.0, gt=0, description="seconds an instance may take to become ready")
     max_retries: int = Field(2, ge=0, description="retries of a call whose instance died or timed out")
     threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance")
+    memory_budget: ByteSize | None = Field(
+        None, gt=0, description="expert weight bytes the function pool may hold in memory (local platform): a cold "
+                                "start that would pass it first stops idle functions, least recently used first, "
+                                "and drops their pages from the page cache; with every resident function busy it "
+                                "waits. A number of bytes or a size such as 14GiB; none: no budget")
 
 
 class InvocationError(RuntimeError):
@@ -61,7 +67,8 @@ class FunctionStats:
     cold_starts: int = 0  # calls that started an instance and waited for it
     prefetches: int = 0  # instances started ahead of any call (`warm`); their first call is a warm hit
     warm_hits: int = 0
-    evictions: int = 0
+    evictions: int = 0  # keep-alive ran out
+    budget_evictions: int = 0  # stopped to make room within the memory budget
     crashes: int = 0
     timeouts: int = 0
     retries: int = 0
@@ -111,6 +118,8 @@ class EventLog:
                 s.warm_hits += 1
             elif ev.kind == "eviction":
                 s.evictions += 1
+            elif ev.kind == "budget_eviction":
+                s.budget_evictions += 1
             elif ev.kind == "crash":
                 s.crashes += 1
             elif ev.kind == "timeout":
@@ -211,6 +220,11 @@ class Platform(ABC):
 
     def instances(self) -> list[InstanceInfo]:
         return []
+
+    def memory(self) -> dict[str, int]:
+        """Expert memory of the function pool: `resident_bytes` (and `budget_bytes` where a budget is set), for
+        platforms that hold the functions' weights on this machine; empty elsewhere."""
+        return {}
 
     def processes(self) -> dict[int, Label]:
         """Every process this platform runs on this machine, labelled by role (for metering)."""

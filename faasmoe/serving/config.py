@@ -122,6 +122,9 @@ class ServerConfig(BaseModel):
             self._generated.add("admin_key")
         if self.admin_key in {t.key for t in self.tenants}:
             raise ValueError("admin_key must differ from every tenant key")
+        if self.scaling.memory_budget is not None and self.platform != "local":
+            raise ValueError(f"memory_budget applies to the local platform only (the {self.platform} platform's "
+                             "functions hold their weights elsewhere)")
         return self
 
     def key_generated(self, what: str) -> bool:

@@ -35,6 +35,8 @@ class _FunctionPool:
                                               "calls, on a predicted routing", labels=["function"]),
             "warm_hits": CounterMetricFamily("faasmoe_function_warm_hits", "Invocations served warm", labels=["function"]),
             "evictions": CounterMetricFamily("faasmoe_function_evictions", "Instances scaled to zero", labels=["function"]),
+            "budget_evictions": CounterMetricFamily("faasmoe_function_budget_evictions", "Instances stopped to make "
+                                                    "room within the memory budget", labels=["function"]),
             "crashes": CounterMetricFamily("faasmoe_function_crashes", "Instances that died mid-call", labels=["function"]),
             "timeouts": CounterMetricFamily("faasmoe_function_timeouts", "Calls that timed out", labels=["function"]),
             "cold_start_s": CounterMetricFamily("faasmoe_function_cold_start_seconds", "Time spent cold-starting",
@@ -49,6 +51,14 @@ class _FunctionPool:
             warm.add_metric([fid], s.instances)
         yield from fams.values()
         yield warm
+        memory = self.platform.memory()
+        if "resident_bytes" in memory:
+            yield GaugeMetricFamily("faasmoe_expert_resident_bytes", "Expert weight bytes the function pool holds in "
+                                    "memory (functions with an instance, and pages being dropped)",
+                                    value=memory["resident_bytes"])
+        if "budget_bytes" in memory:
+            yield GaugeMetricFamily("faasmoe_expert_memory_budget_bytes", "The function pool's memory budget",
+                                    value=memory["budget_bytes"])
 
 
 class _Processes:

@@ -12,6 +12,15 @@ instance dies or times out is retried on another instance. A frame larger than i
 function may legally get (`spec.max_frame_bytes`) is answered with an error frame here,
 without bothering an instance that would refuse it anyway.
 
+Memory: a function's instances map its weights shared from the page cache, so a
+function costs its weight bytes once however many instances it has. The platform
+counts them (`memory`). With a `memory_budget`, a cold start that would pass it first
+stops idle functions, least recently used first, and drops their byte ranges from the
+page cache once their processes are gone (the pages then really return to the OS); a
+function stopped for its keep-alive is dropped the same way. With every resident
+function busy a call waits, except that one function may start while the pool is below
+the budget (it can end above the budget by less than that function's size).
+
 The hot path is plain blocking sockets on the caller's thread: `submit` writes every
 frame of a MoE layer to its instance and returns; `gather` reads the replies. The
 instances compute in parallel meanwhile, and no event loop or thread hop sits in
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import queue
 import signal
 import socket
 import tempfile
@@ -34,11 +44,13 @@ from dataclasses import dataclass, field
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
+from faasmoe.metering.pagecache import FOLIO_MAX, evict
 from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.local.transport import recv_frame, send_frame
 from faasmoe.platforms.local.zygote import Zygote, ZygoteError
 
 CONNECT_POLL_S = 0.0005  # a starting instance's socket appears within milliseconds: poll finely
+EXIT_WAIT_S = 5.0  # how long dropping a function's pages waits for its SIGKILLed instances to exit
 
 
 class InstanceStartError(InvocationError):
@@ -65,6 +77,11 @@ class _Pool:
     max_frame: int  # the largest invocation its instances accept
     instances: list[_Instance] = field(default_factory=list)  # ready ones
     starting: int = 0
+    charged: bool = False  # its weight bytes are counted as resident
+
+    def idle(self) -> bool:
+        """Has instances, none of them busy or starting: stopping it disturbs no call."""
+        return bool(self.instances) and not self.starting and not any(i.busy for i in self.instances)
 
 
 @dataclass(eq=False)
@@ -95,6 +112,11 @@ class LocalPlatform(Platform):
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
         self._warmer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="faasmoe-warm")  # `warm`'s cold starts
+        self._budget = self.config.memory_budget
+        self._resident = 0  # weight bytes of functions with an instance, and of those whose pages are being dropped
+        self._dropping = 0  # of which: stopped functions whose pages are being dropped
+        self._drops: queue.SimpleQueue = queue.SimpleQueue()  # (pids, byte ranges, bytes) for the dropper
+        self._dropper: threading.Thread | None = None
 
     def shares_host_cores(self) -> bool:
         return True
@@ -105,12 +127,29 @@ class LocalPlatform(Platform):
         self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
         self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
         self._reaper.start()
+        if self._budget is not None:
+            self._dropper = threading.Thread(target=self._drop_pages, name="faasmoe-dropper", daemon=True)
+            self._dropper.start()
 
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
             if spec.id not in self._pools:
                 self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec))
                 self.log.function(spec.id)  # listed (with zeros) from deployment on
+
+    def finish_deploy(self) -> None:
+        """With a memory budget, start from a page cache that holds none of the functions' bytes (writing or
+        reading the checkpoint leaves them there), so that what is resident is what the platform counts."""
+        if self._budget is None:
+            return
+        with self._lock:
+            idle = [p for p in self._pools.values() if not p.charged]
+        for pool in idle:
+            for t in pool.spec.tensors:
+                try:
+                    evict(t.file, t.offset, t.nbytes, align=FOLIO_MAX)
+                except OSError:
+                    pass
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -124,6 +163,9 @@ class LocalPlatform(Platform):
         self._warmer.shutdown(wait=False, cancel_futures=True)
         if self._reaper:
             self._reaper.join(timeout=2)
+        if self._dropper:
+            self._drops.put(None)
+            self._dropper.join(timeout=EXIT_WAIT_S + 2)
         try:
             for f in os.listdir(self._dir):
                 os.unlink(os.path.join(self._dir, f))
@@ -152,8 +194,14 @@ class LocalPlatform(Platform):
         return batch
 
     def gather(self, batch: list[_Call]) -> list[bytes]:
-        """The reply frame of every call, in order; retries a call whose instance died or hung."""
-        return [self._complete(call) for call in batch]
+        """The reply frame of every call, in order; retries a call whose instance died or hung.
+
+        Calls that hold an instance are finished first: a call still waiting for one (a full pool, the memory
+        budget) must never wait on an instance that only this thread would free by reading its reply."""
+        out: list[bytes] = [b""] * len(batch)
+        for i in sorted(range(len(batch)), key=lambda i: batch[i].inst is None):
+            out[i] = self._complete(batch[i])
+        return out
 
     def _complete(self, call: _Call) -> bytes:
         if call.refused is not None:
@@ -213,8 +261,13 @@ class LocalPlatform(Platform):
                 live = len(pool.instances) + pool.starting
                 waited = time.monotonic() - call.queued_at
                 if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s):
-                    pool.starting += 1
-                    break
+                    if self._charge(pool):
+                        pool.starting += 1
+                        break
+                    if not wait:  # over the memory budget with nothing idle to stop: wait in `gather`
+                        return
+                    self._lock.wait(0.1)  # for a call to end or a drop to land (both notify)
+                    continue
                 if not wait:
                     return
                 self._lock.wait(None if live >= self.config.max_instances
@@ -225,6 +278,7 @@ class LocalPlatform(Platform):
         except BaseException:
             with self._lock:
                 pool.starting -= 1
+                self._settle(pool, [])
                 self._lock.notify_all()
             raise
 
@@ -265,7 +319,8 @@ class LocalPlatform(Platform):
         with self._lock:
             for fid in function_ids:
                 pool = self._pools.get(fid)
-                if pool is not None and not pool.instances and not pool.starting and not self._closed.is_set():
+                if (pool is not None and not pool.instances and not pool.starting and not self._closed.is_set()
+                        and self._charge(pool, make_room=False)):  # a hint: only into free budget
                     pool.starting += 1
                     todo.append(pool)
         for pool in todo:
@@ -283,6 +338,7 @@ class LocalPlatform(Platform):
                 pool.starting -= 1
                 if inst is not None:
                     self._stop(pool, inst)
+                self._settle(pool, [])
                 self._lock.notify_all()
             return
         with self._lock:
@@ -344,6 +400,74 @@ class LocalPlatform(Platform):
         except OSError:
             pass
         self.log.instances_now(pool.spec.id, len(pool.instances))
+        self._settle(pool, [inst.pid])
+
+    # -- memory ------------------------------------------------------------------------------
+    def _charge(self, pool: _Pool, make_room: bool = True) -> bool:
+        """(Caller holds the lock.) Count the pool's weight bytes as resident if they are not yet, within the
+        budget: True if its next instance may start now. `make_room`: stop idle functions for it."""
+        if pool.charged:  # its pages are counted already: another instance shares them
+            return True
+        need = pool.spec.nbytes
+        budget = self._budget
+        if budget is not None and self._resident + need > budget:
+            if not make_room:
+                return False
+            self._make_room(need, budget)
+            if self._resident + need > budget and (self._dropping or self._resident >= budget):
+                return False  # drops still landing, or over budget with everything busy: wait
+        pool.charged = True
+        self._resident += need
+        return True
+
+    def _make_room(self, need: int, budget: int) -> None:
+        """Stop idle functions, least recently used first, until `need` more bytes fit (counting the pages
+        being dropped as gone already)."""
+        idle = sorted((p for p in self._pools.values() if p.charged and p.idle()),
+                      key=lambda p: max(i.last_used for i in p.instances))
+        now = time.monotonic()
+        for pool in idle:
+            if self._resident - self._dropping + need <= budget:
+                return
+            for inst in list(pool.instances):
+                self._stop(pool, inst)
+                self.log.event("budget_eviction", pool.spec.id, inst.name, now - inst.last_used)
+
+    def _settle(self, pool: _Pool, pids: list[int]) -> None:
+        """(Caller holds the lock.) A pool left without instances stops counting: at once without a budget; with
+        one, once the dropper has dropped its pages (after `pids` exited: mapped pages cannot be dropped)."""
+        if not pool.charged or pool.instances or pool.starting:
+            return
+        pool.charged = False
+        if self._budget is None:
+            self._resident -= pool.spec.nbytes
+            return
+        self._dropping += pool.spec.nbytes
+        self._drops.put((pids, [(t.file, t.offset, t.nbytes) for t in pool.spec.tensors], pool.spec.nbytes))
+
+    def _drop_pages(self) -> None:
+        """Drop stopped functions' byte ranges from the page cache, so that their memory really goes back."""
+        while (item := self._drops.get()) is not None:
+            pids, ranges, nbytes = item
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            for file, offset, length in ranges:
+                try:  # whole 2 MiB folios: a folio straddling the range's edge would keep its pages otherwise
+                    evict(file, offset, length, align=FOLIO_MAX)
+                except OSError:
+                    pass
+            with self._lock:
+                self._dropping -= nbytes
+                self._resident -= nbytes
+                self._lock.notify_all()
+
+    def memory(self) -> dict[str, int]:
+        with self._lock:
+            out = {"resident_bytes": self._resident}
+        if self._budget is not None:
+            out["budget_bytes"] = int(self._budget)
+        return out
 
     def _reap_idle(self) -> None:
         """Scale to zero: stop every instance idle for longer than the keep-alive."""

@@ -1,0 +1,175 @@
+"""The local platform's expert memory budget: never passed by more than one function, exact outputs, pages dropped."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import pytest
+import torch
+from helpers import in_threads, metric_sum, running_server
+
+import faasmoe
+from faasmoe.control.deployment import Deployment, prewarm_calls
+from faasmoe.metering.pagecache import resident_range
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.presets import init_model
+from faasmoe.platforms import PlatformConfig
+
+# Functions of 1.5 MiB at k = 1 (fp32, 512 x 256 experts), many pages each: 24 functions, 36 MiB in all.
+WIDE = {"hidden_size": 256, "moe_intermediate_size": 512, "intermediate_size": 256,
+        "shared_expert_intermediate_size": 256}
+KEY = "sk-budget-test-0001"
+PAGE = 4096
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> str:
+    return str(init_model("tiny", tmp_path_factory.mktemp("wide") / "m", seed=2, overrides=WIDE, progress=False))
+
+
+def _expert_ranges(path: str) -> list[tuple[str, int, int]]:
+    """Every function's bytes, adjacent ranges merged (a page shared by two tensors counts once)."""
+    ranges = sorted((t.file, t.offset, t.nbytes) for s in Deployment.plan(Checkpoint(path), 1).specs
+                    for t in s.tensors)
+    merged: list[list] = []
+    for f, off, n in ranges:
+        if merged and merged[-1][0] == f and merged[-1][1] + merged[-1][2] >= off:
+            merged[-1][2] = max(merged[-1][2], off + n - merged[-1][1])
+        else:
+            merged.append([f, off, n])
+    return [tuple(r) for r in merged]
+
+
+def _resident(ranges) -> int:
+    return sum(resident_range(f, off, n) for f, off, n in ranges)
+
+
+def _reference(path: str, prompts: list[list[int]], tokens: int) -> list[list[int]]:
+    """transformers' greedy continuations, computed before the budgeted run (and freed: it maps the checkpoint)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = [model.generate(torch.tensor([p]), max_new_tokens=tokens, do_sample=False)[0, len(p):].tolist()
+               for p in prompts]
+    del model
+    gc.collect()
+    return out
+
+
+def test_exact_with_a_budget_for_a_quarter_of_the_experts(wide):
+    function = Checkpoint(wide).expert_tensors(0, [0])
+    size = sum(t.nbytes for t in function)
+    budget = 6 * size  # 6 of the 24 functions
+    ids = [785, 6722, 315, 9625, 374, 12095, 13]
+    expected = _reference(wide, [ids], 10)[0]
+    with faasmoe.load(wide, experts_per_function=1, platform_config=PlatformConfig(memory_budget=budget)) as engine:
+        assert engine.generate(ids, max_tokens=10).token_ids == expected
+        with faasmoe.load(wide, experts_per_function=1, prefetch_layers=1,  # prefetch never changes outputs
+                          platform_config=PlatformConfig(memory_budget=budget)) as prefetching:
+            assert prefetching.generate(ids, max_tokens=10).token_ids == expected
+        counters = engine.counters()
+        assert counters["budget_evictions"] > 0 and counters["evictions"] == 0
+        memory = engine.platform.memory()
+        assert memory["budget_bytes"] == budget and memory["resident_bytes"] <= budget + size
+
+
+def test_the_budget_holds_under_concurrent_tenants_and_outputs_stay_exact(wide):
+    """Sampled page cache residency of every expert byte range never passes the budget by more than one
+    function (plus a few boundary pages), while three tenants generate at once."""
+    size = sum(t.nbytes for t in Checkpoint(wide).expert_tensors(0, [0]))
+    budget = 5 * size
+    prompts = [[785, 6722, 315, 9625], [40, 1079, 264, 1803, 315], [9707, 1052, 0]]
+    expected = _reference(wide, prompts, 12)
+    ranges = _expert_ranges(wide)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _resident(ranges))
+            time.sleep(0.002)
+
+    tenants = [{"name": f"t{i}", "key": f"{KEY}{i}"} for i in range(3)]
+    with running_server(model=wide, tenants=tenants, experts_per_function=1, keep_alive_s=30,
+                        memory_budget=budget) as base:
+        import httpx
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+
+        def ask(i: int) -> list[int]:
+            r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}{i}"}, timeout=120,
+                           json={"model": "m", "prompt": prompts[i], "max_tokens": 12, "temperature": 0,
+                                 "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        try:
+            got = in_threads(ask, [(i,) for i in range(3)])
+        finally:
+            stop.set()
+            sampler.join()
+        assert metric_sum(base, "faasmoe_expert_memory_budget_bytes") == budget
+        assert metric_sum(base, "faasmoe_function_budget_evictions_total") > 0
+        assert metric_sum(base, "faasmoe_expert_resident_bytes") <= budget + size
+    assert got == expected
+    slack = 8 * 2 * PAGE  # the edge pages of the (at most 7) functions in memory, shared with their neighbours
+    assert 0 < peak[0] <= budget + size + slack, (peak[0], budget)
+
+
+def test_an_evicted_function_leaves_the_page_cache(wide):
+    ckpt = Checkpoint(wide)
+    deployment = Deployment.plan(ckpt, 1)
+    first = deployment.specs[0]
+    ranges = [(t.file, t.offset, t.nbytes) for t in first.tensors]
+    with faasmoe.load(wide, experts_per_function=1,
+                      platform_config=PlatformConfig(memory_budget=10 * first.nbytes)) as engine:
+        # deploying with a budget starts from a page cache without the functions' bytes (but the pages they share
+        # with the control plane's tensors at their edges)
+        assert _resident(ranges) <= 2 * PAGE
+        engine.platform.invoke_many(prewarm_calls([first]))  # one cold start of the first function
+        assert _resident(ranges) >= first.nbytes - 2 * PAGE
+        assert engine.platform.memory()["resident_bytes"] == first.nbytes
+        assert engine.platform.scale_to_zero() == 1
+        deadline = time.monotonic() + 10
+        while engine.platform.memory()["resident_bytes"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.platform.memory()["resident_bytes"] == 0
+        assert _resident(ranges) <= 2 * PAGE
+
+
+def test_a_budget_is_refused_off_the_local_platform():
+    from faasmoe.platforms import create_platform
+    from faasmoe.serving.config import ServerConfig
+
+    with pytest.raises(ValueError, match="local platform only"):
+        create_platform("ray", PlatformConfig(memory_budget="1GiB"))
+    with pytest.raises(ValueError, match="local platform only"):
+        ServerConfig(model="m", platform="ray", memory_budget="1GiB")
+    assert PlatformConfig(memory_budget="14GiB").memory_budget == 14 * 2**30
+
+
+def test_a_cold_start_reads_its_own_bytes_and_no_more(wide):
+    """Mapping a function from an evicted cache reads its byte ranges (announced with WILLNEED), not its
+    neighbours' (page faults read around themselves), and a lazily mapped embedding row reads no further."""
+    from faasmoe.metering.pagecache import FOLIO_MAX, evict
+    from faasmoe.models.weights import map_tensors
+
+    ckpt = Checkpoint(wide)
+    spec = Deployment.plan(ckpt, 1).specs[9]
+    ranges = _expert_ranges(wide)
+    for f, off, n in ranges:
+        evict(f, off, n, align=FOLIO_MAX)
+    embed = ckpt.tensors["model.embed_tokens.weight"]
+    evict(embed.file, embed.offset, embed.nbytes, align=FOLIO_MAX)
+    evicted = _resident(ranges)  # at most the pages at the layers' edges, which live mappings may share
+    assert evicted <= 8 * PAGE
+    weights = map_tensors(spec.tensors, torch.float32)
+    assert spec.nbytes - 2 * PAGE <= _resident(ranges) - evicted <= spec.nbytes + 4 * PAGE
+    del weights
+    before = _resident(ranges)
+    table = map_tensors([embed], torch.float32, lazy=frozenset({embed.name}))[embed.name]
+    float(table[-1].sum())  # the last row: the bytes after it are the first layer's tensors
+    assert _resident(ranges) <= before + 2 * PAGE
