@@ -224,6 +224,16 @@ def bench_engine_cmd(
         typer.echo(f"wrote {out}")
 
 
+def _bytes(text: str, name: str) -> int:
+    """A size such as 16GiB or 500MB, in bytes."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise typer.BadParameter(f"expected a size such as 16GiB, got {text!r}", param_hint=name) from None
+
+
 def _range(text: str, name: str) -> tuple[int, int]:
     lo, sep, hi = text.partition(":")
     try:
@@ -284,8 +294,17 @@ def bench(
                                        help="Strategies to run, repeatable: baseline, shared-monolithic, "
                                             "faasmoe-private, faasmoe-shared, local-distribution; and "
                                             "llama-cpp (llama.cpp's llama-server, built with "
-                                            "scripts/build-llama-cpp.sh), only when named."),
+                                            "scripts/build-llama-cpp.sh) and monolithic-mmap (shared-monolithic "
+                                            "with its weights mapped, paged by the kernel), only when named."),
     platform: str = typer.Option("local", metavar="NAME", help="FaaS platform of faasmoe's strategies."),
+    memory_budget: Optional[str] = typer.Option(None, metavar="SIZE", show_default="none",
+                                                help="faasmoe's servers: the function pool's expert memory budget "
+                                                     "(serve --memory-budget)."),
+    memory_limit: Optional[str] = typer.Option(None, metavar="SIZE", show_default="none",
+                                               help="Run every strategy's processes in a memory cgroup with this "
+                                                    "hard limit (page cache included; a server that cannot load "
+                                                    "under it is reported, not fatal). Needs a writable cgroup."),
+    prefetch_layers: int = typer.Option(0, metavar="N", help="faasmoe's servers: serve --prefetch-layers."),
     chaos: bool = typer.Option(False, "--chaos", help="Instead: run faasmoe under the load twice, the second time "
                                                       "killing a random function instance every --chaos-interval "
                                                       "seconds; report completed requests and token-id mismatches."),
@@ -322,7 +341,9 @@ def bench(
         output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else None, seed=seed,
         experts_per_function=experts_per_function, keep_alive_s=keep_alive, keep_alive_sweep=keep_alive_sweep,
         keep_alive_ks=tuple(keep_alive_k), sweeps=not no_sweep, sweep=sweep, sweep_strategies=tuple(sweep_strategy),
-        strategies=tuple(strategy), platform=platform)
+        strategies=tuple(strategy), platform=platform, memory_budget=memory_budget,
+        memory_limit=_bytes(memory_limit, "--memory-limit") if memory_limit else None,
+        prefetch_layers=prefetch_layers)
     if not (cfg.model / "config.json").is_file():
         typer.echo(f"creating {cfg.model}")
         init_model(preset or DEFAULTS[quick]["preset"], cfg.model, layers=layers)
@@ -471,6 +492,9 @@ def serve(
                                              help="Experts per function, 1 .. all experts of a layer."),
     max_instances: int = typer.Option(_d("max_instances"), metavar="N", help="Instances per function under load."),
     memory_budget: Optional[str] = MEMORY_BUDGET_OPTION,
+    monolithic_weights: str = typer.Option(_d("monolithic_weights"), metavar="copy|mapped",
+                                           help="--mode monolithic: copy the weights into the server, or map them "
+                                                "(read on use, paged out by the kernel under memory pressure)."),
     max_batch: int = typer.Option(_d("max_batch"), metavar="N", help="Sequences stepped together."),
     max_queue: int = typer.Option(_d("max_queue"), metavar="N",
                                   help="Requests waiting, all tenants together; more get 429."),
@@ -521,7 +545,8 @@ def serve(
              "function_token": function_token, "ray_address": ray_address, "keep_alive_s": keep_alive,
              "experts_per_function": experts_per_function, "max_instances": max_instances, "max_batch": max_batch,
              "max_queue": max_queue, "admin_key": admin_key, "prewarm": prewarm, "prefetch_layers": prefetch_layers,
-             "dtype": dtype, "threads": threads, "memory_budget": memory_budget}
+             "dtype": dtype, "threads": threads, "memory_budget": memory_budget,
+             "monolithic_weights": monolithic_weights}
     params = {"preset_layers": "layers", "keep_alive_s": "keep_alive"}
     overrides = {k: v for k, v in flags.items() if _given(ctx, params.get(k, k))}
     limits = {k: v for k, v in (("max_concurrency", max_concurrency), ("tokens_per_minute", tokens_per_minute),

@@ -173,3 +173,39 @@ def test_a_cold_start_reads_its_own_bytes_and_no_more(wide):
     table = map_tensors([embed], torch.float32, lazy=frozenset({embed.name}))[embed.name]
     float(table[-1].sum())  # the last row: the bytes after it are the first layer's tensors
     assert _resident(ranges) <= before + 2 * PAGE
+
+
+def test_the_paged_monolithic_model_maps_its_experts_and_answers_the_same(wide):
+    """`--monolithic-weights mapped`: experts mapped, not read at load (the kernel pages them), same logits."""
+    from faasmoe.engines.monolithic import MonolithicEngine
+    from faasmoe.metering.pagecache import FOLIO_MAX, evict
+
+    ids = [785, 6722, 315, 9625, 374]
+    with MonolithicEngine(wide) as copied:
+        expected = copied.logits(ids)
+    ranges = _expert_ranges(wide)
+    for f, off, n in ranges:
+        evict(f, off, n, align=FOLIO_MAX)
+    with MonolithicEngine(wide, paged=True) as paged:
+        assert _resident(ranges) <= 8 * PAGE  # nothing read at load
+        assert torch.equal(paged.logits(ids), expected)
+        assert _resident(ranges) > 0  # read on use
+
+
+def test_a_memory_cgroup_limits_what_its_processes_hold():
+    import subprocess
+    import sys
+
+    from faasmoe.bench.cgroup import MemoryCgroup
+
+    try:
+        group = MemoryCgroup(128 * 2**20)
+    except OSError as e:
+        pytest.skip(f"no writable memory cgroup here: {e}")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5); x = bytearray(400 * 2**20)"])
+        group.add(proc.pid)
+        assert proc.wait(timeout=60) == -9  # killed at the limit
+        assert group.oom_kills() == 1 and group.peak_bytes() <= 128 * 2**20
+    finally:
+        group.remove()

@@ -40,6 +40,7 @@ import torch
 from tqdm import tqdm
 
 from faasmoe.bench import cleanup
+from faasmoe.bench.cgroup import MemoryCgroup
 from faasmoe.bench.corpus import expert_top_share
 from faasmoe.bench.defaults import DEFAULTS
 from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
@@ -52,8 +53,11 @@ from faasmoe.proctitle import role_of, set_title
 
 STRATEGIES = ("baseline", "shared-monolithic", "faasmoe-private", "faasmoe-shared", "local-distribution")
 PEERS = ("llama-cpp",)  # other engines, run only when asked for
-KNOWN = STRATEGIES + PEERS
-MONOLITHIC = ("baseline", "shared-monolithic")
+# shared-monolithic with its weights mapped, paged in and out by the kernel: the way to try a model larger than
+# memory (run when asked for, with --memory-limit)
+PAGED = ("monolithic-mmap",)
+KNOWN = STRATEGIES + PAGED + PEERS
+MONOLITHIC = ("baseline", "shared-monolithic") + PAGED
 WITHOUT_FUNCTIONS = MONOLITHIC + PEERS
 FAASMOE = ("faasmoe-private", "faasmoe-shared")
 TENANT_WEIGHTS = (1.5, 1.0, 0.5)  # each tenant's rate relative to the mean, cycled: tenants differ
@@ -76,6 +80,9 @@ class BenchConfig:
     max_batch: int = 16
     meter_interval_s: float = 1.0  # reading a 2 GB process's smaps costs ~17 ms: sample sparingly
     startup_timeout_s: float = 600.0
+    memory_budget: str | None = None  # faasmoe's servers: the function pool's expert memory budget
+    memory_limit: int | None = None  # bytes: every run's processes in a memory cgroup with this hard limit
+    prefetch_layers: int = 0  # faasmoe's servers: warm the functions predicted this many layers ahead
 
 
 def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rates: list[float] | None = None,
@@ -85,7 +92,8 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                 seed: int = 0, experts_per_function: int | None = None, keep_alive_s: float | None = None,
                 keep_alive_sweep: list[float] | None = None, keep_alive_ks: tuple[int, ...] = (1, 4),
                 sweeps: bool = True, sweep: list[int] | None = None, sweep_strategies: tuple[str, ...] = (),
-                strategies: tuple[str, ...] = (), platform: str = "local") -> BenchConfig:
+                strategies: tuple[str, ...] = (), platform: str = "local", memory_budget: str | None = None,
+                memory_limit: int | None = None, prefetch_layers: int = 0) -> BenchConfig:
     """A bench from what the user gave (None or empty: the default of a full or a --quick bench)."""
     d = DEFAULTS[quick]
 
@@ -102,7 +110,8 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                        keep_alive_sweep=pick(keep_alive_sweep, "keep_alive_sweep") if sweeps else [],
                        keep_alive_ks=keep_alive_ks, sweep=(sweep or []) if sweeps else [],
                        sweep_strategies=sweep_strategies or FAASMOE, strategies=strategies or STRATEGIES,
-                       platform=platform)
+                       platform=platform, memory_budget=memory_budget, memory_limit=memory_limit,
+                       prefetch_layers=prefetch_layers)
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,8 @@ def _key(tenant: str) -> str:
 
 
 def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workdir: Path,
-                  always_on: bool = False, keep_alive_s: float | None = None, threads: int | None = None) -> Server:
+                  always_on: bool = False, keep_alive_s: float | None = None, threads: int | None = None,
+                  extra: tuple[str, ...] = ()) -> Server:
     port = _free_port()
     max_out = cfg.workload.output_tokens[1]
     lines = [f'model = "{cfg.model}"', f'mode = "{mode}"', f'platform = "{cfg.platform}"', f"port = {port}",
@@ -180,6 +190,12 @@ def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workd
         lines += ["prewarm = true", "max_instances = 1"]
     if threads:
         lines.append(f"threads = {threads}")
+    if mode != "monolithic":
+        if cfg.memory_budget:
+            lines.append(f'memory_budget = "{cfg.memory_budget}"')
+        if cfg.prefetch_layers:
+            lines.append(f"prefetch_layers = {cfg.prefetch_layers}")
+    lines += extra
     for t in tenants:
         lines += ["[[tenants]]", f'name = "{t}"', f'key = "{_key(t)}"', "max_concurrency = 1024",
                   "tokens_per_minute = 1000000000", "max_queued = 4096"]
@@ -257,7 +273,7 @@ def _scrape(servers: list[Server]) -> dict:
     import re
 
     sums = {"invocations": 0.0, "cold_starts": 0.0, "prefetches": 0.0, "warm_hits": 0.0, "evictions": 0.0,
-            "crashes": 0.0, "busy_seconds": 0.0}
+            "budget_evictions": 0.0, "crashes": 0.0, "busy_seconds": 0.0, "cold_start_seconds": 0.0}
     routed: dict[int, dict[int, float]] = {}
     for s in servers:
         try:
@@ -300,6 +316,8 @@ def _servers_for(cfg: BenchConfig, run: RunSpec, tenants: list[str], workdir: Pa
         return [_start_server(cfg, "monolithic", [t], k, workdir, threads=per_tenant) for t in tenants]
     if run.strategy == "shared-monolithic":
         return [_start_server(cfg, "monolithic", tenants, k, workdir)]
+    if run.strategy == "monolithic-mmap":
+        return [_start_server(cfg, "monolithic", tenants, k, workdir, extra=('monolithic_weights = "mapped"',))]
     mode = "shared" if run.strategy == "faasmoe-shared" else "private"
     return [_start_server(cfg, mode, tenants, k, workdir, always_on=run.strategy == "local-distribution",
                           keep_alive_s=run.keep_alive_s, threads=per_tenant if mode == "private" else None)]
@@ -311,9 +329,18 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
     set_title("bench", name.replace(" ", "-"))
     workdir = cleanup.make_workdir()
     servers: list[Server] = []
+    group = MemoryCgroup(cfg.memory_limit) if cfg.memory_limit else None
     try:
         servers = _servers_for(cfg, run, tenants, workdir)
-        _wait_healthy(servers, cfg.startup_timeout_s)
+        if group is not None:  # before they load anything: every page they touch is charged to the group
+            for s in servers:
+                group.add(s.proc.pid)
+            try:
+                _wait_healthy(servers, cfg.startup_timeout_s)
+            except RuntimeError as e:  # under the limit a server may not even load: that is a result
+                return _failed_run(run, str(e), group)
+        else:
+            _wait_healthy(servers, cfg.startup_timeout_s)
         roots = [(psutil.Process(s.proc.pid), s) for s in servers]
 
         def processes() -> dict[int, Label]:
@@ -337,11 +364,32 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
         meter.stop()
         metered_s = time.monotonic() - meter.started_at  # the window the integrals cover (Meter's clock)
         counters = _scrape(servers)
+        limited = _limit_figures(group)
     finally:
         _stop(servers)
         cleanup.remove_workdir(workdir)
+        if group is not None:
+            group.remove()
     experts = Checkpoint(cfg.model).num_experts
-    return report_run(run, cfg.workload.tenants, experts, meter, metered_s, arrivals, results, counters)
+    return {**report_run(run, cfg.workload.tenants, experts, meter, metered_s, arrivals, results, counters),
+            **limited}
+
+
+def _limit_figures(group: MemoryCgroup | None) -> dict:
+    """What the memory cgroup saw: its limit, its peak (page cache included) and the processes it killed."""
+    if group is None:
+        return {}
+    return {"memory_limit_bytes": group.limit, "cgroup_peak_bytes": group.peak_bytes(),
+            "oom_kills": group.oom_kills()}
+
+
+def _failed_run(run: RunSpec, why: str, group: MemoryCgroup) -> dict:
+    """A run whose servers did not start under the memory limit (killed, or out of time)."""
+    lines = [line for line in why.splitlines() if line.strip()]
+    return {"strategy": run.strategy, "rate_per_tenant": run.rate, "purpose": run.purpose,
+            "experts_per_function": run.k, "keep_alive_s": run.keep_alive_s,
+            "failed": lines[0] + (f" (last line of its log: {lines[-1].strip()})" if len(lines) > 1 else ""),
+            "log_tail": why[-2000:], **_limit_figures(group)}
 
 
 def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s: float, arrivals: list[Arrival],
@@ -387,7 +435,9 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
         "avg_cpu_percent": 100 * total["cpu_seconds"] / span,
         "page_cache_gb_avg": meter.page_cache_gb_avg(),
         "cold_starts": counters["cold_starts"], "prefetches": counters["prefetches"],
-        "evictions": counters["evictions"],
+        "evictions": counters["evictions"], "budget_evictions": counters.get("budget_evictions", 0.0),
+        "cold_start_s_per_cold_start": (counters.get("cold_start_seconds", 0.0) / counters["cold_starts"]
+                                        if counters["cold_starts"] else None),
         "invocations": counters["invocations"], "invocations_per_token": counters["invocations"] / tokens,
         "ttft_p50_s": load["ttft_p50_s"], "ttft_p99_s": load["ttft_p99_s"],
         "tpot_p50_ms": load["tpot_p50_ms"], "tpot_p99_ms": load["tpot_p99_ms"],
@@ -417,11 +467,12 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
         arrivals_at[rate] = schedule(w, tokenizer)
     report = {"machine": machine_info(), "model": str(cfg.model), "workload": workload_json(cfg.workload),
               "tenant_weights": TENANT_WEIGHTS, "rates": cfg.rates, "experts_per_function": cfg.experts_per_function,
-              "keep_alive_s": cfg.keep_alive_s, "runs": []}
+              "keep_alive_s": cfg.keep_alive_s, "runs": [], "failed_runs": []}
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=sum(len(arrivals_at[r.rate]) for r in runs), unit="req") as bar:
         for run in runs:
-            report["runs"].append(run_strategy(cfg, run, arrivals_at[run.rate], bar))
+            result = run_strategy(cfg, run, arrivals_at[run.rate], bar)
+            report["failed_runs" if "failed" in result else "runs"].append(result)
             report["headline"] = headline(report["runs"])
             write_report(report, out)  # after every run: a bench stopped midway keeps what it measured
     from faasmoe.bench.plots import plot_all
@@ -514,6 +565,8 @@ def markdown(report: dict) -> str:
             "cpu_seconds_per_token", "gb_seconds_per_token_physical", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
             "tpot_p99_ms", "cold_starts", "evictions", "ttft_cold_prefill_p50_s", "ttft_warm_prefill_p50_s",
             "idle_warm_fraction", "expert_top10pct_share")
+    if any("cgroup_peak_bytes" in r for r in report["runs"]):  # a bench under --memory-limit
+        cols += ("budget_evictions", "cgroup_peak_bytes", "oom_kills")
     for purpose, title in (("main", "All runs"), ("keep-alive", "Keep-alive sweep (faasmoe-shared)"),
                            ("granularity", "Granularity sweep")):
         rows = [r for r in report["runs"] if r["purpose"] == purpose]
@@ -527,9 +580,15 @@ def markdown(report: dict) -> str:
         lines += [f"## {title}", "", "| strategy | rate | k | keep-alive | " + " | ".join(cols) + " |",
                   "|---|---|---|---|" + "---|" * len(cols)]
         for r in rows:
-            cells = [_f(r[c], ".3f") if isinstance(r[c], float) else str(r[c]) for c in cols]
+            cells = [_f(r.get(c), ".3f") if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
             lines.append(f"| {r['strategy']} | {r['rate_per_tenant']:g} | {r['experts_per_function'] or '-'} "
                          f"| {_f(r['keep_alive_s'], 'g')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report.get("failed_runs"):
+        lines += ["## Runs that did not start", ""]
+        lines += [f"* {r['strategy']} at {r['rate_per_tenant']:g} req/s: {r['failed'].splitlines()[0]} (memory limit "
+                  f"{r.get('memory_limit_bytes', 0) / 2**30:.1f} GiB, peak {r.get('cgroup_peak_bytes', 0) / 2**30:.1f} "
+                  f"GiB, {r.get('oom_kills', 0)} processes killed)" for r in report["failed_runs"]]
         lines.append("")
     lines += ["Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by rate).", ""]
     return "\n".join(lines)

@@ -23,12 +23,14 @@ from faasmoe.models.weights import parts, private_copy
 class ResidentExperts:
     """All routed experts of every MoE layer, loaded at start-up into this process's own memory."""
 
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True, paged: bool = False):
+        """`own_copy`: the weights copied into this process (as transformers loads them); `paged` instead: mapped
+        from the page cache and read on use, the kernel paging them in and out (a model served through mmap)."""
         self.layers: dict[int, ExpertFunction] = {}
         every_expert = Deployment.plan(ckpt, ckpt.num_experts, dtype)
         for spec in every_expert.specs:  # one block per layer, holding every expert
-            fn = ExpertFunction(spec)
-            if own_copy:  # a server's own weights (as transformers loads them), not pages shared with others
+            fn = ExpertFunction(spec, paged=paged)
+            if own_copy and not paged:  # a server's own weights (as transformers loads them), not pages shared with others
                 fn.gate_up, fn.down = [private_copy(w) for w in fn.gate_up], [private_copy(w) for w in fn.down]
             self.layers[spec.layer] = fn
         self.digest = bytes.fromhex(ckpt.digest)

@@ -31,7 +31,9 @@ def _finite(t: torch.Tensor) -> bool:
 
 
 class ExpertFunction:
-    def __init__(self, spec: FunctionSpec):
+    def __init__(self, spec: FunctionSpec, paged: bool = False):
+        """`paged`: map the weights without reading them (pages read on use and dropped under memory pressure
+        by the kernel: a monolithic model served through mmap), instead of loading them now."""
         self.spec = spec
         self.dtype = torch_dtype(spec.dtype)
         self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
@@ -43,7 +45,8 @@ class ExpertFunction:
             raise ValueError(f"{spec.id}: {len(spec.tensors)} tensors for {len(spec.experts)} experts, not 3 each")
         gate, up, down = spec.tensors[0::3], spec.tensors[1::3], spec.tensors[2::3]
         w = map_stacked({f"{e}.gate_up": [g, u] for e, g, u in zip(spec.experts, gate, up)} |
-                        {f"{e}.down": [d] for e, d in zip(spec.experts, down)}, self.dtype, concatenate=False)
+                        {f"{e}.down": [d] for e, d in zip(spec.experts, down)}, self.dtype, concatenate=False,
+                        lazy=paged)
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
         # expert id -> position in this block, -1 for experts of other blocks

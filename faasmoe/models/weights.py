@@ -46,11 +46,14 @@ def torch_dtype(name: str) -> torch.dtype:
     return dt
 
 
-def map_tensor(loc: TensorLocation, fd: int, populate: bool = True) -> torch.Tensor:
+def map_tensor(loc: TensorLocation, fd: int, populate: bool = True, read_around: bool = False) -> torch.Tensor:
+    """`populate` False: pages are read when first touched, by themselves (a table read a row at a time; its
+    neighbours' bytes stay out) or, with `read_around`, with the kernel's usual read-around (a model paged
+    in and out as a whole)."""
     start = loc.offset - loc.offset % PAGE
     flags = _FLAGS if populate else mmap.MAP_SHARED
     mm = mmap.mmap(fd, loc.offset + loc.nbytes - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-    if not populate:  # read a row at a time: no read-around, which would pull in the next tensors' bytes too
+    if not populate and not read_around:
         mm.madvise(mmap.MADV_RANDOM)
     t = torch.frombuffer(mm, dtype=torch_dtype(loc.dtype), count=loc.nbytes // DTYPES[loc.dtype][0],
                          offset=loc.offset - start)
@@ -58,12 +61,14 @@ def map_tensor(loc: TensorLocation, fd: int, populate: bool = True) -> torch.Ten
 
 
 def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
-                lazy: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                lazy: frozenset[str] | bool = frozenset()) -> dict[str, torch.Tensor]:
     """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise.
 
     Tensors named in `lazy` are not populated: their pages are read when first touched, without read-around.
     That suits a table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's
     row 4 KiB); read-around would also read the bytes after the table (measured: most of the first expert's).
+    `lazy` True: every tensor is mapped that way, with the kernel's read-around (a monolithic model served
+    through mmap, whose pages the kernel reads and drops as memory allows).
     """
     out: dict[str, torch.Tensor] = {}
     fds: dict[str, int] = {}
@@ -72,11 +77,14 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
         for loc in locations:
             if loc.file not in fds:
                 fds[loc.file] = os.open(loc.file, os.O_RDONLY)
+        every = lazy is True
+        lazy = frozenset() if isinstance(lazy, bool) else lazy
         for loc in locations:  # every read submitted at once, for exactly these bytes: see the module's docstring
-            if loc.name not in lazy:
+            if not every and loc.name not in lazy:
                 os.posix_fadvise(fds[loc.file], loc.offset, loc.nbytes, os.POSIX_FADV_WILLNEED)
         for loc in locations:
-            t = map_tensor(loc, fds[loc.file], populate=loc.name not in lazy)
+            populate = not every and loc.name not in lazy
+            t = map_tensor(loc, fds[loc.file], populate=populate, read_around=every)
             out[loc.name] = t if t.dtype == dtype else t.to(dtype)
     finally:
         for fd in fds.values():
@@ -97,17 +105,18 @@ def stacked_rows(locations: list[TensorLocation], name: str) -> TensorLocation |
                           (rows, *first.shape[1:]))
 
 
-def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype,
-                concatenate: bool = True) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype, concatenate: bool = True,
+                lazy: bool = False) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
     """Name -> the tensors of each group concatenated along rows: mapped as one where they are adjacent in
     the file (no copy); where they are not, concatenated (a copy) or, with `concatenate` False, left apart as
-    a tuple (a Mixtral checkpoint stores w1, w2, w3: gate and up are never adjacent)."""
+    a tuple (a Mixtral checkpoint stores w1, w2, w3: gate and up are never adjacent). `lazy`: as `map_tensors`'
+    lazy=True."""
     out: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
     adjacent = {name: stacked_rows(locs, name) for name, locs in groups.items()}
-    out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype))
+    out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype, lazy))
     apart = [name for name, loc in adjacent.items() if loc is None]
     if apart:
-        parts = map_tensors([loc for name in apart for loc in groups[name]], dtype)
+        parts = map_tensors([loc for name in apart for loc in groups[name]], dtype, lazy)
         for name in apart:
             tensors = tuple(parts[loc.name] for loc in groups[name])
             out[name] = torch.cat(tensors) if concatenate else tensors

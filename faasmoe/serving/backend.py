@@ -69,8 +69,9 @@ class SharedBackend(Backend):
             from faasmoe.engines.monolithic import MonolithicEngine
 
             self.mode, self.server_role = "monolithic", "baseline"
-            factory: Callable[[], BaseEngine] = lambda: MonolithicEngine(config.model, dtype=config.dtype,
-                                                                         threads=config.threads)
+            factory: Callable[[], BaseEngine] = lambda: MonolithicEngine(
+                config.model, dtype=config.dtype, threads=config.threads,
+                paged=config.monolithic_weights == "mapped")
         else:
             from faasmoe.engines.distributed import Engine
 

@@ -60,6 +60,10 @@ class ServerConfig(BaseModel):
     scaling: PlatformConfig = Field(default_factory=PlatformConfig, description="the function pool's scaling and "
                                     "fault settings; in a file, as a [scaling] table or as top-level keys")
     prewarm: bool = False
+    monolithic_weights: Literal["copy", "mapped"] = Field(
+        "copy", description="monolithic mode: copy the weights into the server (as transformers loads them), or "
+                            "map them from the page cache, read on use and dropped by the kernel under memory "
+                            "pressure (as llama.cpp's mmap; the way to try a model larger than memory)")
     prefetch_layers: int = Field(0, ge=0, description="warm the functions a layer this many ahead is predicted to "
                                                       "call (0: off)")
     dtype: str | None = None
