@@ -209,3 +209,22 @@ def test_a_memory_cgroup_limits_what_its_processes_hold():
         assert group.oom_kills() == 1 and group.peak_bytes() <= 128 * 2**20
     finally:
         group.remove()
+
+
+@pytest.mark.parametrize("policy", ["next-use", "lru"])
+def test_eviction_order_follows_the_policy(wide, policy):
+    """One function of each layer resident, called in layer order, and room needed for another function of
+    layer 1: next-use stops layer 1's idle one (a decode step needs it again only a whole layer cycle later),
+    lru the least recently used one (layer 0's, which the very next step needs first)."""
+    specs = Deployment.plan(Checkpoint(wide), 1).specs  # layer-major: L0 B0..B7, L1 B0..B7, L2 B0..B7
+    first = [specs[0], specs[8], specs[16]]  # one function of each layer, called in layer order
+    budget = 3 * specs[0].nbytes
+    with faasmoe.load(wide, experts_per_function=1,
+                      platform_config=PlatformConfig(memory_budget=budget, eviction=policy)) as engine:
+        platform = engine.platform
+        for spec in first:
+            platform.invoke_many(prewarm_calls([spec]))
+        platform.invoke_many(prewarm_calls([specs[9]]))  # room for a layer-1 function
+        resident = {i.function for i in platform.instances()}
+        stopped = {s.id for s in first} - resident
+        assert stopped == ({specs[8].id} if policy == "next-use" else {specs[0].id})

@@ -40,6 +40,12 @@ class PlatformConfig(BaseModel):
     cold_start_timeout_s: float = Field(120.0, gt=0, description="seconds an instance may take to become ready")
     max_retries: int = Field(2, ge=0, description="retries of a call whose instance died or timed out")
     threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance")
+    eviction: Literal["next-use", "lru"] = Field(
+        "next-use", description="which idle function the memory budget stops first: next-use, the one whose layer "
+                                "comes last in the model's layer cycle after the layer that needs room (decoding "
+                                "sweeps the layers in order, so that function waits longest; least recently used "
+                                "among equals), or lru, least recently used (which, when a step needs more than "
+                                "the budget holds, stops exactly the functions the next step needs first)")
     memory_budget: ByteSize | None = Field(
         None, gt=0, description="expert weight bytes the function pool may hold in memory (local platform): a cold "
                                 "start that would pass it first stops idle functions, least recently used first, "

@@ -15,7 +15,9 @@ without bothering an instance that would refuse it anyway.
 Memory: a function's instances map its weights shared from the page cache, so a
 function costs its weight bytes once however many instances it has. The platform
 counts them (`memory`). With a `memory_budget`, a cold start that would pass it first
-stops idle functions, least recently used first, and drops their byte ranges from the
+stops idle functions (by default those of the layers that come last in the layer cycle
+after the one that needs room: a decode step sweeps the layers in order, so they wait
+longest; `eviction="lru"`: least recently used) and drops their byte ranges from the
 page cache once their processes are gone (the pages then really return to the OS); a
 function stopped for its keep-alive is dropped the same way. With every resident
 function busy a call waits, except that one function may start while the pool is below
@@ -413,18 +415,26 @@ class LocalPlatform(Platform):
         if budget is not None and self._resident + need > budget:
             if not make_room:
                 return False
-            self._make_room(need, budget)
+            self._make_room(need, budget, pool.spec.layer)
             if self._resident + need > budget and (self._dropping or self._resident >= budget):
                 return False  # drops still landing, or over budget with everything busy: wait
         pool.charged = True
         self._resident += need
         return True
 
-    def _make_room(self, need: int, budget: int) -> None:
-        """Stop idle functions, least recently used first, until `need` more bytes fit (counting the pages
-        being dropped as gone already)."""
+    def _make_room(self, need: int, budget: int, layer: int) -> None:
+        """Stop idle functions until `need` more bytes fit for a function of `layer` (counting the pages being
+        dropped as gone already), in the order of the `eviction` policy."""
+        layers = 1 + max(p.spec.layer for p in self._pools.values())
+
+        def recency(p: _Pool) -> float:
+            return max(i.last_used for i in p.instances)
+
+        def next_use(p: _Pool) -> tuple[int, float]:  # needed last in the layer cycle first, then LRU
+            return -((p.spec.layer - layer - 1) % layers), recency(p)  # this layer's idle ones: a cycle away
+
         idle = sorted((p for p in self._pools.values() if p.charged and p.idle()),
-                      key=lambda p: max(i.last_used for i in p.instances))
+                      key=next_use if self.config.eviction == "next-use" else recency)
         now = time.monotonic()
         for pool in idle:
             if self._resident - self._dropping + need <= budget:
