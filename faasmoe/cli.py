@@ -115,7 +115,8 @@ def init_model_cmd(
 MEMORY_BUDGET_OPTION = typer.Option(
     None, metavar="SIZE", show_default="none",
     help="Expert weight bytes the local platform may hold in memory, e.g. 14GiB: a cold start past it first "
-         "stops idle functions (least recently used) and drops their pages from the page cache.")
+         "stops idle functions (those of the layers needed last in a decode step) and drops their pages from the "
+         "page cache.")
 
 # Where the expert functions run besides the embedded platform: the same flags for generate and serve.
 FUNCTIONS_OPTION = typer.Option(None, "--functions", metavar="FILE",

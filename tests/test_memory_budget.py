@@ -228,3 +228,18 @@ def test_eviction_order_follows_the_policy(wide, policy):
         resident = {i.function for i in platform.instances()}
         stopped = {s.id for s in first} - resident
         assert stopped == ({specs[8].id} if policy == "next-use" else {specs[0].id})
+
+
+def test_making_room_never_stops_a_warm_function_the_same_batch_calls(wide):
+    """A layer's batch with a warm function and a cold one, the budget full: the warm one is leased first, so
+    making room for the cold one stops another layer's function, not it."""
+    specs = Deployment.plan(Checkpoint(wide), 1).specs
+    with faasmoe.load(wide, experts_per_function=1,
+                      platform_config=PlatformConfig(memory_budget=3 * specs[0].nbytes)) as engine:
+        platform = engine.platform
+        for spec in (specs[0], specs[8], specs[16]):  # one function of each layer
+            platform.invoke_many(prewarm_calls([spec]))
+        platform.invoke_many(prewarm_calls([specs[9], specs[8]]))  # layer 1: B1 cold (asked first), B0 warm
+        stats = platform.log.stats
+        assert stats[specs[8].id].cold_starts == 1 and stats[specs[8].id].warm_hits == 1
+        assert specs[8].id in {i.function for i in platform.instances()}

@@ -4,7 +4,8 @@ A server that keeps every expert resident cannot be told "use at most 16 GiB" an
 are file pages (mapped or read) that the kernel charges to the cgroup of the process that faulted them in,
 and reclaims, or OOM-kills, at the limit. Works with cgroup v1 (`memory.limit_in_bytes`,
 `memory.max_usage_in_bytes`) and v2 (`memory.max`, `memory.peak`), created below this process's own
-memory cgroup; needs write access there (root in a VM or container usually has it).
+memory cgroup; needs write access there (root in a VM or container usually has it). Swap is not
+limited: on a machine with swap, a process past the limit may be swapped instead of killed.
 """
 
 from __future__ import annotations
@@ -38,10 +39,14 @@ class MemoryCgroup:
         self.path = parent / f"faasmoe-bench-{os.getpid()}-{next(_seq)}"
         self.path.mkdir()
         self.limit = limit_bytes
-        if self.version == 1:
-            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
-        else:
-            (self.path / "memory.max").write_text(str(limit_bytes))
+        try:  # v2: memory.max exists only where the parent delegates the memory controller
+            if self.version == 1:
+                (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+            else:
+                (self.path / "memory.max").write_text(str(limit_bytes))
+        except OSError:
+            self.path.rmdir()
+            raise
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from faasmoe.bench import cleanup
 from faasmoe.bench.cgroup import MemoryCgroup
+from faasmoe.metering.pagecache import evict
 from faasmoe.bench.corpus import expert_top_share
 from faasmoe.bench.defaults import DEFAULTS
 from faasmoe.bench.load import (Arrival, Result, Target, Workload, percentile, run_load, schedule, summarize,
@@ -329,8 +330,14 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
     set_title("bench", name.replace(" ", "-"))
     workdir = cleanup.make_workdir()
     servers: list[Server] = []
-    group = MemoryCgroup(cfg.memory_limit) if cfg.memory_limit else None
+    group = None
     try:
+        if cfg.memory_limit:
+            # Page cache is charged to the cgroup that reads it first: pages the checkpoint left in it (writing
+            # it, earlier runs) would be free to this run and outside its limit. Every run starts without them.
+            for shard in cfg.model.glob("*.safetensors"):
+                evict(shard)
+            group = MemoryCgroup(cfg.memory_limit)
         servers = _servers_for(cfg, run, tenants, workdir)
         if group is not None:  # before they load anything: every page they touch is charged to the group
             for s in servers:

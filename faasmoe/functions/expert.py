@@ -40,7 +40,7 @@ class ExpertFunction:
         self.act = activation(spec.hidden_act)
         # cold start: only this block's bytes, listed per expert as gate, up, down (whatever the family calls
         # them); gate and up as one [2I, H] matrix (one matmul), mapped as one where the checkpoint stores them
-        # back to back (presets do)
+        # back to back (gate_proj, up_proj in name order do; Mixtral's w1, w2, w3 do not: two matmuls then)
         if len(spec.tensors) != 3 * len(spec.experts):
             raise ValueError(f"{spec.id}: {len(spec.tensors)} tensors for {len(spec.experts)} experts, not 3 each")
         gate, up, down = spec.tensors[0::3], spec.tensors[1::3], spec.tensors[2::3]

@@ -194,9 +194,8 @@ class ControlPlane:
         """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual
         stream changes little from one layer to the next)."""
         layer = self.layers[i]
-        if layer.router is not None:
-            logits = self.router_logits(layer, rms_norm(x, layer.ln2, self.eps))
-            self.dispatcher.prefetch(i, torch.topk(logits, self.top_k, dim=-1).indices)
+        if layer.router is not None:  # the family's own routing (group limits, score corrections included)
+            self.dispatcher.prefetch(i, self.route(layer, rms_norm(x, layer.ln2, self.eps))[0])
 
     def route(self, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts [T, A] and their weights [T, A] for x [T, H]: softmax, top-k, optionally renormalised."""

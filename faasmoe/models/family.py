@@ -105,8 +105,8 @@ class Family:
         return self.config.moe_intermediate_size
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor the model needs, with its shape, derived from the config alone (in the order a preset
-        writes them: an expert's gate and up projections next to each other, so they map as one matrix)."""
+        """Every tensor the model needs, with its shape, derived from the config alone (safetensors stores them
+        in name order, whatever the order here)."""
         c = self.config
         H = c.hidden_size
         shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}

@@ -48,7 +48,7 @@ class PlatformConfig(BaseModel):
                                 "the budget holds, stops exactly the functions the next step needs first)")
     memory_budget: ByteSize | None = Field(
         None, gt=0, description="expert weight bytes the function pool may hold in memory (local platform): a cold "
-                                "start that would pass it first stops idle functions, least recently used first, "
+                                "start that would pass it first stops idle functions (in the order of `eviction`) "
                                 "and drops their pages from the page cache; with every resident function busy it "
                                 "waits. A number of bytes or a size such as 14GiB; none: no budget")
 

@@ -80,6 +80,7 @@ class _Pool:
     instances: list[_Instance] = field(default_factory=list)  # ready ones
     starting: int = 0
     charged: bool = False  # its weight bytes are counted as resident
+    stopped: list[int] = field(default_factory=list)  # pids of its instances stopped since it was charged
 
     def idle(self) -> bool:
         """Has instances, none of them busy or starting: stopping it disturbs no call."""
@@ -177,8 +178,11 @@ class LocalPlatform(Platform):
 
     # -- invocation --------------------------------------------------------------------------
     def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[_Call]:
-        """Send every call that finds a warm instance; fork instances for the others (they start in parallel)."""
-        batch = []
+        """Send every call that finds a warm instance; fork instances for the others (they start in parallel).
+
+        The warm ones are all leased first: making room within the memory budget for a cold one stops only idle
+        functions, and this batch's own warm functions must not be among them."""
+        batch, cold = [], []
         for fid, frame in calls:
             pool = self._pools.get(fid)
             if pool is None:
@@ -190,6 +194,11 @@ class LocalPlatform(Platform):
                 call.refused = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
                                                  f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
                 continue
+            if self._lease_idle(call):
+                self._send(call)
+            else:
+                cold.append(call)
+        for call in cold:
             self._lease(call, wait=False)
             if call.inst is not None and not call.cold:
                 self._send(call)
@@ -201,8 +210,16 @@ class LocalPlatform(Platform):
         Calls that hold an instance are finished first: a call still waiting for one (a full pool, the memory
         budget) must never wait on an instance that only this thread would free by reading its reply."""
         out: list[bytes] = [b""] * len(batch)
-        for i in sorted(range(len(batch)), key=lambda i: batch[i].inst is None):
-            out[i] = self._complete(batch[i])
+        done = 0
+        try:
+            for i in sorted(range(len(batch)), key=lambda i: batch[i].inst is None):
+                out[i] = self._complete(batch[i])
+                done += 1
+        finally:
+            if done < len(batch):  # a call failed: the others' instances must not stay leased (and counted)
+                for call in batch:
+                    if call.inst is not None and call.inst.busy:
+                        self._drop(call)
         return out
 
     def _complete(self, call: _Call) -> bytes:
@@ -247,6 +264,17 @@ class LocalPlatform(Platform):
                 self._lock.notify_all()
             return reply
 
+    def _lease_idle(self, call: _Call) -> bool:
+        """Give the call an idle instance of its function if there is one (the most recently used)."""
+        with self._lock:
+            idle = [i for i in call.pool.instances if not i.busy]
+            if not idle or self._closed.is_set():
+                return False
+            call.inst = max(idle, key=lambda i: i.last_used)
+            call.inst.busy = True
+            call.cold = False
+            return True
+
     def _lease(self, call: _Call, wait: bool) -> None:
         """Give the call an idle instance, or fork one for it if the function may scale out; else wait or leave."""
         pool = call.pool
@@ -268,6 +296,9 @@ class LocalPlatform(Platform):
                         break
                     if not wait:  # over the memory budget with nothing idle to stop: wait in `gather`
                         return
+                    if waited > self.config.cold_start_timeout_s:
+                        raise InvocationError(f"function {pool.spec.id}: no room within the memory budget for "
+                                              f"{self.config.cold_start_timeout_s:g} s (every resident function busy)")
                     self._lock.wait(0.1)  # for a call to end or a drop to land (both notify)
                     continue
                 if not wait:
@@ -280,7 +311,7 @@ class LocalPlatform(Platform):
         except BaseException:
             with self._lock:
                 pool.starting -= 1
-                self._settle(pool, [])
+                self._settle(pool)
                 self._lock.notify_all()
             raise
 
@@ -335,12 +366,12 @@ class LocalPlatform(Platform):
         try:
             inst = self._fork(pool.spec)
             self._ready(pool, inst, "prefetch")
-        except InstanceStartError:  # a hint: the next call starts one the ordinary way
+        except Exception:  # a hint: the next call starts one the ordinary way
             with self._lock:
                 pool.starting -= 1
                 if inst is not None:
                     self._stop(pool, inst)
-                self._settle(pool, [])
+                self._settle(pool)
                 self._lock.notify_all()
             return
         with self._lock:
@@ -402,7 +433,8 @@ class LocalPlatform(Platform):
         except OSError:
             pass
         self.log.instances_now(pool.spec.id, len(pool.instances))
-        self._settle(pool, [inst.pid])
+        pool.stopped.append(inst.pid)
+        self._settle(pool)
 
     # -- memory ------------------------------------------------------------------------------
     def _charge(self, pool: _Pool, make_room: bool = True) -> bool:
@@ -443,12 +475,14 @@ class LocalPlatform(Platform):
                 self._stop(pool, inst)
                 self.log.event("budget_eviction", pool.spec.id, inst.name, now - inst.last_used)
 
-    def _settle(self, pool: _Pool, pids: list[int]) -> None:
+    def _settle(self, pool: _Pool) -> None:
         """(Caller holds the lock.) A pool left without instances stops counting: at once without a budget; with
-        one, once the dropper has dropped its pages (after `pids` exited: mapped pages cannot be dropped)."""
+        one, once the dropper has dropped its pages, after every instance it stopped has exited (pages a live
+        process maps cannot be dropped)."""
         if not pool.charged or pool.instances or pool.starting:
             return
         pool.charged = False
+        pids, pool.stopped = pool.stopped, []
         if self._budget is None:
             self._resident -= pool.spec.nbytes
             return
@@ -459,18 +493,20 @@ class LocalPlatform(Platform):
         """Drop stopped functions' byte ranges from the page cache, so that their memory really goes back."""
         while (item := self._drops.get()) is not None:
             pids, ranges, nbytes = item
-            deadline = time.monotonic() + EXIT_WAIT_S
-            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-                time.sleep(0.001)
-            for file, offset, length in ranges:
-                try:  # whole 2 MiB folios: a folio straddling the range's edge would keep its pages otherwise
-                    evict(file, offset, length, align=FOLIO_MAX)
-                except OSError:
-                    pass
-            with self._lock:
-                self._dropping -= nbytes
-                self._resident -= nbytes
-                self._lock.notify_all()
+            try:
+                deadline = time.monotonic() + EXIT_WAIT_S
+                while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                for file, offset, length in ranges:
+                    try:  # whole 2 MiB folios: a folio straddling the range's edge would keep its pages otherwise
+                        evict(file, offset, length, align=FOLIO_MAX)
+                    except OSError:
+                        pass
+            finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
+                with self._lock:
+                    self._dropping -= nbytes
+                    self._resident -= nbytes
+                    self._lock.notify_all()
 
     def memory(self) -> dict[str, int]:
         with self._lock:
