@@ -342,7 +342,8 @@ def bench(
         output_tokens=_range(output_tokens, "--output-tokens") if output_tokens else None, seed=seed,
         experts_per_function=experts_per_function, keep_alive_s=keep_alive, keep_alive_sweep=keep_alive_sweep,
         keep_alive_ks=tuple(keep_alive_k), sweeps=not no_sweep, sweep=sweep, sweep_strategies=tuple(sweep_strategy),
-        strategies=tuple(strategy), platform=platform, memory_budget=memory_budget,
+        strategies=tuple(strategy), platform=platform,
+        memory_budget=_bytes(memory_budget, "--memory-budget") if memory_budget else None,
         memory_limit=_bytes(memory_limit, "--memory-limit") if memory_limit else None,
         prefetch_layers=prefetch_layers)
     if not (cfg.model / "config.json").is_file():

@@ -154,16 +154,14 @@ def test_a_budget_is_refused_off_the_local_platform():
 def test_a_cold_start_reads_its_own_bytes_and_no_more(wide):
     """Mapping a function from an evicted cache reads its byte ranges (announced with WILLNEED), not its
     neighbours' (page faults read around themselves), and a lazily mapped embedding row reads no further."""
-    from faasmoe.metering.pagecache import FOLIO_MAX, evict
+    from faasmoe.metering.pagecache import evict_ranges
     from faasmoe.models.weights import map_tensors
 
     ckpt = Checkpoint(wide)
     spec = Deployment.plan(ckpt, 1).specs[9]
     ranges = _expert_ranges(wide)
-    for f, off, n in ranges:
-        evict(f, off, n, align=FOLIO_MAX)
     embed = ckpt.tensors["model.embed_tokens.weight"]
-    evict(embed.file, embed.offset, embed.nbytes, align=FOLIO_MAX)
+    evict_ranges([*ranges, (embed.file, embed.offset, embed.nbytes)])
     evicted = _resident(ranges)  # at most the pages at the layers' edges, which live mappings may share
     assert evicted <= 8 * PAGE
     weights = map_tensors(spec.tensors, torch.float32)
@@ -178,14 +176,13 @@ def test_a_cold_start_reads_its_own_bytes_and_no_more(wide):
 def test_the_paged_monolithic_model_maps_its_experts_and_answers_the_same(wide):
     """`--monolithic-weights mapped`: experts mapped, not read at load (the kernel pages them), same logits."""
     from faasmoe.engines.monolithic import MonolithicEngine
-    from faasmoe.metering.pagecache import FOLIO_MAX, evict
+    from faasmoe.metering.pagecache import evict_ranges
 
     ids = [785, 6722, 315, 9625, 374]
     with MonolithicEngine(wide) as copied:
         expected = copied.logits(ids)
     ranges = _expert_ranges(wide)
-    for f, off, n in ranges:
-        evict(f, off, n, align=FOLIO_MAX)
+    evict_ranges(ranges)
     with MonolithicEngine(wide, paged=True) as paged:
         assert _resident(ranges) <= 8 * PAGE  # nothing read at load
         assert torch.equal(paged.logits(ids), expected)

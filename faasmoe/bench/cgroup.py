@@ -20,15 +20,16 @@ _seq = itertools.count()
 
 def _own_memory_cgroup() -> tuple[Path, int]:
     """(directory of this process's memory cgroup, cgroup version)."""
+    unified = None
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         hier, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
+        if "memory" in controllers.split(","):  # v1: a memory hierarchy of its own, preferred where present
             return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), 1
         if hier == "0" and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
-            v2 = Path("/sys/fs/cgroup") / path.lstrip("/")
-    if "v2" in locals():
-        return v2, 2
-    raise OSError("no memory cgroup found for this process")
+            unified = Path("/sys/fs/cgroup") / path.lstrip("/")
+    if unified is None:
+        raise OSError("no memory cgroup found for this process")
+    return unified, 2
 
 
 class MemoryCgroup:

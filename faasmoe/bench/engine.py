@@ -100,13 +100,12 @@ def _resident(ranges) -> int:
 
 def _set_cache(spec, cold: bool) -> int:
     """Evict the function's weight bytes (cold) or read them in (warm); returns how many are resident after."""
-    from faasmoe.metering.pagecache import FOLIO_MAX, evict
+    from faasmoe.metering.pagecache import evict_ranges
     from faasmoe.models.weights import read_bytes
 
     ranges = _ranges(spec)
     if cold:  # whole 2 MiB blocks around each tensor: a large folio that straddles a tensor's edge goes too
-        for f, off, n in ranges:
-            evict(f, off, n, align=FOLIO_MAX)
+        evict_ranges(ranges)
     elif _resident(ranges) < spec.nbytes:
         read_bytes(spec.tensors)
     return _resident(ranges)

@@ -81,7 +81,7 @@ class BenchConfig:
     max_batch: int = 16
     meter_interval_s: float = 1.0  # reading a 2 GB process's smaps costs ~17 ms: sample sparingly
     startup_timeout_s: float = 600.0
-    memory_budget: str | None = None  # faasmoe's servers: the function pool's expert memory budget
+    memory_budget: int | None = None  # bytes: faasmoe's servers' expert memory budget
     memory_limit: int | None = None  # bytes: every run's processes in a memory cgroup with this hard limit
     prefetch_layers: int = 0  # faasmoe's servers: warm the functions predicted this many layers ahead
 
@@ -93,7 +93,7 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                 seed: int = 0, experts_per_function: int | None = None, keep_alive_s: float | None = None,
                 keep_alive_sweep: list[float] | None = None, keep_alive_ks: tuple[int, ...] = (1, 4),
                 sweeps: bool = True, sweep: list[int] | None = None, sweep_strategies: tuple[str, ...] = (),
-                strategies: tuple[str, ...] = (), platform: str = "local", memory_budget: str | None = None,
+                strategies: tuple[str, ...] = (), platform: str = "local", memory_budget: int | None = None,
                 memory_limit: int | None = None, prefetch_layers: int = 0) -> BenchConfig:
     """A bench from what the user gave (None or empty: the default of a full or a --quick bench)."""
     d = DEFAULTS[quick]
@@ -193,7 +193,7 @@ def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workd
         lines.append(f"threads = {threads}")
     if mode != "monolithic":
         if cfg.memory_budget:
-            lines.append(f'memory_budget = "{cfg.memory_budget}"')
+            lines.append(f"memory_budget = {cfg.memory_budget}")
         if cfg.prefetch_layers:
             lines.append(f"prefetch_layers = {cfg.prefetch_layers}")
     lines += extra
@@ -342,12 +342,12 @@ def run_strategy(cfg: BenchConfig, run: RunSpec, arrivals: list[Arrival], bar: t
         if group is not None:  # before they load anything: every page they touch is charged to the group
             for s in servers:
                 group.add(s.proc.pid)
-            try:
-                _wait_healthy(servers, cfg.startup_timeout_s)
-            except RuntimeError as e:  # under the limit a server may not even load: that is a result
-                return _failed_run(run, str(e), group)
-        else:
+        try:
             _wait_healthy(servers, cfg.startup_timeout_s)
+        except RuntimeError as e:  # under a memory limit a server may not even load: that is a result
+            if group is None:
+                raise
+            return _failed_run(run, str(e), group)
         roots = [(psutil.Process(s.proc.pid), s) for s in servers]
 
         def processes() -> dict[int, Label]:

@@ -46,7 +46,7 @@ class ExpertFunction:
         gate, up, down = spec.tensors[0::3], spec.tensors[1::3], spec.tensors[2::3]
         w = map_stacked({f"{e}.gate_up": [g, u] for e, g, u in zip(spec.experts, gate, up)} |
                         {f"{e}.down": [d] for e, d in zip(spec.experts, down)}, self.dtype, concatenate=False,
-                        lazy=paged)
+                        paged=paged)
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
         # expert id -> position in this block, -1 for experts of other blocks

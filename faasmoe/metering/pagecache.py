@@ -113,12 +113,23 @@ def evict(path: Path | str, offset: int = 0, length: int = 0, align: int = PAGE)
     sure a small range inside a large folio goes too (with the rest of that folio). Pages mapped by a live
     process are not dropped, nor dirty ones: the file is synced first. Check with `resident_range`.
     """
-    start = offset - offset % align
-    if length:
-        length = -(-(offset + length - start) // align) * align
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_ranges([(path, offset, length)], align)
+
+
+def evict_ranges(ranges: Iterable[tuple[Path | str, int, int]], align: int = FOLIO_MAX) -> None:
+    """`evict` each (path, offset, length), opening and syncing each file once; by default whole 2 MiB folios
+    around each range (tensors' bytes: a folio straddling a tensor's edge would keep its pages otherwise)."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for path, offset, length in ranges:
+        by_file.setdefault(str(path), []).append((offset, length))
+    for path, spans in by_file.items():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            for offset, length in spans:
+                start = offset - offset % align
+                if length:
+                    length = -(-(offset + length - start) // align) * align
+                os.posix_fadvise(fd, start, length, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

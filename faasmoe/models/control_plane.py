@@ -58,9 +58,6 @@ class Layer:
 
 
 class ControlPlane:
-    # Renormalise the top-k routing weights to sum to 1 (a family reads it from its config or always does).
-    norm_topk: bool = False
-
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
                  own_copy: bool = False, prefetch_layers: int = 0):
         """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
@@ -90,7 +87,7 @@ class ControlPlane:
         self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in parts(t))
         self.h, self.g, self.d = c.num_attention_heads, c.num_key_value_heads, fam.head_dim
         self.eps = c.rms_norm_eps
-        self.top_k = c.num_experts_per_tok
+        self.top_k, self.norm_topk = c.num_experts_per_tok, fam.norm_topk
         self.act = activation(c.hidden_act)
         self.embed = w["model.embed_tokens.weight"]  # [V, H]
         self.norm = w["model.norm.weight"]

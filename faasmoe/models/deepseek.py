@@ -44,6 +44,10 @@ class DeepseekV2(Family):
     def head_dim(self) -> int:
         return self.config.qk_rope_head_dim  # the rotary part: what the rotary embedding is computed for
 
+    @property
+    def norm_topk(self) -> bool:
+        return False  # transformers' V2 router never renormalises, whatever norm_topk_prob says
+
     def is_moe_layer(self, layer: int) -> bool:
         """Same rule as transformers' DeepseekV2DecoderLayer."""
         return layer >= self.config.first_k_dense_replace
@@ -87,6 +91,10 @@ class DeepseekV3(DeepseekV2):
     model_type = "deepseek_v3"
     architecture = "DeepseekV3ForCausalLM"
     config_class = "DeepseekV3Config"
+
+    @property
+    def norm_topk(self) -> bool:
+        return bool(self.config.norm_topk_prob)
 
     def moe_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
         return super().moe_shapes(layer) | {
@@ -153,7 +161,6 @@ class ControlPlane(control_plane.ControlPlane):
             self.scale *= mscale * mscale
         self.interleaved = self.family.model_type == "deepseek_v2" or bool(getattr(c, "rope_interleave", True))
         self.sigmoid_scores = self.family.model_type == "deepseek_v3"
-        self.norm_topk = bool(c.norm_topk_prob) and self.sigmoid_scores  # V2 in transformers never renormalises
         self.topk_method = getattr(c, "topk_method", "noaux_tc" if self.sigmoid_scores else "greedy")
         self.groups, self.topk_groups = c.n_group, c.topk_group
         self.scaling = c.routed_scaling_factor

@@ -35,6 +35,11 @@ class Family:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     @property
+    def norm_topk(self) -> bool:
+        """Whether the top-k routing weights are renormalised to sum to 1."""
+        return bool(getattr(self.config, "norm_topk_prob", False))
+
+    @property
     def qkv_bias(self) -> bool:
         return bool(getattr(self.config, "attention_bias", False))
 

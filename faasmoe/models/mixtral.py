@@ -26,9 +26,12 @@ class Mixtral(Family):
     def expert_width(self) -> int:
         return self.config.intermediate_size
 
+    @property
+    def norm_topk(self) -> bool:
+        return True  # softmax over the experts, then over the chosen ones
+
     def sliding_window(self, layer: int) -> int | None:
         return self.config.sliding_window
 
 
-class ControlPlane(control_plane.ControlPlane):
-    norm_topk = True
+ControlPlane = control_plane.ControlPlane  # nothing differs but the layout

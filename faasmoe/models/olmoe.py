@@ -30,7 +30,6 @@ class Olmoe(Family):
 class ControlPlane(control_plane.ControlPlane):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.norm_topk = bool(self.config.norm_topk_prob)
         self.clip = self.config.clip_qkv
 
     def qkv(self, attn: control_plane.Attention, x: torch.Tensor) -> torch.Tensor:

@@ -43,10 +43,6 @@ class Qwen2Moe(Family):
 
 
 class ControlPlane(control_plane.ControlPlane):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.norm_topk = bool(self.config.norm_topk_prob)
-
     def load_moe(self, layer: int, into: control_plane.Layer, w: dict[str, torch.Tensor]) -> None:
         into.shared_gate = w[f"model.layers.{layer}.mlp.shared_expert_gate.weight"]
 

@@ -13,6 +13,7 @@ from faasmoe.models import control_plane
 from faasmoe.models.family import Family
 from faasmoe.models.kernels import linear
 from faasmoe.models.layers import rms_norm
+from faasmoe.models.qwen2_moe import Qwen2Moe
 
 
 class Qwen3Moe(Family):
@@ -22,20 +23,13 @@ class Qwen3Moe(Family):
     qk_norm = "head"
     biased_o_proj = True
 
-    def is_moe_layer(self, layer: int) -> bool:
-        """Same rule as transformers' Qwen3MoeDecoderLayer."""
-        c = self.config
-        return layer not in c.mlp_only_layers and c.num_experts > 0 and (layer + 1) % c.decoder_sparse_step == 0
+    is_moe_layer = Qwen2Moe.is_moe_layer  # transformers' Qwen3MoeDecoderLayer has Qwen2-MoE's rule
 
     def sliding_window(self, layer: int) -> int | None:
         return self.config.sliding_window  # None unless use_sliding_window
 
 
 class ControlPlane(control_plane.ControlPlane):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.norm_topk = bool(self.config.norm_topk_prob)
-
     def qkv(self, attn: control_plane.Attention, x: torch.Tensor) -> torch.Tensor:
         h, g = self.h, self.g
         qkv = linear(x, attn.wqkv, attn.bqkv).view(x.shape[0], h + 2 * g, self.d)

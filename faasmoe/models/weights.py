@@ -60,14 +60,14 @@ def map_tensor(loc: TensorLocation, fd: int, populate: bool = True, read_around:
     return t.view(loc.shape)  # the tensor keeps `mm` alive
 
 
-def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
-                lazy: frozenset[str] | bool = frozenset()) -> dict[str, torch.Tensor]:
+def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype, lazy: frozenset[str] = frozenset(),
+                paged: bool = False) -> dict[str, torch.Tensor]:
     """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise.
 
     Tensors named in `lazy` are not populated: their pages are read when first touched, without read-around.
     That suits a table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's
     row 4 KiB); read-around would also read the bytes after the table (measured: most of the first expert's).
-    `lazy` True: every tensor is mapped that way, with the kernel's read-around (a monolithic model served
+    `paged`: every tensor is mapped unpopulated, with the kernel's read-around (a monolithic model served
     through mmap, whose pages the kernel reads and drops as memory allows).
     """
     out: dict[str, torch.Tensor] = {}
@@ -77,14 +77,11 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype,
         for loc in locations:
             if loc.file not in fds:
                 fds[loc.file] = os.open(loc.file, os.O_RDONLY)
-        every = lazy is True
-        lazy = frozenset() if isinstance(lazy, bool) else lazy
-        for loc in locations:  # every read submitted at once, for exactly these bytes: see the module's docstring
-            if not every and loc.name not in lazy:
-                os.posix_fadvise(fds[loc.file], loc.offset, loc.nbytes, os.POSIX_FADV_WILLNEED)
+        populated = [] if paged else [loc for loc in locations if loc.name not in lazy]
+        for loc in populated:  # every read submitted at once, for exactly these bytes: see the module's docstring
+            os.posix_fadvise(fds[loc.file], loc.offset, loc.nbytes, os.POSIX_FADV_WILLNEED)
         for loc in locations:
-            populate = not every and loc.name not in lazy
-            t = map_tensor(loc, fds[loc.file], populate=populate, read_around=every)
+            t = map_tensor(loc, fds[loc.file], populate=not paged and loc.name not in lazy, read_around=paged)
             out[loc.name] = t if t.dtype == dtype else t.to(dtype)
     finally:
         for fd in fds.values():
@@ -106,17 +103,17 @@ def stacked_rows(locations: list[TensorLocation], name: str) -> TensorLocation |
 
 
 def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype, concatenate: bool = True,
-                lazy: bool = False) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+                paged: bool = False) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
     """Name -> the tensors of each group concatenated along rows: mapped as one where they are adjacent in
     the file (no copy); where they are not, concatenated (a copy) or, with `concatenate` False, left apart as
-    a tuple (a Mixtral checkpoint stores w1, w2, w3: gate and up are never adjacent). `lazy`: as `map_tensors`'
-    lazy=True."""
+    a tuple (a Mixtral checkpoint stores w1, w2, w3: gate and up are never adjacent). `paged`: as in
+    `map_tensors`."""
     out: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
     adjacent = {name: stacked_rows(locs, name) for name, locs in groups.items()}
-    out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype, lazy))
+    out.update(map_tensors([loc for loc in adjacent.values() if loc is not None], dtype, paged=paged))
     apart = [name for name, loc in adjacent.items() if loc is None]
     if apart:
-        parts = map_tensors([loc for name in apart for loc in groups[name]], dtype, lazy)
+        parts = map_tensors([loc for name in apart for loc in groups[name]], dtype, paged=paged)
         for name in apart:
             tensors = tuple(parts[loc.name] for loc in groups[name])
             out[name] = torch.cat(tensors) if concatenate else tensors

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
-from faasmoe.metering.pagecache import FOLIO_MAX, evict
+from faasmoe.metering.pagecache import evict_ranges
 from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.local.transport import recv_frame, send_frame
 from faasmoe.platforms.local.zygote import Zygote, ZygoteError
@@ -118,7 +118,7 @@ class LocalPlatform(Platform):
         self._budget = self.config.memory_budget
         self._resident = 0  # weight bytes of functions with an instance, and of those whose pages are being dropped
         self._dropping = 0  # of which: stopped functions whose pages are being dropped
-        self._drops: queue.SimpleQueue = queue.SimpleQueue()  # (pids, byte ranges, bytes) for the dropper
+        self._drops: queue.SimpleQueue = queue.SimpleQueue()  # (pids to outlive, spec) for the dropper
         self._dropper: threading.Thread | None = None
 
     def shares_host_cores(self) -> bool:
@@ -146,13 +146,8 @@ class LocalPlatform(Platform):
         if self._budget is None:
             return
         with self._lock:
-            idle = [p for p in self._pools.values() if not p.charged]
-        for pool in idle:
-            for t in pool.spec.tensors:
-                try:
-                    evict(t.file, t.offset, t.nbytes, align=FOLIO_MAX)
-                except OSError:
-                    pass
+            idle = [p.spec for p in self._pools.values() if not p.charged]
+        _drop_from_page_cache(idle)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -265,15 +260,20 @@ class LocalPlatform(Platform):
             return reply
 
     def _lease_idle(self, call: _Call) -> bool:
-        """Give the call an idle instance of its function if there is one (the most recently used)."""
+        """Give the call an idle instance of its function if there is one."""
         with self._lock:
-            idle = [i for i in call.pool.instances if not i.busy]
-            if not idle or self._closed.is_set():
-                return False
-            call.inst = max(idle, key=lambda i: i.last_used)
-            call.inst.busy = True
-            call.cold = False
-            return True
+            return not self._closed.is_set() and self._take_idle(call)
+
+    def _take_idle(self, call: _Call) -> bool:
+        """(Caller holds the lock.) Lease the call its function's most recently used idle instance, if any, so that
+        the others go idle and scale to zero."""
+        idle = [i for i in call.pool.instances if not i.busy]
+        if not idle:
+            return False
+        call.inst = max(idle, key=lambda i: i.last_used)
+        call.inst.busy = True
+        call.cold = False
+        return True
 
     def _lease(self, call: _Call, wait: bool) -> None:
         """Give the call an idle instance, or fork one for it if the function may scale out; else wait or leave."""
@@ -282,11 +282,7 @@ class LocalPlatform(Platform):
             while True:
                 if self._closed.is_set():
                     raise InvocationError("platform is closed")
-                idle = [i for i in pool.instances if not i.busy]
-                if idle:  # the most recently used, so the others go idle and scale to zero
-                    call.inst = max(idle, key=lambda i: i.last_used)
-                    call.inst.busy = True
-                    call.cold = False
+                if self._take_idle(call):
                     return
                 live = len(pool.instances) + pool.starting
                 waited = time.monotonic() - call.queued_at
@@ -487,25 +483,21 @@ class LocalPlatform(Platform):
             self._resident -= pool.spec.nbytes
             return
         self._dropping += pool.spec.nbytes
-        self._drops.put((pids, [(t.file, t.offset, t.nbytes) for t in pool.spec.tensors], pool.spec.nbytes))
+        self._drops.put((pids, pool.spec))
 
     def _drop_pages(self) -> None:
         """Drop stopped functions' byte ranges from the page cache, so that their memory really goes back."""
         while (item := self._drops.get()) is not None:
-            pids, ranges, nbytes = item
+            pids, spec = item
             try:
                 deadline = time.monotonic() + EXIT_WAIT_S
                 while any(_alive(p) for p in pids) and time.monotonic() < deadline:
                     time.sleep(0.001)
-                for file, offset, length in ranges:
-                    try:  # whole 2 MiB folios: a folio straddling the range's edge would keep its pages otherwise
-                        evict(file, offset, length, align=FOLIO_MAX)
-                    except OSError:
-                        pass
+                _drop_from_page_cache([spec])
             finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
                 with self._lock:
-                    self._dropping -= nbytes
-                    self._resident -= nbytes
+                    self._dropping -= spec.nbytes
+                    self._resident -= spec.nbytes
                     self._lock.notify_all()
 
     def memory(self) -> dict[str, int]:
@@ -549,6 +541,14 @@ class LocalPlatform(Platform):
         if self._zygote and self._zygote.alive:
             out[self._zygote.pid] = Label("zygote")
         return out
+
+
+def _drop_from_page_cache(specs: Sequence[FunctionSpec]) -> None:
+    """Drop the functions' weight bytes from the page cache (advice: pages a live process maps stay)."""
+    try:
+        evict_ranges((t.file, t.offset, t.nbytes) for spec in specs for t in spec.tensors)
+    except OSError:  # a checkpoint file gone: nothing of it left to drop
+        pass
 
 
 def _alive(pid: int) -> bool:
