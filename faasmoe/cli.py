@@ -115,7 +115,7 @@ def init_model_cmd(
 MEMORY_BUDGET_OPTION = typer.Option(
     None, metavar="SIZE", show_default="none",
     help="Expert weight bytes the local platform may hold in memory, e.g. 14GiB: a cold start past it first "
-         "stops idle functions (those of the layers needed last in a decode step) and drops their pages from the "
+         "unloads idle functions (those of the layers needed last in a decode step) and drops their pages from the "
          "page cache.")
 
 # Where the expert functions run besides the embedded platform: the same flags for generate and serve.
@@ -151,7 +151,8 @@ def generate(
     keep_alive: float = typer.Option(_d("keep_alive_s"), metavar="SECONDS",
                                      help="How long an idle function instance stays warm."),
     max_instances: int = typer.Option(_d("max_instances"), metavar="N",
-                                      help="Instances per function under concurrent load."),
+                                      help="Instances per function under concurrent load (local platform: host "
+                                           "processes, each of which loads any function)."),
     invoke_timeout: float = typer.Option(_d("invoke_timeout_s"), metavar="SECONDS",
                                          help="A function call taking longer is abandoned and retried."),
     memory_budget: Optional[str] = MEMORY_BUDGET_OPTION,

@@ -1,8 +1,8 @@
 """Process titles: every long-lived faasmoe process says what it is in `ps` and `top`.
 
-Without them every function instance shows as `python -m faasmoe.platforms.local.zygote` and an
+Without them every function host shows as `python -m faasmoe.platforms.local.zygote` and an
 operator cannot tell a server from a zygote or a tenant's orchestrator. Titles all start
-with `faasmoe ` followed by the role (`serve :8000`, `zygote`, `function <model> L<layer>/B<block>`,
+with `faasmoe ` followed by the role (`serve :8000`, `zygote`, `function host <name>`,
 `orchestrator <tenant>`, `bench <strategy>`); `role_of` reads them back, for the bench's
 metering and for tests.
 """
@@ -21,11 +21,6 @@ def set_title(*parts: object) -> None:
     except ImportError:  # a title is a courtesy: never fail a process over it
         return
     setproctitle.setproctitle(" ".join([PREFIX, *(str(p) for p in parts)]))
-
-
-def function_title(spec_json: dict) -> tuple[str, ...]:
-    """The title parts of a function instance: `function <model> L<layer>/B<block>`."""
-    return "function", str(spec_json["model"]), f"L{spec_json['layer']}/B{spec_json['block']}"
 
 
 def title_of(proc: psutil.Process) -> str:

@@ -132,18 +132,19 @@ def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():
         assert not _finite(t) and not _finite(t.to(torch.bfloat16)) and not _finite(t.half())
 
 
-def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_path):
+def test_an_absurd_length_prefix_is_refused_and_the_host_survives(tiny, tmp_path):
     import os
     import signal
     import time
 
+    from faasmoe.platforms.local import protocol
     from faasmoe.platforms.local.zygote import Zygote
 
     spec = Deployment.plan(Checkpoint(tiny), 2, "float32").specs[0]
     path = str(tmp_path / "fn.sock")
     zygote = Zygote.shared()
     zygote.wait_ready()
-    pid = zygote.fork(spec.to_json(), path, 1)  # an instance process, talked to directly
+    pid = zygote.fork(path, 1)  # a host process, talked to directly
 
     def connect() -> socket.socket:
         deadline = time.time() + 30
@@ -163,11 +164,13 @@ def test_an_absurd_length_prefix_is_refused_and_the_instance_survives(tiny, tmp_
         reply = recv_frame(s)
         assert answer_kind(reply) == wire.ERROR and "exceeds" in wire.error_message(reply)
         s.close()
-        s = connect()  # the instance is still there and still serves
+        s = connect()  # the host is still there and still serves
         send_frame(s, os.urandom(100))
         assert answer_kind(recv_frame(s)) == wire.ERROR
-        send_frame(s, valid_frame(ExpertFunction(spec)))
-        assert answer_kind(recv_frame(s)) == wire.RESULT
+        send_frame(s, protocol.encode_request(protocol.Request([], [spec.to_json()], [
+            (spec.id, valid_frame(ExpertFunction(spec))), (spec.id, os.urandom(100))])))
+        rep = protocol.decode_reply(recv_frame(s))
+        assert [answer_kind(r) for r in rep.results] == [wire.RESULT, wire.ERROR]
         s.close()
     finally:
         os.kill(pid, signal.SIGKILL)

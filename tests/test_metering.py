@@ -307,19 +307,17 @@ def test_note_exit_reads_the_final_counter_and_the_start_time():
         p.wait()
 
 
-def test_the_local_platform_notes_an_instance_exit_right_before_it_kills_it():
-    from faasmoe.platforms.local.platform import LocalPlatform, _Instance, _Pool
+def test_the_local_platform_notes_a_host_exit_right_before_it_kills_it():
+    from faasmoe.platforms.local.platform import LocalPlatform, _Host
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    platform = LocalPlatform()  # not started: no zygote needed to stop an instance
+    platform = LocalPlatform()  # not started: no zygote needed to stop a host
     try:
-        spec = type("Spec", (), {"id": "f"})()
-        pool = _Pool(spec, 0)
-        inst = _Instance("f.0", child.pid, os.path.join(platform._dir, "f.0.sock"))
-        pool.instances.append(inst)
+        host = _Host("host0", child.pid, os.path.join(platform._dir, "host0.sock"))
+        platform._hosts.append(host)
         start_id = meter_module._proc_stat(child.pid)[1]
         t0 = time.monotonic()
-        platform._stop(pool, inst)
+        platform._stop_host(host)
         note = meter_module._exit_of(child.pid)
         assert note is not None and note.start_id == start_id and note.at >= t0
         assert child.wait(10) == -9  # then killed

@@ -130,7 +130,7 @@ def test_call_fails_clearly_when_every_attempt_dies(specs):
         with pytest.raises(InvocationError, match=s.id):
             p.invoke(s.id, frame)
         st = p.log.stats[s.id]
-        assert (st.timeouts, st.retries, st.cold_starts) == (2, 1, 2)
+        assert (st.timeouts, st.retries, st.cold_starts) == (2, 1, 0)  # no load was ever confirmed
 
 
 def _concurrent_calls(p: LocalPlatform, s, threads: int = 6, calls: int = 5) -> None:
@@ -241,13 +241,16 @@ def test_malformed_payload_gets_an_error_reply_and_the_instance_survives(specs):
         assert torch.equal(wire.decode_result(p.invoke(s.id, frame), torch.float32, 3, 64), expected(s, inv))
 
 
-def test_instance_refuses_a_length_over_its_frame_limit_before_reading_it(specs, tmp_path):
-    """A legal (< 1 GiB) length prefix beyond what the function can get is refused at once, and the instance lives."""
+def test_host_refuses_frames_over_their_limits_and_lives(specs, tmp_path):
+    """A call frame over its function's limit gets an error frame without reaching the function; a length prefix
+    over any frame's limit is refused before its body is read; the host serves on (new connection)."""
+    from faasmoe.platforms.local import protocol
+
     s = specs[0]
-    path = str(tmp_path / "fn.sock")
+    path = str(tmp_path / "host.sock")
     zygote = Zygote.shared()
     zygote.wait_ready()
-    pid = zygote.fork(s.to_json(), path, 1)  # an instance process, talked to directly
+    pid = zygote.fork(path, 1)  # a host process, talked to directly
 
     def connect():
         sock = socket.socket(socket.AF_UNIX)
@@ -263,19 +266,27 @@ def test_instance_refuses_a_length_over_its_frame_limit_before_reading_it(specs,
         assert wire.decode_header(recv_frame(sock)).kind == wire.READY
         return sock
 
+    def ask(sock, req):
+        send_frame(sock, protocol.encode_request(req))
+        return protocol.decode_reply(recv_frame(sock))
+
     try:
-        limit = max_frame_bytes(s)
-        assert limit < wire.MAX_FRAME_BYTES
+        frame, inv = frame_for(s)
         sock = connect()
-        sock.sendall(struct.pack("<I", limit + 1))  # and no body: an instance that waits for it never answers
+        rep = ask(sock, protocol.Request([], [s.to_json()], [(s.id, frame + b"\0" * max_frame_bytes(s))]))
+        assert rep.loads[0][1] == "" and "exceeds" in wire.error_message(rep.results[0])
+        send_frame(sock, b"garbage")  # a malformed request: an error frame, and the connection goes on
+        assert wire.decode_header(recv_frame(sock)).kind == wire.ERROR
+        assert torch.equal(wire.decode_result(ask(sock, protocol.Request([], [], [(s.id, frame)])).results[0],
+                                              torch.float32, 3, 64), expected(s, inv))
+        sock.sendall(struct.pack("<I", wire.MAX_FRAME_BYTES + 1))  # and no body
         reply = recv_frame(sock)
         assert wire.decode_header(reply).kind == wire.ERROR and "exceeds" in wire.error_message(reply)
-        assert recv_frame(sock) is None  # that connection is closed; the instance serves the next one
+        assert recv_frame(sock) is None  # that connection is closed; the host serves the next one
         sock.close()
         sock = connect()
-        frame, inv = frame_for(s)
-        send_frame(sock, frame)
-        assert torch.equal(wire.decode_result(recv_frame(sock), torch.float32, 3, 64), expected(s, inv))
+        rep = ask(sock, protocol.Request([(s.id, False)], [], [(s.id, frame)]))  # unloaded first: not there
+        assert "not loaded" in wire.error_message(rep.results[0])
         sock.close()
     finally:
         os.kill(pid, signal.SIGKILL)
@@ -292,14 +303,21 @@ def test_platform_answers_a_frame_over_the_limit_itself(specs, monkeypatch):
         assert p.instances() == [] and p.log.stats[s.id].cold_starts == 0  # no instance was bothered
 
 
-def test_close_stops_every_instance(specs):
-    p = platform()
+def test_one_host_serves_a_batch_and_close_stops_every_host(specs):
+    p = platform(max_instances=2)
     for s in specs[:4]:
         p.deploy(s)
-    p.invoke_many([(s.id, frame_for(s)[0]) for s in specs[:4]])
-    pids = [i.pid for i in p.instances()]
+    calls = [(s.id, frame_for(s)[0]) for s in specs[:4]]
+    p.invoke_many(calls)
+    assert len({i.pid for i in p.instances()}) == 1 and len(p.instances()) == 4  # four functions, one process
+    done = threading.Barrier(3)
+    threads = [threading.Thread(target=lambda: (p.invoke_many(calls), done.wait())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    done.wait(timeout=60)
+    pids = p.hosts()
     roles = sorted(label.role for label in p.processes().values())
-    assert len(pids) == 4 and roles == ["function"] * 4 + ["zygote"]
+    assert 1 <= len(pids) <= 2 and roles == ["function"] * len(pids) + ["zygote"]
     p.close()
     assert all(_gone(x) for x in pids)
 

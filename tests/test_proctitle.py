@@ -7,7 +7,7 @@ import psutil
 from faasmoe.proctitle import role_of, title_of
 
 
-def test_a_function_instance_and_its_zygote_are_named(tiny):
+def test_a_function_host_and_its_zygote_are_named(tiny):
     from faasmoe.control.deployment import Deployment, prewarm_calls
     from faasmoe.models.checkpoint import Checkpoint
     from faasmoe.platforms import PlatformConfig
@@ -21,7 +21,7 @@ def test_a_function_instance_and_its_zygote_are_named(tiny):
         p.deploy(spec)
         p.invoke_many(prewarm_calls([spec]))
         inst = psutil.Process(p.instances()[0].pid)
-        assert title_of(inst) == f"faasmoe function {spec.model} L{spec.layer}/B{spec.block}"
+        assert title_of(inst) == "faasmoe function host host0"
         assert inst.name().startswith("faasmoe")  # what top shows (the kernel keeps 15 characters)
         assert open(f"/proc/{inst.pid}/cmdline", "rb").read().startswith(b"faasmoe function ")
         assert role_of(inst) == ("function", None)

@@ -9,7 +9,7 @@
 * faasmoe-shared: `faasmoe serve --mode shared`, one control plane batching every tenant;
 * local-distribution: the experts spread over always-on local worker processes (the reference's
   "Local Distribution": expert blocks off the tenant's process, but provisioned, not serverless):
-  private mode with every function started up front, one instance each, never scaled to zero.
+  private mode with every function loaded up front (in the platform's host processes), never scaled to zero.
 * llama-cpp (opt-in, `--strategy llama-cpp`): one llama.cpp `llama-server` for every tenant, one slot
   per tenant with continuous batching, on the same checkpoint converted to GGUF in the same dtype:
   the CPU engine users deploy (built by scripts/build-llama-cpp.sh, see faasmoe.bench.llamacpp).

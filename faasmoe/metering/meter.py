@@ -205,6 +205,7 @@ class Meter:
         self._procs: dict[int, tuple[object, psutil.Process]] = {}
         self._page_cache = (0, float("-inf"))  # latest reading, when the next one is due
         self._lock = threading.Lock()
+        self._sampling = threading.Lock()  # one sample at a time: the meter's thread, or a reader wanting one now
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="faasmoe-meter", daemon=True)
 
@@ -315,6 +316,11 @@ class Meter:
         rec.ended = max(end, rec.last_seen)
 
     def sample(self) -> Sample:
+        """Read every process now (the meter's thread does every `interval`; a reader may too, to be current)."""
+        with self._sampling:
+            return self._sample()
+
+    def _sample(self) -> Sample:
         now = self.clock()
         labels = self.source()
         page_cache = self._read_page_cache(now)

@@ -31,26 +31,29 @@ class PlatformConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     keep_alive_s: float = Field(30.0, ge=0, description="idle seconds before an instance is scaled to zero")
-    max_instances: int = Field(4, ge=1, description="instances per function under concurrent load")
+    max_instances: int = Field(4, ge=1, description="instances per function under concurrent load (local "
+                                                   "platform: host processes, each of which loads any function)")
     scale_out_after_s: float = Field(
-        0.25, ge=0, description="how long a call waits for a busy instance before another one is started: a warm "
-                                "call takes milliseconds, a cold start hundreds, so forking at once under a "
-                                "burst starts instances that only slow the machine down")
+        0.25, ge=0, description="how long a call waits for a busy instance (local: host) before another one is "
+                                "started: a warm call takes milliseconds, a cold start far more, so starting one at "
+                                "once under a burst only slows the machine down")
     invoke_timeout_s: float = Field(60.0, gt=0, description="seconds before a call to an instance is abandoned")
     cold_start_timeout_s: float = Field(120.0, gt=0, description="seconds an instance may take to become ready")
     max_retries: int = Field(2, ge=0, description="retries of a call whose instance died or timed out")
-    threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance")
+    threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance (local: "
+                                                           "host process)")
     eviction: Literal["next-use", "lru"] = Field(
         "next-use", description="which idle function the memory budget stops first: next-use, the one whose layer "
                                 "comes last in the model's layer cycle after the layer that needs room (decoding "
                                 "sweeps the layers in order, so that function waits longest; least recently used "
                                 "among equals), or lru, least recently used (which, when a step needs more than "
-                                "the budget holds, stops exactly the functions the next step needs first)")
+                                "the budget holds, unloads exactly the functions the next step needs first)")
     memory_budget: ByteSize | None = Field(
         None, gt=0, description="expert weight bytes the function pool may hold in memory (local platform): a cold "
-                                "start that would pass it first stops idle functions (in the order of `eviction`) "
-                                "and drops their pages from the page cache; with every resident function busy it "
-                                "waits. A number of bytes or a size such as 14GiB; none: no budget")
+                                "start that would pass it first unloads idle functions (in the order of "
+                                "`eviction`) and drops their pages from the page cache; with every resident "
+                                "function busy it waits. A number of bytes or a size such as 14GiB; none: no "
+                                "budget")
 
 
 class InvocationError(RuntimeError):

@@ -33,7 +33,10 @@ class ServerState:
         self.ledger.update(self.meter, {t.name: t.usage.total_tokens for t in self.tenants})
 
     def bill(self, tenant: Tenant) -> dict[str, float]:
-        """The tenant's bill up to now (shared costs split interval by interval)."""
+        """The tenant's bill up to now (shared costs split interval by interval). The processes are read first:
+        tokens served since the last sample would otherwise close an interval whose cost is not yet seen, and
+        that cost would go to whoever is served next."""
+        self.meter.sample()
         self.close_billing_interval()
         return self.ledger.bill(self.meter, tenant.name)
 

@@ -1,32 +1,34 @@
-"""The embedded FaaS platform (`local`, the default): instances are real processes on this machine.
+"""The embedded FaaS platform (`local`, the default): functions run in host processes on this machine.
 
-Instances are forked by a zygote (shared by the platforms of this process) that has
-already imported torch, serve one Unix
-socket each and take one call at a time. An instance idle for `keep_alive_s` is
-stopped (scale to zero: its process exits and its memory goes back to the OS); the
-next call cold-starts a new one. When every instance of a function is busy, a new
-one starts, up to `max_instances`, but only for a call that has waited `scale_out_after_s`
-for a busy one (a function with no instance starts one at once); past that, calls wait
-their turn. A call whose
-instance dies or times out is retried on another instance. A frame larger than its
-function may legally get (`spec.max_frame_bytes`) is answered with an error frame here,
-without bothering an instance that would refuse it anyway.
+A function instance is a function loaded in a host: a long-lived process, forked by a zygote
+that has already imported torch, that maps any number of functions' weights and answers
+their calls (see `host`). Functions are stateless, so sharing a process costs them nothing,
+and it removes what a process per function cost: a fork in every cold start, ~6-10 MB of
+process overhead per function (at k = 1 on the full-size model, about as much memory again as
+the weights), and one round trip per function and layer.
 
-Memory: a function's instances map its weights shared from the page cache, so a
-function costs its weight bytes once however many instances it has. The platform
-counts them (`memory`). With a `memory_budget`, a cold start that would pass it first
-stops idle functions (by default those of the layers that come last in the layer cycle
-after the one that needs room: a decode step sweeps the layers in order, so they wait
-longest; `eviction="lru"`: least recently used) and drops their byte ranges from the
-page cache once their processes are gone (the pages then really return to the OS); a
-function stopped for its keep-alive is dropped the same way. With every resident
-function busy a call waits, except that one function may start while the pool is below
-the budget (it can end above the budget by less than that function's size).
+Every batch of calls (one MoE layer of one control plane) leases one idle host and sends it one
+request: functions to unmap, functions to map (their cold starts), then the calls. A host
+serves one request at a time; concurrent batches (several control planes, private mode) take
+other hosts: when none is idle, one more is forked, up to `max_instances`, but only for a
+batch that has waited `scale_out_after_s` (the first host starts at once). A batch prefers
+the idle host that already holds most of its functions. A function idle for `keep_alive_s`
+is unmapped (scale to zero: its pages stop counting) and a host left holding nothing exits.
+A request whose host dies or times out is retried on another host.
 
-The hot path is plain blocking sockets on the caller's thread: `submit` writes every
-frame of a MoE layer to its instance and returns; `gather` reads the replies. The
-instances compute in parallel meanwhile, and no event loop or thread hop sits in
-between (measured here: a loop-based version spent 0.5 ms per call in overhead).
+Memory: hosts map weights shared from the page cache, so a function costs its weight bytes
+once however many hosts map it; the platform counts them (`memory`). With a `memory_budget`,
+a cold start that would pass it first unmaps idle functions (by default those of the layers
+that come last in the layer cycle after the one that needs room: a decode step sweeps the
+layers in order, so they wait longest; `eviction="lru"`: least recently used); the host that
+unmaps a function no other host maps also drops its byte ranges from the page cache, in the
+same request before it maps anything new, so what is resident is what is counted. With every
+resident function in use a call waits, except that one function may start while the pool is
+below the budget (it can end above the budget by less than that function's size).
+
+The hot path is plain blocking sockets on the caller's thread: `submit` writes the layer's
+request and returns; `gather` reads the reply. The host computes meanwhile, and no event loop
+or thread hop sits in between.
 """
 
 from __future__ import annotations
@@ -48,11 +50,12 @@ from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
 from faasmoe.metering.pagecache import evict_ranges
 from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.platforms.local import protocol
 from faasmoe.platforms.local.transport import recv_frame, send_frame
 from faasmoe.platforms.local.zygote import Zygote, ZygoteError
 
-CONNECT_POLL_S = 0.0005  # a starting instance's socket appears within milliseconds: poll finely
-EXIT_WAIT_S = 5.0  # how long dropping a function's pages waits for its SIGKILLed instances to exit
+CONNECT_POLL_S = 0.0005  # a starting host's socket appears within milliseconds: poll finely
+EXIT_WAIT_S = 5.0  # how long dropping a dead host's pages waits for it to exit
 
 
 class InstanceStartError(InvocationError):
@@ -60,31 +63,33 @@ class InstanceStartError(InvocationError):
 
 
 @dataclass(eq=False)
-class _Instance:
+class _Host:
     name: str
     pid: int
     path: str
     sock: socket.socket | None = None
-    load_s: float = 0.0
     spawned_at: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
-    busy: bool = True  # an instance is created for the call that needed it
-    used: bool = False
+    busy: bool = True  # a host is forked for the request that needed it
+    loaded: dict[str, float] = field(default_factory=dict)  # function id -> its last call here (monotonic)
+    unload: set[str] = field(default_factory=set)  # functions to unmap with its next request
 
 
 @dataclass(eq=False)
 class _Pool:
+    """A deployed function and where it is loaded."""
+
     spec: FunctionSpec
-    max_frame: int  # the largest invocation its instances accept
-    instances: list[_Instance] = field(default_factory=list)  # ready ones
-    starting: int = 0
+    max_frame: int  # the largest invocation it accepts
+    hosts: set[_Host] = field(default_factory=set)  # hosts that map it, or are mapping it now
+    users: int = 0  # calls in flight on it, and prefetches
     charged: bool = False  # its weight bytes are counted as resident
-    stopped: list[int] = field(default_factory=list)  # pids of its instances stopped since it was charged
+    leaving: bool = False  # being unloaded from every host that maps it: its bytes count as going
 
     def idle(self) -> bool:
-        """Has instances, none of them busy or starting: stopping it disturbs no call."""
-        return bool(self.instances) and not self.starting and not any(i.busy for i in self.instances)
+        """Loaded, and no call uses it: unloading it disturbs nobody."""
+        return bool(self.hosts) and not self.users and not self.leaving
 
 
 @dataclass(eq=False)
@@ -92,34 +97,52 @@ class _Call:
     function: str
     frame: bytes
     pool: _Pool
-    inst: _Instance | None = None
-    cold: bool = False  # `inst` was forked for this call and is not ready yet
-    sent_at: float = 0.0
+    reply: bytes | memoryview | None = None  # the answer (or the error frame answering a frame too large)
     errors: list[str] = field(default_factory=list)
-    refused: bytes | None = None  # the error frame answering a frame no instance would accept
-    queued_at: float = field(default_factory=time.monotonic)  # when it first asked for an instance
+    queued_at: float = field(default_factory=time.monotonic)  # when it first asked for a host
+
+
+@dataclass(eq=False)
+class _Request:
+    host: _Host
+    calls: list[_Call]
+    loads: list[_Pool]  # functions the host maps for these calls (their cold starts)
+    unloads: list[tuple[_Pool, bool]]  # (function, drop its pages) the host unmaps first
+    cold: bool  # the host was forked for it and is not ready yet
+    prefetch: bool = False  # loads only, ahead of any call
+    sent_at: float = 0.0
+
+    def __post_init__(self):
+        self.spawned = self.cold  # its loads' cold starts include the host's own start
+
+
+@dataclass(eq=False)
+class _Batch:
+    calls: list[_Call]
+    requests: list[_Request] = field(default_factory=list)  # in flight
 
 
 class LocalPlatform(Platform):
     name = "local"
 
     def __init__(self, config: PlatformConfig | None = None, test_hooks: dict | None = None):
-        """`test_hooks` is for tests only: passed to every instance (see `worker`), e.g. {"hang_on_frame": 1}."""
+        """`test_hooks` is for tests only: {"hang_on_frame": n} makes every host hang on its n-th request."""
         super().__init__(config or PlatformConfig())
-        self._test_hooks = dict(test_hooks or {})
+        self._hang_on = int(dict(test_hooks or {}).get("hang_on_frame", 0))
         self._pools: dict[str, _Pool] = {}
-        self._lock = threading.Condition()  # guards pools and instances; notified when one frees up
+        self._hosts: list[_Host] = []  # ready or starting
+        self._lock = threading.Condition()  # guards pools and hosts; notified when a host frees up
         self._zygote: Zygote | None = None
         self._dir = tempfile.mkdtemp(prefix="faasmoe-")
         self._seq = itertools.count()
         self._closed = threading.Event()
         self._reaper: threading.Thread | None = None
-        self._warmer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="faasmoe-warm")  # `warm`'s cold starts
+        self._janitor: threading.Thread | None = None
+        self._warmer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faasmoe-warm")  # `warm`'s loads
         self._budget = self.config.memory_budget
-        self._resident = 0  # weight bytes of functions with an instance, and of those whose pages are being dropped
-        self._dropping = 0  # of which: stopped functions whose pages are being dropped
-        self._drops: queue.SimpleQueue = queue.SimpleQueue()  # (pids to outlive, spec) for the dropper
-        self._dropper: threading.Thread | None = None
+        self._resident = 0  # weight bytes of loaded functions, and of those whose pages are being dropped
+        self._dropping = 0  # of which: functions being unloaded everywhere, or dropped after their host died
+        self._drops: queue.SimpleQueue = queue.SimpleQueue()  # (pid to outlive, spec) after a host died
 
     def shares_host_cores(self) -> bool:
         return True
@@ -130,9 +153,8 @@ class LocalPlatform(Platform):
         self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
         self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
         self._reaper.start()
-        if self._budget is not None:
-            self._dropper = threading.Thread(target=self._drop_pages, name="faasmoe-dropper", daemon=True)
-            self._dropper.start()
+        self._janitor = threading.Thread(target=self._clean, name="faasmoe-janitor", daemon=True)
+        self._janitor.start()
 
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
@@ -154,16 +176,14 @@ class LocalPlatform(Platform):
             return
         self._closed.set()
         with self._lock:
-            for pool in self._pools.values():
-                for inst in list(pool.instances):
-                    self._stop(pool, inst)
+            for host in list(self._hosts):
+                self._stop_host(host)
             self._lock.notify_all()
         self._warmer.shutdown(wait=False, cancel_futures=True)
-        if self._reaper:
-            self._reaper.join(timeout=2)
-        if self._dropper:
-            self._drops.put(None)
-            self._dropper.join(timeout=EXIT_WAIT_S + 2)
+        self._drops.put(None)
+        for t in (self._reaper, self._janitor):
+            if t:
+                t.join(timeout=EXIT_WAIT_S + 2)
         try:
             for f in os.listdir(self._dir):
                 os.unlink(os.path.join(self._dir, f))
@@ -172,271 +192,353 @@ class LocalPlatform(Platform):
             pass
 
     # -- invocation --------------------------------------------------------------------------
-    def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[_Call]:
-        """Send every call that finds a warm instance; fork instances for the others (they start in parallel).
-
-        The warm ones are all leased first: making room within the memory budget for a cold one stops only idle
-        functions, and this batch's own warm functions must not be among them."""
-        batch, cold = [], []
+    def submit(self, calls: Sequence[tuple[str, bytes]]) -> _Batch:
+        """Send the batch to an idle host (mapping the functions it lacks), or to one forked for it; a batch that
+        finds neither waits in `gather`."""
+        batch = _Batch([])
         for fid, frame in calls:
             pool = self._pools.get(fid)
             if pool is None:
                 raise KeyError(f"function {fid} is not deployed")
             self.log.invoked(fid)
             call = _Call(fid, frame, pool)
-            batch.append(call)
+            batch.calls.append(call)
             if len(frame) > pool.max_frame:
-                call.refused = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
-                                                 f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
-                continue
-            if self._lease_idle(call):
-                self._send(call)
-            else:
-                cold.append(call)
-        for call in cold:
-            self._lease(call, wait=False)
-            if call.inst is not None and not call.cold:
-                self._send(call)
+                call.reply = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
+                                               f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
+        self._dispatch(batch, wait=False)
         return batch
 
-    def gather(self, batch: list[_Call]) -> list[bytes]:
-        """The reply frame of every call, in order; retries a call whose instance died or hung.
+    def gather(self, batch: _Batch) -> list[bytes]:
+        """The reply frame of every call, in order; retries calls whose host died or hung.
 
-        Calls that hold an instance are finished first: a call still waiting for one (a full pool, the memory
-        budget) must never wait on an instance that only this thread would free by reading its reply."""
-        out: list[bytes] = [b""] * len(batch)
-        done = 0
+        A batch never waits for a host while it holds one: its requests in flight are finished first."""
         try:
-            for i in sorted(range(len(batch)), key=lambda i: batch[i].inst is None):
-                out[i] = self._complete(batch[i])
-                done += 1
-        finally:
-            if done < len(batch):  # a call failed: the others' instances must not stay leased (and counted)
-                for call in batch:
-                    if call.inst is not None and call.inst.busy:
-                        self._drop(call)
-        return out
-
-    def _complete(self, call: _Call) -> bytes:
-        if call.refused is not None:
-            return call.refused
-        while True:
-            try:
-                if call.inst is None:
-                    self._lease(call, wait=True)
-                if call.cold:
-                    self._await_ready(call)
-                    self._send(call)
-                elif not call.sent_at:
-                    self._send(call)
-                reply = recv_frame(call.inst.sock)
-                if reply is None:
-                    raise ConnectionError("connection closed")
-            except (OSError, wire.WireError, InstanceStartError) as e:  # socket.timeout is an OSError
-                if isinstance(e, InstanceStartError):  # killed, hung or failing while it started
-                    call.errors.append(str(e))
-                else:
-                    kind = "timeout" if isinstance(e, TimeoutError) else "crash"
-                    call.errors.append(f"instance {call.inst.name} "
-                                       + ("timed out" if kind == "timeout" else f"died ({type(e).__name__})"))
-                    self.log.event(kind, call.function, call.inst.name, time.perf_counter() - call.sent_at)
-                self._drop(call)
-                if len(call.errors) > self.config.max_retries:
-                    raise InvocationError(f"function {call.function} failed after {len(call.errors)} attempts: "
-                                          + "; ".join(call.errors)) from e
-                self.log.retried(call.function)
-                continue
-            except BaseException:  # interrupted mid-call: the instance's state is unknown
-                self._drop(call)
-                raise
-            dt = time.perf_counter() - call.sent_at
-            inst = call.inst
-            self.log.called(call.function, dt, warm_hit=inst.used)
-            with self._lock:
-                inst.used = True
-                inst.busy = False
-                inst.last_used = time.monotonic()
-                self._lock.notify_all()
-            return reply
-
-    def _lease_idle(self, call: _Call) -> bool:
-        """Give the call an idle instance of its function if there is one."""
-        with self._lock:
-            return not self._closed.is_set() and self._take_idle(call)
-
-    def _take_idle(self, call: _Call) -> bool:
-        """(Caller holds the lock.) Lease the call its function's most recently used idle instance, if any, so that
-        the others go idle and scale to zero."""
-        idle = [i for i in call.pool.instances if not i.busy]
-        if not idle:
-            return False
-        call.inst = max(idle, key=lambda i: i.last_used)
-        call.inst.busy = True
-        call.cold = False
-        return True
-
-    def _lease(self, call: _Call, wait: bool) -> None:
-        """Give the call an idle instance, or fork one for it if the function may scale out; else wait or leave."""
-        pool = call.pool
-        with self._lock:
             while True:
-                if self._closed.is_set():
-                    raise InvocationError("platform is closed")
-                if self._take_idle(call):
-                    return
-                live = len(pool.instances) + pool.starting
-                waited = time.monotonic() - call.queued_at
-                if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s):
-                    if self._charge(pool):
-                        pool.starting += 1
-                        break
-                    if not wait:  # over the memory budget with nothing idle to stop: wait in `gather`
-                        return
-                    if waited > self.config.cold_start_timeout_s:
-                        raise InvocationError(f"function {pool.spec.id}: no room within the memory budget for "
-                                              f"{self.config.cold_start_timeout_s:g} s (every resident function busy)")
-                    self._lock.wait(0.1)  # for a call to end or a drop to land (both notify)
-                    continue
-                if not wait:
-                    return
-                self._lock.wait(None if live >= self.config.max_instances
-                                else self.config.scale_out_after_s - waited)
-        try:
-            call.inst = self._fork(pool.spec)
-            call.cold = True
+                for req in list(batch.requests):
+                    batch.requests.remove(req)
+                    self._finish(req)
+                if all(c.reply is not None for c in batch.calls):
+                    return [c.reply for c in batch.calls]
+                self._dispatch(batch, wait=True)
         except BaseException:
-            with self._lock:
-                pool.starting -= 1
-                self._settle(pool)
-                self._lock.notify_all()
+            for req in batch.requests:  # interrupted mid-call: those hosts' states are unknown
+                self._fail(req, None)
+            batch.requests.clear()
             raise
 
-    def _send(self, call: _Call) -> None:
-        call.sent_at = time.perf_counter()
-        try:
-            send_frame(call.inst.sock, call.frame)
-        except OSError:
-            pass  # a dead instance shows up when its reply is read, and the call is retried there
-
-    def _drop(self, call: _Call) -> None:
-        inst, pool = call.inst, call.pool
-        call.inst, call.sent_at = None, 0.0
-        if inst is None:
+    def _dispatch(self, batch: _Batch, wait: bool) -> None:
+        """Lease a host for the batch's unanswered calls and send it what fits in the memory budget (the rest
+        waits for the next round); without `wait`, only if a host is free now."""
+        pending = [c for c in batch.calls if c.reply is None]
+        if not pending:
             return
         with self._lock:
-            if call.cold:
-                pool.starting -= 1
-            self._stop(pool, inst)
-            self._lock.notify_all()
-        call.cold = False
+            req = self._plan(pending, wait)
+        if req is not None:
+            batch.requests.append(req)
+            if not req.cold:
+                self._send(req)
 
-    # -- instances ---------------------------------------------------------------------------
-    def _fork(self, spec: FunctionSpec) -> _Instance:
-        name = f"{spec.id}.{next(self._seq)}"
+    def _plan(self, pending: list[_Call], wait: bool) -> _Request | None:
+        """(Caller holds the lock.) A host and a request for as many of `pending` as the budget lets in."""
+        needed = {c.pool for c in pending}
+        since = min(c.queued_at for c in pending)
+        while True:
+            if self._closed.is_set():
+                raise InvocationError("platform is closed")
+            host, cold = self._lease_host(needed, since)
+            if host is not None:
+                for pool in needed:  # ours now: making room must not unload them
+                    pool.users += 1
+                    if host in pool.hosts and pool.spec.id in host.unload:  # was about to go: keep it
+                        host.unload.discard(pool.spec.id)
+                        self._unleave(pool)
+                loads, fits = [], set()
+                for pool in sorted(needed, key=lambda p: p.spec.id):
+                    if host in pool.hosts:
+                        fits.add(pool)
+                    elif self._charge(pool):
+                        pool.hosts.add(host)
+                        loads.append(pool)
+                        fits.add(pool)
+                for pool in needed - fits:
+                    pool.users -= 1
+                calls = [c for c in pending if c.pool in fits]
+                if calls:
+                    return _Request(host, calls, loads, self._take_unloads(host), cold)
+                self._release(host)
+                if cold:  # forked for nothing: let it go
+                    self._stop_host(host)
+                waited = time.monotonic() - since
+                if not wait:
+                    return None
+                if waited > self.config.cold_start_timeout_s:
+                    raise InvocationError(f"function {pending[0].function}: no room within the memory budget for "
+                                          f"{self.config.cold_start_timeout_s:g} s (every resident function busy)")
+                self._lock.wait(0.1)  # for a call to end or an unload to land (both notify)
+                continue
+            if not wait:
+                return None
+            waited = time.monotonic() - since
+            live = len(self._hosts)
+            self._lock.wait(None if live >= self.config.max_instances
+                            else max(0.001, self.config.scale_out_after_s - waited))
+
+    def _lease_host(self, needed: set[_Pool], since: float) -> tuple[_Host | None, bool]:
+        """(Caller holds the lock.) The idle host holding most of `needed` (then the most recently used), or a
+        host forked now if none is idle and the pool of hosts may grow; (None, False) otherwise."""
+        idle = [h for h in self._hosts if not h.busy and h.sock is not None]
+        if idle:
+            host = max(idle, key=lambda h: (sum(h in p.hosts for p in needed), h.last_used))
+            host.busy = True
+            return host, False
+        live = len(self._hosts)
+        waited = time.monotonic() - since
+        if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s):
+            return self._fork(), True
+        return None, False
+
+    def _take_unloads(self, host: _Host) -> list[tuple[_Pool, bool]]:
+        """(Caller holds the lock.) The host's pending unloads, each with whether its pages go too: with a budget,
+        when no other host maps the function (pages a live process maps cannot be dropped)."""
+        out = []
+        for fid in sorted(host.unload):
+            pool = self._pools[fid]
+            out.append((pool, self._budget is not None and pool.hosts == {host}))
+        host.unload.clear()
+        return out
+
+    def _send(self, req: _Request) -> None:
+        msg = protocol.Request([(p.spec.id, drop) for p, drop in req.unloads], [p.spec.to_json() for p in req.loads],
+                               [(c.function, c.frame) for c in req.calls])
+        req.sent_at = time.perf_counter()
+        try:
+            send_frame(req.host.sock, protocol.encode_request(msg))
+        except OSError:
+            pass  # a dead host shows up when its reply is read, and the calls are retried there
+
+    def _finish(self, req: _Request) -> None:
+        """Read a request's reply and account for it; a dead, hung or failing host is stopped and its calls are
+        queued again (or fail, past `max_retries`)."""
+        host = req.host
+        try:
+            if req.cold:
+                self._await_ready(host)
+                req.cold = False
+                self._send(req)
+            raw = recv_frame(host.sock)
+            if raw is None:
+                raise ConnectionError("connection closed")
+            if bytes(raw[:4]) == wire.MAGIC:  # an error frame: the host could not read the request
+                raise wire.WireError(wire.error_message(raw))
+            rep = protocol.decode_reply(raw)
+            if (len(rep.loads), len(rep.results)) != (len(req.loads), len(req.calls)):
+                raise wire.WireError("the host's reply does not match its request")
+        except (OSError, wire.WireError, InstanceStartError) as e:  # socket.timeout is an OSError
+            self._fail(req, e)
+            return
+        except BaseException:
+            self._fail(req, None)
+            raise
+        dt = time.perf_counter() - req.sent_at
+        now = time.monotonic()
+        failed: dict[str, str] = {}
+        retry: list[_Call] = []
+        with self._lock:
+            for pool, _ in req.unloads:
+                self._unloaded(pool, host)
+            for pool, (load_s, error) in zip(req.loads, rep.loads):
+                if error:
+                    failed[pool.spec.id] = error
+                    pool.hosts.discard(host)
+                    self.log.event("start_failed", pool.spec.id, host.name, load_s)
+                    self._settle(pool)
+                else:
+                    host.loaded[pool.spec.id] = now
+                    self.log.instances_now(pool.spec.id, len(pool.hosts))
+            for call, result in zip(req.calls, rep.results):
+                call.pool.users -= 1
+                if call.function in failed:
+                    retry.append(call)
+                    continue
+                call.reply = result
+                host.loaded[call.function] = now
+            self._release(host)
+            for call in retry:  # past max_retries this raises: every count above is settled by then
+                self._retry(call, InstanceStartError(f"host {host.name} failed to load {call.function}: "
+                                                     f"{failed[call.function]}"))
+        for pool, (load_s, error) in zip(req.loads, rep.loads):
+            if not error:
+                spawn = time.perf_counter() - host.spawned_at if req.spawned else 0.0
+                self.log.event("prefetch" if req.prefetch else "cold_start", pool.spec.id, host.name,
+                               max(spawn, load_s), load_s)
+        loaded = {p.spec.id for p in req.loads}
+        for call in req.calls:
+            if call.reply is not None:
+                self.log.called(call.function, dt, warm_hit=call.function not in loaded)
+
+    def _retry(self, call: _Call, error: Exception) -> None:
+        """(Caller holds the lock.) Count a failed attempt; past `max_retries` the call fails for good."""
+        call.errors.append(str(error))
+        if len(call.errors) > self.config.max_retries:
+            raise InvocationError(f"function {call.function} failed after {len(call.errors)} attempts: "
+                                  + "; ".join(call.errors)) from error
+        self.log.retried(call.function)
+
+    def _fail(self, req: _Request, error: Exception | None) -> None:
+        """Stop the request's host (a dead or hung one, or one whose state is unknown) and queue its calls
+        again; `error` None: an interruption, nothing is retried."""
+        host = req.host
+        with self._lock:
+            for call in req.calls:
+                call.pool.users -= 1
+            self._stop_host(host)
+            self._lock.notify_all()
+            if error is None:
+                return
+            started = not isinstance(error, InstanceStartError)
+            if started:
+                kind = "timeout" if isinstance(error, TimeoutError) else "crash"
+                message = f"host {host.name} " + ("timed out" if kind == "timeout" else
+                                                  f"died ({type(error).__name__}: {error})")
+            else:
+                kind, message = "start_failed", str(error)
+            took = time.perf_counter() - (req.sent_at if started else host.spawned_at)
+            for fid in {c.function for c in req.calls} | {p.spec.id for p in req.loads}:
+                self.log.event(kind, fid, host.name, took)
+            for call in req.calls:
+                self._retry(call, InvocationError(message))
+
+    def _release(self, host: _Host) -> None:
+        """(Caller holds the lock.) The host is free again; one left holding nothing exits."""
+        host.busy = False
+        host.last_used = time.monotonic()
+        if not host.loaded and not host.unload and host.sock is not None:
+            self._stop_host(host)
+        self._lock.notify_all()
+
+    # -- hosts -------------------------------------------------------------------------------
+    def _fork(self) -> _Host:
+        """(Caller holds the lock.) Start a host process (it connects in `_await_ready`)."""
+        name = f"host{next(self._seq)}"
         path = os.path.join(self._dir, f"{name}.sock")
         if self._zygote is None:
             raise InstanceStartError("the platform is not started")
+        shapes = {}
+        for pool in self._pools.values():  # one spec per shape: the zygote warms their kernels once
+            s = pool.spec
+            shapes.setdefault((s.dtype, s.hidden_size, s.hidden_act, len(s.experts),
+                               tuple(sorted(t.shape for t in s.tensors))), s)
         try:
-            spec_json = {**spec.to_json(), "test_hooks": self._test_hooks} if self._test_hooks else spec.to_json()
-            pid = self._zygote.fork(spec_json, path, self.config.threads_per_instance)
+            pid = self._zygote.fork(path, self.config.threads_per_instance,
+                                    [s.to_json() for s in shapes.values()], self._hang_on)
         except ZygoteError as e:
             raise InstanceStartError(str(e)) from e
-        return _Instance(name, pid, path)
+        host = _Host(name, pid, path)
+        self._hosts.append(host)
+        return host
 
-    def warm(self, function_ids: Sequence[str]) -> int:
-        todo = []
-        with self._lock:
-            for fid in function_ids:
-                pool = self._pools.get(fid)
-                if (pool is not None and not pool.instances and not pool.starting and not self._closed.is_set()
-                        and self._charge(pool, make_room=False)):  # a hint: only into free budget
-                    pool.starting += 1
-                    todo.append(pool)
-        for pool in todo:
-            self._warmer.submit(self._warm_one, pool)
-        return len(todo)
-
-    def _warm_one(self, pool: _Pool) -> None:
-        """Fork an instance for nobody in particular; once ready it waits idle for the first call."""
-        inst = None
-        try:
-            inst = self._fork(pool.spec)
-            self._ready(pool, inst, "prefetch")
-        except Exception:  # a hint: the next call starts one the ordinary way
-            with self._lock:
-                pool.starting -= 1
-                if inst is not None:
-                    self._stop(pool, inst)
-                self._settle(pool)
-                self._lock.notify_all()
-            return
-        with self._lock:
-            inst.busy, inst.used = False, True  # its first call is a warm hit: that call started nothing
-            inst.last_used = time.monotonic()
-            if self._closed.is_set():
-                self._stop(pool, inst)
-            self._lock.notify_all()
-
-    def _await_ready(self, call: _Call) -> None:
-        self._ready(call.pool, call.inst)
-        call.cold = False
-
-    def _ready(self, pool: _Pool, inst: _Instance, kind: str = "cold_start") -> None:
-        """Connect to a forked instance, wait for its READY frame (the end of its cold start), add it to its pool."""
-        deadline = inst.spawned_at + self.config.cold_start_timeout_s
+    def _await_ready(self, host: _Host) -> None:
+        """Connect to a forked host and wait for its READY frame."""
+        deadline = host.spawned_at + self.config.cold_start_timeout_s
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             while True:
                 try:
-                    sock.connect(inst.path)
+                    sock.connect(host.path)
                     break
                 except (FileNotFoundError, ConnectionRefusedError):
-                    if not _alive(inst.pid):
-                        raise InstanceStartError(f"instance {inst.name} exited during start (see its stderr)")
+                    if not _alive(host.pid):
+                        raise InstanceStartError(f"host {host.name} exited during start (see its stderr)")
                     if time.perf_counter() > deadline:
-                        raise InstanceStartError(f"instance {inst.name} did not start in "
+                        raise InstanceStartError(f"host {host.name} did not start in "
                                                  f"{self.config.cold_start_timeout_s:g} s")
                     time.sleep(CONNECT_POLL_S)
             sock.settimeout(max(0.1, deadline - time.perf_counter()))
             try:
-                inst.load_s = wire.decode_ready(recv_frame(sock) or b"")
+                wire.decode_ready(recv_frame(sock) or b"")
             except (OSError, wire.WireError) as e:
-                raise InstanceStartError(f"instance {inst.name} failed while loading its weights "
-                                         f"(see its stderr): {e}") from e
+                raise InstanceStartError(f"host {host.name} failed to start (see its stderr): {e}") from e
             sock.settimeout(self.config.invoke_timeout_s)
         except BaseException:
             sock.close()
-            self.log.event("start_failed", pool.spec.id, inst.name, time.perf_counter() - inst.spawned_at)
             raise
-        inst.sock = sock
-        with self._lock:
-            pool.starting -= 1
-            inst.started_at = inst.last_used = time.monotonic()
-            pool.instances.append(inst)
-            self.log.instances_now(pool.spec.id, len(pool.instances))
-        self.log.event(kind, pool.spec.id, inst.name, time.perf_counter() - inst.spawned_at, inst.load_s)
+        host.sock = sock
+        host.started_at = host.last_used = time.monotonic()
 
-    def _stop(self, pool: _Pool, inst: _Instance) -> None:
-        """Stop an instance (caller holds the lock): close its socket, end its process."""
-        if inst in pool.instances:
-            pool.instances.remove(inst)
-        if inst.sock is not None:
-            inst.sock.close()
-        note_exit(inst.pid)  # its final CPU counter and exit time, for the meters of this process
-        _kill(inst.pid)  # SIGKILL: an instance holds no state worth a goodbye, and a hung one ignores SIGTERM
+    def _stop_host(self, host: _Host) -> None:
+        """(Caller holds the lock.) End a host's process; the functions it mapped are no longer loaded there."""
+        if host in self._hosts:
+            self._hosts.remove(host)
+        if host.sock is not None:
+            host.sock.close()
+        host.sock = None
+        note_exit(host.pid)  # its final CPU counter and exit time, for the meters of this process
+        _kill(host.pid)  # SIGKILL: a host holds no state worth a goodbye, and a hung one ignores SIGTERM
         try:
-            os.unlink(inst.path)
+            os.unlink(host.path)
         except OSError:
             pass
-        self.log.instances_now(pool.spec.id, len(pool.instances))
-        pool.stopped.append(inst.pid)
-        self._settle(pool)
+        host.unload.clear()
+        for fid in list(host.loaded):
+            del host.loaded[fid]
+        for pool in self._pools.values():
+            if host in pool.hosts:
+                pool.hosts.discard(host)
+                self.log.instances_now(pool.spec.id, len(pool.hosts))
+                self._settle(pool, died=host.pid)
+
+    # -- prefetch ----------------------------------------------------------------------------
+    def warm(self, function_ids: Sequence[str]) -> int:
+        """Load functions that are not loaded anywhere, ahead of their calls: their bytes are read into the page
+        cache now (POSIX_FADV_WILLNEED, the kernel reads while the caller computes) and a host maps them as soon
+        as one is free. Only into free budget: a hint never unloads anything."""
+        todo = []
+        with self._lock:
+            for fid in function_ids:
+                pool = self._pools.get(fid)
+                if (pool is not None and not pool.hosts and not pool.users and not self._closed.is_set()
+                        and self._charge(pool, make_room=False)):
+                    pool.users += 1  # the prefetch holds it until a host has mapped it
+                    todo.append(pool)
+        if todo:
+            _read_ahead([p.spec for p in todo])
+            self._warmer.submit(self._warm, todo)
+        return len(todo)
+
+    def _warm(self, pools: list[_Pool]) -> None:
+        req = None
+        try:
+            with self._lock:
+                host, cold = None, False
+                while host is None and not self._closed.is_set():
+                    host, cold = self._lease_host(set(pools), time.monotonic() - self.config.scale_out_after_s)
+                    if host is None:
+                        self._lock.wait(None)
+                if host is None:
+                    raise InvocationError("platform is closed")
+                for pool in pools:
+                    pool.hosts.add(host)
+                req = _Request(host, [], pools, self._take_unloads(host), cold, prefetch=True)
+            if not cold:
+                self._send(req)
+            self._finish(req)
+        except Exception:  # noqa: BLE001 - a hint: the next call loads them the ordinary way
+            pass
+        finally:
+            with self._lock:
+                for pool in pools:
+                    pool.users -= 1
+                    self._settle(pool)
+                self._lock.notify_all()
 
     # -- memory ------------------------------------------------------------------------------
     def _charge(self, pool: _Pool, make_room: bool = True) -> bool:
         """(Caller holds the lock.) Count the pool's weight bytes as resident if they are not yet, within the
-        budget: True if its next instance may start now. `make_room`: stop idle functions for it."""
-        if pool.charged:  # its pages are counted already: another instance shares them
+        budget: True if a host may map it now. `make_room`: unload idle functions for it."""
+        if pool.charged:  # its pages are counted already: another host maps them
+            self._unleave(pool)
             return True
         need = pool.spec.nbytes
         budget = self._budget
@@ -445,18 +547,18 @@ class LocalPlatform(Platform):
                 return False
             self._make_room(need, budget, pool.spec.layer)
             if self._resident + need > budget and (self._dropping or self._resident >= budget):
-                return False  # drops still landing, or over budget with everything busy: wait
+                return False  # unloads still landing, or over budget with everything in use: wait
         pool.charged = True
         self._resident += need
         return True
 
     def _make_room(self, need: int, budget: int, layer: int) -> None:
-        """Stop idle functions until `need` more bytes fit for a function of `layer` (counting the pages being
-        dropped as gone already), in the order of the `eviction` policy."""
+        """Unload idle functions until `need` more bytes fit for a function of `layer` (counting the bytes being
+        unloaded as gone already), in the order of the `eviction` policy."""
         layers = 1 + max(p.spec.layer for p in self._pools.values())
 
         def recency(p: _Pool) -> float:
-            return max(i.last_used for i in p.instances)
+            return max(h.loaded.get(p.spec.id, 0.0) for h in p.hosts)
 
         def next_use(p: _Pool) -> tuple[int, float]:  # needed last in the layer cycle first, then LRU
             return -((p.spec.layer - layer - 1) % layers), recency(p)  # this layer's idle ones: a cycle away
@@ -467,38 +569,48 @@ class LocalPlatform(Platform):
         for pool in idle:
             if self._resident - self._dropping + need <= budget:
                 return
-            for inst in list(pool.instances):
-                self._stop(pool, inst)
-                self.log.event("budget_eviction", pool.spec.id, inst.name, now - inst.last_used)
+            self._unload(pool, "budget_eviction", now)
 
-    def _settle(self, pool: _Pool) -> None:
-        """(Caller holds the lock.) A pool left without instances stops counting: at once without a budget; with
-        one, once the dropper has dropped its pages, after every instance it stopped has exited (pages a live
-        process maps cannot be dropped)."""
-        if not pool.charged or pool.instances or pool.starting:
+    def _unload(self, pool: _Pool, kind: str, now: float) -> None:
+        """(Caller holds the lock.) Unload an idle function from every host that maps it (at each host's next
+        request, or by the janitor if the host stays idle); its bytes count as going from now on."""
+        for host in pool.hosts:
+            host.unload.add(pool.spec.id)
+            self.log.event(kind, pool.spec.id, host.name, now - host.loaded.get(pool.spec.id, now))
+        pool.leaving = True
+        self._dropping += pool.spec.nbytes
+        self._lock.notify_all()  # the janitor
+
+    def _unleave(self, pool: _Pool) -> None:
+        """(Caller holds the lock.) A function being unloaded is wanted again before it went."""
+        if pool.leaving:
+            pool.leaving = False
+            self._dropping -= pool.spec.nbytes
+            for host in pool.hosts:
+                host.unload.discard(pool.spec.id)
+
+    def _unloaded(self, pool: _Pool, host: _Host) -> None:
+        """(Caller holds the lock.) The host has unmapped the function (and dropped its pages if it was asked to)."""
+        host.loaded.pop(pool.spec.id, None)
+        pool.hosts.discard(host)
+        self.log.instances_now(pool.spec.id, len(pool.hosts))
+        self._settle(pool)
+
+    def _settle(self, pool: _Pool, died: int | None = None) -> None:
+        """(Caller holds the lock.) A function no host maps any more stops counting. After a host died (`died`,
+        its pid), with a budget, its pages are dropped by the janitor once the process has exited."""
+        if not pool.charged or pool.hosts or pool.users:
             return
         pool.charged = False
-        pids, pool.stopped = pool.stopped, []
-        if self._budget is None:
-            self._resident -= pool.spec.nbytes
+        if pool.leaving:
+            pool.leaving = False
+            self._dropping -= pool.spec.nbytes
+        if self._budget is not None and died is not None:
+            self._dropping += pool.spec.nbytes
+            self._drops.put((died, pool.spec))
+            self._lock.notify_all()
             return
-        self._dropping += pool.spec.nbytes
-        self._drops.put((pids, pool.spec))
-
-    def _drop_pages(self) -> None:
-        """Drop stopped functions' byte ranges from the page cache, so that their memory really goes back."""
-        while (item := self._drops.get()) is not None:
-            pids, spec = item
-            try:
-                deadline = time.monotonic() + EXIT_WAIT_S
-                while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-                _drop_from_page_cache([spec])
-            finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
-                with self._lock:
-                    self._dropping -= spec.nbytes
-                    self._resident -= spec.nbytes
-                    self._lock.notify_all()
+        self._resident -= pool.spec.nbytes
 
     def memory(self) -> dict[str, int]:
         with self._lock:
@@ -507,8 +619,9 @@ class LocalPlatform(Platform):
             out["budget_bytes"] = int(self._budget)
         return out
 
+    # -- background work ---------------------------------------------------------------------
     def _reap_idle(self) -> None:
-        """Scale to zero: stop every instance idle for longer than the keep-alive."""
+        """Scale to zero: unload every function idle for longer than the keep-alive."""
         period = min(1.0, max(0.02, self.config.keep_alive_s / 4))
         while not self._closed.wait(period):
             self._evict(self.config.keep_alive_s)
@@ -518,26 +631,70 @@ class LocalPlatform(Platform):
         n = 0
         with self._lock:
             for pool in self._pools.values():
-                for inst in [i for i in pool.instances if not i.busy]:
-                    idle = now - inst.last_used
-                    if idle >= min_idle_s:
-                        self._stop(pool, inst)
-                        self.log.event("eviction", pool.spec.id, inst.name, idle)
-                        n += 1
+                if pool.idle() and all(now - h.loaded.get(pool.spec.id, now) >= min_idle_s for h in pool.hosts):
+                    self._unload(pool, "eviction", now)
+                    n += 1
         return n
 
     def scale_to_zero(self) -> int:
-        return self._evict(0.0)
+        """Unload every idle function now; returns how many, once their hosts have unmapped them."""
+        n = self._evict(0.0)
+        deadline = time.monotonic() + self.config.invoke_timeout_s
+        with self._lock:
+            while any(p.leaving for p in self._pools.values()) and time.monotonic() < deadline:
+                self._lock.wait(0.05)
+        return n
+
+    def _clean(self) -> None:
+        """The janitor: flushes pending unloads on idle hosts (a busy host's next request carries them), and drops
+        the pages of functions whose host died."""
+        while not self._closed.is_set():
+            try:
+                while (item := self._drops.get_nowait()) is not None:
+                    self._drop_after_exit(*item)
+                return  # None: closing
+            except queue.Empty:
+                pass
+            with self._lock:
+                host = next((h for h in self._hosts if h.unload and not h.busy and h.sock is not None), None)
+                if host is None:
+                    self._lock.wait(0.1)
+                    continue
+                host.busy = True
+                req = _Request(host, [], [], self._take_unloads(host), False)
+            self._send(req)
+            try:
+                self._finish(req)
+            except InvocationError:
+                pass
+
+    def _drop_after_exit(self, pid: int, spec: FunctionSpec) -> None:
+        try:
+            deadline = time.monotonic() + EXIT_WAIT_S
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            _drop_from_page_cache([spec])
+        finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
+            with self._lock:
+                self._dropping -= spec.nbytes
+                self._resident -= spec.nbytes
+                self._lock.notify_all()
 
     # -- introspection -----------------------------------------------------------------------
     def instances(self) -> list[InstanceInfo]:
+        """One per function loaded in a host (the host's pid: several functions share one)."""
         with self._lock:
-            return [InstanceInfo(p.spec.id, i.name, i.pid, i.busy, i.started_at, i.last_used)
-                    for p in self._pools.values() for i in p.instances]
+            return [InstanceInfo(fid, f"{fid}@{h.name}", h.pid, self._pools[fid].users > 0, h.started_at, last)
+                    for h in self._hosts for fid, last in h.loaded.items()]
+
+    def hosts(self) -> list[int]:
+        """Pids of the running host processes."""
+        with self._lock:
+            return [h.pid for h in self._hosts]
 
     def processes(self) -> dict[int, Label]:
         with self._lock:
-            out = {i.pid: Label("function") for p in self._pools.values() for i in p.instances}
+            out = {h.pid: Label("function") for h in self._hosts}
         if self._zygote and self._zygote.alive:
             out[self._zygote.pid] = Label("zygote")
         return out
@@ -549,6 +706,22 @@ def _drop_from_page_cache(specs: Sequence[FunctionSpec]) -> None:
         evict_ranges((t.file, t.offset, t.nbytes) for spec in specs for t in spec.tensors)
     except OSError:  # a checkpoint file gone: nothing of it left to drop
         pass
+
+
+def _read_ahead(specs: Sequence[FunctionSpec]) -> None:
+    """Ask the kernel to read the functions' bytes into the page cache now, without waiting for them."""
+    fds: dict[str, int] = {}
+    try:
+        for spec in specs:
+            for t in spec.tensors:
+                if t.file not in fds:
+                    fds[t.file] = os.open(t.file, os.O_RDONLY)
+                os.posix_fadvise(fds[t.file], t.offset, t.nbytes, os.POSIX_FADV_WILLNEED)
+    except OSError:  # a hint: the load reads them anyway
+        pass
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -1,10 +1,10 @@
-"""The zygote: a process that has imported torch and the handler once, and forks instances on request.
+"""The zygote: a process that has imported torch and the handler once, and forks host processes on request.
 
-A cold start then costs a fork plus the weight load, not a new interpreter and a
-torch import (about 2 s here). One zygote serves every platform of a process
-(`Zygote.shared()`). Protocol on its stdin/stdout, JSON lines: first `{"ready": true}` once imported, then
-`{"spec": {...}, "socket": path, "threads": n}` -> `{"pid": n}` per instance. It exits when its
-stdin closes (its parent process is gone); its children die with it.
+A host's start then costs a fork, not a new interpreter and a torch import (about 2 s
+here). One zygote serves every platform of a process (`Zygote.shared()`). Protocol on its
+stdin/stdout, JSON lines: first `{"ready": true}` once imported, then `{"socket": path,
+"threads": n, "warm": [spec, ...], "hang_on_request": n}` -> `{"pid": n}` per host. It exits
+when its stdin closes (its parent process is gone); its children die with it.
 """
 
 from __future__ import annotations
@@ -61,9 +61,11 @@ class Zygote:
     def pid(self) -> int:
         return self._proc.pid
 
-    def fork(self, spec_json: dict, socket_path: str, threads: int) -> int:
-        """A new instance process serving `socket_path`; returns its pid."""
-        req = json.dumps({"spec": spec_json, "socket": socket_path, "threads": threads})
+    def fork(self, socket_path: str, threads: int, warm: list[dict] = (), hang_on_request: int = 0) -> int:
+        """A new host process serving `socket_path`; returns its pid. `warm`: specs of the functions it may load,
+        whose kernels the zygote runs first (once per shape) so that hosts share them (see `_warm_up`)."""
+        req = json.dumps({"socket": socket_path, "threads": threads, "warm": list(warm),
+                          "hang_on_request": hang_on_request})
         self.wait_ready()
         with self._lock:
             if not self.alive:
@@ -89,8 +91,8 @@ class Zygote:
 
 def run() -> None:
     """Zygote side: import once, then fork on every request line."""
-    from faasmoe.platforms.local import worker  # the import is the point: torch and the handler, once
-    from faasmoe.proctitle import function_title, set_title
+    from faasmoe.platforms.local import host  # the import is the point: torch and the handler, once
+    from faasmoe.proctitle import set_title
 
     set_title("zygote")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
@@ -101,25 +103,26 @@ def run() -> None:
     warmed: set[str] = set()
     for line in sys.stdin:
         req = json.loads(line)
-        _warm_up(req["spec"], int(req.get("threads", 1)), warmed)
+        threads = int(req.get("threads", 1))
+        for spec in req.get("warm", []):
+            _warm_up(spec, threads, warmed)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)  # the platform's pipes belong to the zygote alone
             os.dup2(devnull, 1)
-            set_title(*function_title(req["spec"]))
-            worker.main(req["spec"], req["socket"], int(req.get("threads", 1)))
+            set_title("function", "host", os.path.basename(req["socket"]).removesuffix(".sock"))
+            host.main(req["socket"], threads, int(req.get("hang_on_request", 0)))
         out.write(json.dumps({"pid": pid}) + "\n")
         out.flush()
     os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
 
 
 def _warm_up(spec_json: dict, threads: int, warmed: set[str]) -> None:
-    """Before the first fork of a function shape, run its kernels here once, so that every instance of that
-    shape inherits them copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights
-    mapped for it are unmapped again; a spec that cannot be warmed is left to fail in its instance, which
-    reports why."""
+    """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
+    copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
+    unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
     import torch
 
     from faasmoe.functions.expert import ExpertFunction
