@@ -303,6 +303,27 @@ def test_platform_answers_a_frame_over_the_limit_itself(specs, monkeypatch):
         assert p.instances() == [] and p.log.stats[s.id].cold_starts == 0  # no instance was bothered
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: a batch is never split")
+def test_a_batch_of_many_rows_is_split_over_hosts_each_keeping_its_functions(specs):
+    with LocalPlatform(PlatformConfig(max_instances=4)) as p:
+        for s in specs[:4]:
+            p.deploy(s)
+        for seed in range(2):
+            pairs = [(s, frame_for(s, tokens=8, seed=seed)) for s in specs[:4]]  # 32 rows: over SPREAD_ROWS
+            replies = p.invoke_many([(s.id, f) for s, (f, _) in pairs])
+            for (s, (_, inv)), reply in zip(pairs, replies):
+                assert torch.equal(wire.decode_result(reply, torch.float32, 8, 64), expected(s, inv))
+        host_of = {i.function: i.pid for i in p.instances()}
+        assert len(p.hosts()) == 2 and len(host_of) == 4  # each function in one host only, on both rounds
+        assert {host_of[s.id] for s in specs[:4] if s.block % 2 == 0}.isdisjoint(
+            {host_of[s.id] for s in specs[:4] if s.block % 2 == 1})
+        p.invoke_many([(s.id, frame_for(s, tokens=1)[0]) for s in specs[:4]])  # 4 rows: one request, one host
+        holders: dict[int, set[str]] = {}
+        for i in p.instances():
+            holders.setdefault(i.pid, set()).add(i.function)
+        assert any(len(functions) == 4 for functions in holders.values())
+
+
 def test_one_host_serves_a_batch_and_close_stops_every_host(specs):
     p = platform(max_instances=2)
     for s in specs[:4]:

@@ -56,6 +56,7 @@ from faasmoe.platforms.local.zygote import Zygote, ZygoteError
 
 CONNECT_POLL_S = 0.0005  # a starting host's socket appears within milliseconds: poll finely
 EXIT_WAIT_S = 5.0  # how long dropping a dead host's pages waits for it to exit
+SPREAD_ROWS = 16  # a batch with at least this many token rows is split over several hosts (see `_groups`)
 
 
 class InstanceStartError(InvocationError):
@@ -206,8 +207,24 @@ class LocalPlatform(Platform):
             if len(frame) > pool.max_frame:
                 call.reply = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
                                                f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
-        self._dispatch(batch, wait=False)
+        groups = self._groups([c for c in batch.calls if c.reply is None])
+        for group in groups:
+            self._dispatch(batch, group, wait=False, spread=len(groups) > 1)
         return batch
+
+    def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
+        """The batch's calls in one group per host that should run them. A host runs its calls one after another
+        on one core, so a batch of many token rows (prefill, a large decode batch) is split over as many hosts as
+        there are cores (the control plane only waits meanwhile), each function always in the same part (by its
+        block) so that each host keeps loading the same functions. A small batch stays whole: one request is
+        cheaper than the parallelism is worth (a single sequence's decode step: ~4 rows)."""
+        n = min(os.cpu_count() or 1, self.config.max_instances)
+        if n < 2 or sum(_rows(c.frame) for c in calls) < SPREAD_ROWS:
+            return [calls] if calls else []
+        parts: list[list[_Call]] = [[] for _ in range(n)]
+        for c in calls:
+            parts[c.pool.spec.block % n].append(c)
+        return [p for p in parts if p]
 
     def gather(self, batch: _Batch) -> list[bytes]:
         """The reply frame of every call, in order; retries calls whose host died or hung.
@@ -220,34 +237,33 @@ class LocalPlatform(Platform):
                     self._finish(req)
                 if all(c.reply is not None for c in batch.calls):
                     return [c.reply for c in batch.calls]
-                self._dispatch(batch, wait=True)
+                self._dispatch(batch, [c for c in batch.calls if c.reply is None], wait=True)
         except BaseException:
             for req in batch.requests:  # interrupted mid-call: those hosts' states are unknown
                 self._fail(req, None)
             batch.requests.clear()
             raise
 
-    def _dispatch(self, batch: _Batch, wait: bool) -> None:
-        """Lease a host for the batch's unanswered calls and send it what fits in the memory budget (the rest
-        waits for the next round); without `wait`, only if a host is free now."""
-        pending = [c for c in batch.calls if c.reply is None]
+    def _dispatch(self, batch: _Batch, pending: list[_Call], wait: bool, spread: bool = False) -> None:
+        """Lease a host for `pending` and send it what fits in the memory budget (the rest waits for the next
+        round); without `wait`, only if a host is free now (or, with `spread`, may be forked now)."""
         if not pending:
             return
         with self._lock:
-            req = self._plan(pending, wait)
+            req = self._plan(pending, wait, spread)
         if req is not None:
             batch.requests.append(req)
             if not req.cold:
                 self._send(req)
 
-    def _plan(self, pending: list[_Call], wait: bool) -> _Request | None:
+    def _plan(self, pending: list[_Call], wait: bool, spread: bool = False) -> _Request | None:
         """(Caller holds the lock.) A host and a request for as many of `pending` as the budget lets in."""
         needed = {c.pool for c in pending}
         since = min(c.queued_at for c in pending)
         while True:
             if self._closed.is_set():
                 raise InvocationError("platform is closed")
-            host, cold = self._lease_host(needed, since)
+            host, cold = self._lease_host(needed, since, spread)
             if host is not None:
                 for pool in needed:  # ours now: making room must not unload them
                     pool.users += 1
@@ -285,9 +301,10 @@ class LocalPlatform(Platform):
             self._lock.wait(None if live >= self.config.max_instances
                             else max(0.001, self.config.scale_out_after_s - waited))
 
-    def _lease_host(self, needed: set[_Pool], since: float) -> tuple[_Host | None, bool]:
+    def _lease_host(self, needed: set[_Pool], since: float, spread: bool = False) -> tuple[_Host | None, bool]:
         """(Caller holds the lock.) The idle host holding most of `needed` (then the most recently used), or a
-        host forked now if none is idle and the pool of hosts may grow; (None, False) otherwise."""
+        host forked now if none is idle and the pool of hosts may grow (at once for the first host, and for a
+        part of a split batch while there are fewer hosts than cores); (None, False) otherwise."""
         idle = [h for h in self._hosts if not h.busy and h.sock is not None]
         if idle:
             host = max(idle, key=lambda h: (sum(h in p.hosts for p in needed), h.last_used))
@@ -295,7 +312,8 @@ class LocalPlatform(Platform):
             return host, False
         live = len(self._hosts)
         waited = time.monotonic() - since
-        if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s):
+        if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s
+                                                 or (spread and live < (os.cpu_count() or 1))):
             return self._fork(), True
         return None, False
 
@@ -374,9 +392,10 @@ class LocalPlatform(Platform):
                 self.log.event("prefetch" if req.prefetch else "cold_start", pool.spec.id, host.name,
                                max(spawn, load_s), load_s)
         loaded = {p.spec.id for p in req.loads}
+        share = dt / max(1, len(req.calls))  # the host's busy time, split among the calls it ran
         for call in req.calls:
             if call.reply is not None:
-                self.log.called(call.function, dt, warm_hit=call.function not in loaded)
+                self.log.called(call.function, share, warm_hit=call.function not in loaded)
 
     def _retry(self, call: _Call, error: Exception) -> None:
         """(Caller holds the lock.) Count a failed attempt; past `max_retries` the call fails for good."""
@@ -706,6 +725,14 @@ def _drop_from_page_cache(specs: Sequence[FunctionSpec]) -> None:
         evict_ranges((t.file, t.offset, t.nbytes) for spec in specs for t in spec.tensors)
     except OSError:  # a checkpoint file gone: nothing of it left to drop
         pass
+
+
+def _rows(frame: bytes) -> int:
+    """Token rows an invocation frame carries (0 for a malformed one: its function answers it with an error)."""
+    try:
+        return wire.decode_header(frame).T
+    except wire.WireError:
+        return 0
 
 
 def _read_ahead(specs: Sequence[FunctionSpec]) -> None:
