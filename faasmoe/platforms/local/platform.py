@@ -364,8 +364,8 @@ class LocalPlatform(Platform):
         failed: dict[str, str] = {}
         retry: list[_Call] = []
         with self._lock:
-            for pool, _ in req.unloads:
-                self._unloaded(pool, host)
+            for pool, drop in req.unloads:
+                self._unloaded(pool, host, drop)
             for pool, (load_s, error) in zip(req.loads, rep.loads):
                 if error:
                     failed[pool.spec.id] = error
@@ -608,23 +608,24 @@ class LocalPlatform(Platform):
             for host in pool.hosts:
                 host.unload.discard(pool.spec.id)
 
-    def _unloaded(self, pool: _Pool, host: _Host) -> None:
-        """(Caller holds the lock.) The host has unmapped the function (and dropped its pages if it was asked to)."""
+    def _unloaded(self, pool: _Pool, host: _Host, dropped: bool) -> None:
+        """(Caller holds the lock.) The host has unmapped the function (and `dropped` its pages)."""
         host.loaded.pop(pool.spec.id, None)
         pool.hosts.discard(host)
         self.log.instances_now(pool.spec.id, len(pool.hosts))
-        self._settle(pool)
+        self._settle(pool, dropped=dropped)
 
-    def _settle(self, pool: _Pool, died: int | None = None) -> None:
-        """(Caller holds the lock.) A function no host maps any more stops counting. After a host died (`died`,
-        its pid), with a budget, its pages are dropped by the janitor once the process has exited."""
+    def _settle(self, pool: _Pool, dropped: bool = False, died: int | None = None) -> None:
+        """(Caller holds the lock.) A function no host maps any more stops counting. With a budget, its pages are
+        dropped first unless the last host to unmap it did (two hosts unmapping it at once each see the other
+        still mapping it, so neither may): by the janitor, after `died` (a dead host's pid) has exited."""
         if not pool.charged or pool.hosts or pool.users:
             return
         pool.charged = False
         if pool.leaving:
             pool.leaving = False
             self._dropping -= pool.spec.nbytes
-        if self._budget is not None and died is not None:
+        if self._budget is not None and not dropped:
             self._dropping += pool.spec.nbytes
             self._drops.put((died, pool.spec))
             self._lock.notify_all()
@@ -687,10 +688,10 @@ class LocalPlatform(Platform):
             except InvocationError:
                 pass
 
-    def _drop_after_exit(self, pid: int, spec: FunctionSpec) -> None:
+    def _drop_after_exit(self, pid: int | None, spec: FunctionSpec) -> None:
         try:
             deadline = time.monotonic() + EXIT_WAIT_S
-            while _alive(pid) and time.monotonic() < deadline:
+            while pid is not None and _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.001)
             _drop_from_page_cache([spec])
         finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
