@@ -387,3 +387,29 @@ def test_zygote_warms_each_function_shape_once(tiny, specs):
     assert len(warmed) == 2
     _warm_up({"not": "a spec"}, 1, warmed)  # left to fail in the instance, which says why
     assert len(warmed) == 2
+
+
+def test_two_calls_to_one_function_in_a_batch_leave_it_idle_and_unloadable(specs):
+    """A batch may call a function twice (a block over the per-call token cap): it counts as in use once."""
+    s = specs[2]
+    with LocalPlatform(PlatformConfig()) as p:
+        p.deploy(s)
+        pairs = [frame_for(s, seed=1), frame_for(s, seed=2)]
+        replies = p.invoke_many([(s.id, f) for f, _ in pairs])
+        for (_, inv), reply in zip(pairs, replies):
+            assert torch.equal(wire.decode_result(reply, torch.float32, 3, 64), expected(s, inv))
+        assert p.scale_to_zero() == 1 and p.instances() == []
+
+
+def test_a_function_that_cannot_load_fails_clearly_and_stops_counting(specs):
+    import dataclasses
+
+    s = specs[4]
+    broken = dataclasses.replace(s, tensors=tuple(dataclasses.replace(t, file="/nonexistent/shard.safetensors")
+                                                  for t in s.tensors))
+    with LocalPlatform(PlatformConfig(memory_budget=10 * s.nbytes, max_retries=1)) as p:
+        p.deploy(broken)
+        with pytest.raises(InvocationError, match="failed to load"):
+            p.invoke(broken.id, frame_for(s)[0])
+        assert p.log.stats[broken.id].retries == 1
+        _wait_for(lambda: p.memory()["resident_bytes"] == 0)  # its bytes were counted while it loaded, not after

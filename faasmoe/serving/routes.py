@@ -89,7 +89,7 @@ async def usage(tenant: Tenant = Depends(tenant_of), server: ServerState = Depen
             "waiting": len(tenant.waiters),
             "limits": {"max_concurrency": c.max_concurrency, "tokens_per_minute": c.tokens_per_minute,
                        "max_queued": c.max_queued},
-            "bill": server.bill(tenant)}
+            "bill": await asyncio.to_thread(server.bill, tenant)}  # it reads every process: not on the loop
 
 
 def _own_request(server: ServerState, tenant: Tenant, request_id: str) -> Ticket:

@@ -7,12 +7,13 @@ and it removes what a process per function cost: a fork in every cold start, ~6-
 process overhead per function (at k = 1 on the full-size model, about as much memory again as
 the weights), and one round trip per function and layer.
 
-Every batch of calls (one MoE layer of one control plane) leases one idle host and sends it one
-request: functions to unmap, functions to map (their cold starts), then the calls. A host
-serves one request at a time; concurrent batches (several control planes, private mode) take
-other hosts: when none is idle, one more is forked, up to `max_instances`, but only for a
-batch that has waited `scale_out_after_s` (the first host starts at once). A batch prefers
-the idle host that already holds most of its functions. A function idle for `keep_alive_s`
+Every batch of calls (one MoE layer of one control plane) leases an idle host and sends it one
+request: functions to unmap, functions to map (their cold starts), then the calls; a batch of
+many token rows is split over as many hosts as there are cores (`_groups`). A host serves one
+request at a time; concurrent batches (several control planes, private mode) take other hosts:
+when none is idle, one more is started, up to `max_instances`, for a batch that has waited
+`scale_out_after_s` (at once for the first host, the parts of a split batch and prefetches). A
+batch prefers the idle host that already holds most of its functions. A function idle for `keep_alive_s`
 is unmapped (scale to zero: its pages stop counting) and a host left holding nothing exits.
 A request whose host dies or times out is retried on another host.
 
@@ -66,7 +67,7 @@ class InstanceStartError(InvocationError):
 @dataclass(eq=False)
 class _Host:
     name: str
-    pid: int
+    pid: int | None  # None until the zygote has forked it (outside the platform's lock)
     path: str
     sock: socket.socket | None = None
     spawned_at: float = field(default_factory=time.perf_counter)
@@ -75,6 +76,7 @@ class _Host:
     busy: bool = True  # a host is forked for the request that needed it
     loaded: dict[str, float] = field(default_factory=dict)  # function id -> its last call here (monotonic)
     unload: set[str] = field(default_factory=set)  # functions to unmap with its next request
+    warm: list[dict] = field(default_factory=list)  # specs whose kernels the zygote runs before forking it
 
 
 @dataclass(eq=False)
@@ -208,8 +210,13 @@ class LocalPlatform(Platform):
                 call.reply = wire.encode_error(f"{fid}: frame of {len(frame)} bytes exceeds the {pool.max_frame}"
                                                f"-byte limit (raise FAASMOE_MAX_TOKENS_PER_CALL to send more tokens)")
         groups = self._groups([c for c in batch.calls if c.reply is None])
-        for group in groups:
-            self._dispatch(batch, group, wait=False, spread=len(groups) > 1)
+        try:
+            for group in groups:
+                self._dispatch(batch, group, wait=False, spread=len(groups) > 1)
+        except BaseException:  # nobody will gather this batch: free what it holds
+            for req in batch.requests:
+                self._fail(req, None)
+            raise
         return batch
 
     def _groups(self, calls: list[_Call]) -> list[list[_Call]]:
@@ -238,9 +245,15 @@ class LocalPlatform(Platform):
                 if all(c.reply is not None for c in batch.calls):
                     return [c.reply for c in batch.calls]
                 self._dispatch(batch, [c for c in batch.calls if c.reply is None], wait=True)
-        except BaseException:
-            for req in batch.requests:  # interrupted mid-call: those hosts' states are unknown
-                self._fail(req, None)
+        except BaseException as e:
+            for req in batch.requests:
+                if isinstance(e, InvocationError):  # a call failed for good: the others' hosts are healthy
+                    try:
+                        self._finish(req)
+                    except Exception:  # noqa: BLE001 - the batch fails with the first error anyway
+                        pass
+                else:  # interrupted mid-call: those hosts' states are unknown
+                    self._fail(req, None)
             batch.requests.clear()
             raise
 
@@ -260,10 +273,11 @@ class LocalPlatform(Platform):
         """(Caller holds the lock.) A host and a request for as many of `pending` as the budget lets in."""
         needed = {c.pool for c in pending}
         since = min(c.queued_at for c in pending)
+        started = time.monotonic()
         while True:
             if self._closed.is_set():
                 raise InvocationError("platform is closed")
-            host, cold = self._lease_host(needed, since, spread)
+            host, cold = self._lease_host(needed, since, spread, may_fork=self._could_fit(needed))
             if host is not None:
                 for pool in needed:  # ours now: making room must not unload them
                     pool.users += 1
@@ -284,12 +298,11 @@ class LocalPlatform(Platform):
                 if calls:
                     return _Request(host, calls, loads, self._take_unloads(host), cold)
                 self._release(host)
-                if cold:  # forked for nothing: let it go
+                if cold:  # started for nothing: let it go
                     self._stop_host(host)
-                waited = time.monotonic() - since
                 if not wait:
                     return None
-                if waited > self.config.cold_start_timeout_s:
+                if time.monotonic() - started > self.config.cold_start_timeout_s:
                     raise InvocationError(f"function {pending[0].function}: no room within the memory budget for "
                                           f"{self.config.cold_start_timeout_s:g} s (every resident function busy)")
                 self._lock.wait(0.1)  # for a call to end or an unload to land (both notify)
@@ -301,10 +314,12 @@ class LocalPlatform(Platform):
             self._lock.wait(None if live >= self.config.max_instances
                             else max(0.001, self.config.scale_out_after_s - waited))
 
-    def _lease_host(self, needed: set[_Pool], since: float, spread: bool = False) -> tuple[_Host | None, bool]:
+    def _lease_host(self, needed: set[_Pool], since: float, spread: bool = False,
+                    may_fork: bool = True) -> tuple[_Host | None, bool]:
         """(Caller holds the lock.) The idle host holding most of `needed` (then the most recently used), or a
-        host forked now if none is idle and the pool of hosts may grow (at once for the first host, and for a
-        part of a split batch while there are fewer hosts than cores); (None, False) otherwise."""
+        new host (started in `_await_ready`) if none is idle, `may_fork`, and the pool of hosts may grow: at once
+        for the first host and for a part of a split batch while there are fewer hosts than cores, else after
+        `scale_out_after_s`; (None, False) otherwise."""
         idle = [h for h in self._hosts if not h.busy and h.sock is not None]
         if idle:
             host = max(idle, key=lambda h: (sum(h in p.hosts for p in needed), h.last_used))
@@ -312,10 +327,19 @@ class LocalPlatform(Platform):
             return host, False
         live = len(self._hosts)
         waited = time.monotonic() - since
-        if live < self.config.max_instances and (live == 0 or waited >= self.config.scale_out_after_s
-                                                 or (spread and live < (os.cpu_count() or 1))):
-            return self._fork(), True
+        if may_fork and live < self.config.max_instances and (
+                live == 0 or waited >= self.config.scale_out_after_s or (spread and live < (os.cpu_count() or 1))):
+            return self._new_host(), True
         return None, False
+
+    def _could_fit(self, needed: set[_Pool]) -> bool:
+        """(Caller holds the lock.) Whether a new host could get any of `needed` now: without a budget always;
+        with one, if one is resident already or room can be had (free bytes, or idle functions to unload and
+        no unloads still landing). A batch waiting for room must not start hosts that would only stop again."""
+        if self._budget is None or any(p.charged for p in needed):
+            return True
+        return not self._dropping and (self._resident < self._budget
+                                       or any(p.idle() for p in self._pools.values()))
 
     def _take_unloads(self, host: _Host) -> list[tuple[_Pool, bool]]:
         """(Caller holds the lock.) The host's pending unloads, each with whether its pages go too: with a budget,
@@ -376,12 +400,14 @@ class LocalPlatform(Platform):
                     host.loaded[pool.spec.id] = now
                     self.log.instances_now(pool.spec.id, len(pool.hosts))
             for call, result in zip(req.calls, rep.results):
-                call.pool.users -= 1
                 if call.function in failed:
                     retry.append(call)
                     continue
                 call.reply = result
                 host.loaded[call.function] = now
+            for pool in {c.pool for c in req.calls}:  # `_plan` counted each function once
+                pool.users -= 1
+                self._settle(pool)  # one whose load failed everywhere stops counting
             self._release(host)
             for call in retry:  # past max_retries this raises: every count above is settled by then
                 self._retry(call, InstanceStartError(f"host {host.name} failed to load {call.function}: "
@@ -410,8 +436,8 @@ class LocalPlatform(Platform):
         again; `error` None: an interruption, nothing is retried."""
         host = req.host
         with self._lock:
-            for call in req.calls:
-                call.pool.users -= 1
+            for pool in {c.pool for c in req.calls}:
+                pool.users -= 1
             self._stop_host(host)
             self._lock.notify_all()
             if error is None:
@@ -438,28 +464,39 @@ class LocalPlatform(Platform):
         self._lock.notify_all()
 
     # -- hosts -------------------------------------------------------------------------------
-    def _fork(self) -> _Host:
-        """(Caller holds the lock.) Start a host process (it connects in `_await_ready`)."""
+    def _new_host(self) -> _Host:
+        """(Caller holds the lock.) The record of a host to start: `_await_ready` forks it, outside the lock (a
+        fork, and the zygote's first warm-up of each function shape, must not stall every other call)."""
         name = f"host{next(self._seq)}"
-        path = os.path.join(self._dir, f"{name}.sock")
-        if self._zygote is None:
-            raise InstanceStartError("the platform is not started")
         shapes = {}
         for pool in self._pools.values():  # one spec per shape: the zygote warms their kernels once
             s = pool.spec
             shapes.setdefault((s.dtype, s.hidden_size, s.hidden_act, len(s.experts),
                                tuple(sorted(t.shape for t in s.tensors))), s)
-        try:
-            pid = self._zygote.fork(path, self.config.threads_per_instance,
-                                    [s.to_json() for s in shapes.values()], self._hang_on)
-        except ZygoteError as e:
-            raise InstanceStartError(str(e)) from e
-        host = _Host(name, pid, path)
+        host = _Host(name, None, os.path.join(self._dir, f"{name}.sock"),
+                     warm=[s.to_json() for s in shapes.values()])
         self._hosts.append(host)
         return host
 
+    def _start(self, host: _Host) -> None:
+        """Fork the host from the zygote; one stopped meanwhile (`close`) is killed at once."""
+        if self._zygote is None:
+            raise InstanceStartError("the platform is not started")
+        try:
+            pid = self._zygote.fork(host.path, self.config.threads_per_instance, host.warm, self._hang_on)
+        except ZygoteError as e:
+            raise InstanceStartError(str(e)) from e
+        with self._lock:
+            host.pid = pid
+            stopped = host not in self._hosts
+        if stopped:
+            _kill(pid)
+            raise InstanceStartError(f"host {host.name} was stopped while it started")
+
     def _await_ready(self, host: _Host) -> None:
-        """Connect to a forked host and wait for its READY frame."""
+        """Start a new host and wait for its READY frame."""
+        if host.pid is None:
+            self._start(host)
         deadline = host.spawned_at + self.config.cold_start_timeout_s
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -493,8 +530,9 @@ class LocalPlatform(Platform):
         if host.sock is not None:
             host.sock.close()
         host.sock = None
-        note_exit(host.pid)  # its final CPU counter and exit time, for the meters of this process
-        _kill(host.pid)  # SIGKILL: a host holds no state worth a goodbye, and a hung one ignores SIGTERM
+        if host.pid is not None:
+            note_exit(host.pid)  # its final CPU counter and exit time, for the meters of this process
+            _kill(host.pid)  # SIGKILL: a host holds no state worth a goodbye, and a hung one ignores SIGTERM
         try:
             os.unlink(host.path)
         except OSError:
@@ -682,10 +720,10 @@ class LocalPlatform(Platform):
                     continue
                 host.busy = True
                 req = _Request(host, [], [], self._take_unloads(host), False)
-            self._send(req)
             try:
+                self._send(req)
                 self._finish(req)
-            except InvocationError:
+            except Exception:  # noqa: BLE001 - the janitor must outlive any one host (a failed one is stopped)
                 pass
 
     def _drop_after_exit(self, pid: int | None, spec: FunctionSpec) -> None:
@@ -710,11 +748,11 @@ class LocalPlatform(Platform):
     def hosts(self) -> list[int]:
         """Pids of the running host processes."""
         with self._lock:
-            return [h.pid for h in self._hosts]
+            return [h.pid for h in self._hosts if h.pid is not None]
 
     def processes(self) -> dict[int, Label]:
         with self._lock:
-            out = {h.pid: Label("function") for h in self._hosts}
+            out = {h.pid: Label("function") for h in self._hosts if h.pid is not None}
         if self._zygote and self._zygote.alive:
             out[self._zygote.pid] = Label("zygote")
         return out

@@ -114,7 +114,7 @@ def decode_request(buf: bytes | bytearray | memoryview) -> Request:
     for _ in range(n_load):
         try:
             req.loads.append(json.loads(r.text()))
-        except json.JSONDecodeError as e:
+        except (ValueError, RecursionError) as e:  # not JSON, or nested past the parser's depth
             raise WireError(f"a load's spec is not JSON: {e}") from None
     for _ in range(n_call):
         fid = r.text()
