@@ -1,7 +1,7 @@
-"""The embedded platform: real processes, scale to zero, cold starts, scale-out, retries, bad frames.
+"""The embedded platform: host processes, scale to zero, cold starts, scale-out, retries, bad frames.
 
-Hung instances come from the worker's test hook (`test_hooks={"hang_on_frame": n}`: an
-instance never answers its n-th frame), never from racing to SIGSTOP a fresh process.
+Hung hosts come from the host's test hook (`test_hooks={"hang_on_frame": n}`: a host never
+answers its n-th request), never from racing to SIGSTOP a fresh process.
 """
 
 from __future__ import annotations
