@@ -379,7 +379,7 @@ def test_zygote_warms_each_function_shape_once(tiny, specs):
     from faasmoe.platforms.local.zygote import _warm_up
 
     ExpertFunction(specs[0]).warm_up(max_rows=8)  # raises if a path it warms is broken (the zygote would not say)
-    warmed: set[str] = set()
+    warmed: set[tuple] = set()
     _warm_up(specs[0].to_json(), 1, warmed)
     _warm_up(specs[1].to_json(), 1, warmed)  # another function, same shape
     assert len(warmed) == 1

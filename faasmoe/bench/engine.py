@@ -87,11 +87,6 @@ def dispatch_cost(engine, reps: int = 30) -> dict:
             "platform_ms": statistics.mean(v["platform_ms"] for v in layers.values())}
 
 
-def _ranges(spec) -> list[tuple[str, int, int]]:
-    """(file, offset, length) of each of the function's weight tensors."""
-    return [(loc.file, loc.offset, loc.nbytes) for loc in spec.tensors]
-
-
 def _resident(ranges) -> int:
     from faasmoe.metering.pagecache import resident_range
 
@@ -103,7 +98,7 @@ def _set_cache(spec, cold: bool) -> int:
     from faasmoe.metering.pagecache import evict_ranges
     from faasmoe.models.weights import read_bytes
 
-    ranges = _ranges(spec)
+    ranges = spec.ranges
     if cold:  # whole 2 MiB blocks around each tensor: a large folio that straddles a tensor's edge goes too
         evict_ranges(ranges)
     elif _resident(ranges) < spec.nbytes:

@@ -7,9 +7,11 @@ checkpoint: it maps the byte ranges listed here and is ready.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from faasmoe.functions.wire import HEADER_SIZE
+from faasmoe.metering.pagecache import evict_ranges
 from faasmoe.models.checkpoint import Checkpoint, TensorLocation
 from faasmoe.models.weights import torch_dtype
 
@@ -38,6 +40,17 @@ class FunctionSpec:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @property
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """(file, offset, length) of each of its weight tensors."""
+        return [(t.file, t.offset, t.nbytes) for t in self.tensors]
+
+    @property
+    def shape(self) -> tuple:
+        """What its kernels depend on (dtype, sizes, activation): functions of one shape share compiled kernels."""
+        return (self.dtype, self.hidden_size, self.hidden_act, len(self.experts),
+                tuple(sorted(t.shape for t in self.tensors)))
+
     def to_json(self) -> dict:
         return {"model": self.model, "layer": self.layer, "block": self.block, "experts": list(self.experts),
                 "dtype": self.dtype, "hidden_size": self.hidden_size, "hidden_act": self.hidden_act,
@@ -47,6 +60,14 @@ class FunctionSpec:
     def from_json(cls, d: dict) -> "FunctionSpec":
         return cls(d["model"], int(d["layer"]), int(d["block"]), tuple(int(e) for e in d["experts"]), d["dtype"],
                    int(d["hidden_size"]), d["hidden_act"], tuple(TensorLocation.from_json(t) for t in d["tensors"]))
+
+
+def drop_from_page_cache(specs: Iterable[FunctionSpec]) -> None:
+    """Drop the functions' weight bytes from the page cache (advice: pages a live process maps stay)."""
+    try:
+        evict_ranges(r for spec in specs for r in spec.ranges)
+    except OSError:  # a checkpoint file gone: nothing of it left to drop
+        pass
 
 
 def function_id(model: str, layer: int, block: int) -> str:

@@ -28,8 +28,7 @@ import torch
 
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
-from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
-from faasmoe.metering.pagecache import evict_ranges
+from faasmoe.functions.spec import FunctionSpec, drop_from_page_cache, max_frame_bytes
 from faasmoe.platforms.local import protocol
 from faasmoe.platforms.local.transport import recv_frame, send_frame
 
@@ -85,13 +84,10 @@ class Host:
         fn, _ = self.functions.pop(fid, (None, 0))
         if fn is None:
             return
-        ranges = [(t.file, t.offset, t.nbytes) for t in fn.spec.tensors]
+        spec = fn.spec
         del fn
         if drop:
-            try:
-                evict_ranges(ranges)
-            except OSError:  # a checkpoint file gone: nothing of it left to drop
-                pass
+            drop_from_page_cache([spec])
 
 
 def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0) -> None:

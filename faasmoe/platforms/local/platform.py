@@ -47,9 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from faasmoe.functions import wire
-from faasmoe.functions.spec import FunctionSpec, max_frame_bytes
+from faasmoe.functions.spec import FunctionSpec, drop_from_page_cache, max_frame_bytes
 from faasmoe.metering.meter import Label, note_exit
-from faasmoe.metering.pagecache import evict_ranges
+from faasmoe.models.weights import read_ahead
 from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
 from faasmoe.platforms.local import protocol
 from faasmoe.platforms.local.transport import recv_frame, send_frame
@@ -172,7 +172,7 @@ class LocalPlatform(Platform):
             return
         with self._lock:
             idle = [p.spec for p in self._pools.values() if not p.charged]
-        _drop_from_page_cache(idle)
+        drop_from_page_cache(idle)
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -281,8 +281,7 @@ class LocalPlatform(Platform):
             if host is not None:
                 for pool in needed:  # ours now: making room must not unload them
                     pool.users += 1
-                    if host in pool.hosts and pool.spec.id in host.unload:  # was about to go: keep it
-                        host.unload.discard(pool.spec.id)
+                    if host in pool.hosts:  # was it about to go? keep it
                         self._unleave(pool)
                 loads, fits = [], set()
                 for pool in sorted(needed, key=lambda p: p.spec.id):
@@ -391,11 +390,10 @@ class LocalPlatform(Platform):
             for pool, drop in req.unloads:
                 self._unloaded(pool, host, drop)
             for pool, (load_s, error) in zip(req.loads, rep.loads):
-                if error:
+                if error:  # its calls (or the prefetch) still hold it: settled when they let go
                     failed[pool.spec.id] = error
                     pool.hosts.discard(host)
                     self.log.event("start_failed", pool.spec.id, host.name, load_s)
-                    self._settle(pool)
                 else:
                     host.loaded[pool.spec.id] = now
                     self.log.instances_now(pool.spec.id, len(pool.hosts))
@@ -470,9 +468,7 @@ class LocalPlatform(Platform):
         name = f"host{next(self._seq)}"
         shapes = {}
         for pool in self._pools.values():  # one spec per shape: the zygote warms their kernels once
-            s = pool.spec
-            shapes.setdefault((s.dtype, s.hidden_size, s.hidden_act, len(s.experts),
-                               tuple(sorted(t.shape for t in s.tensors))), s)
+            shapes.setdefault(pool.spec.shape, pool.spec)
         host = _Host(name, None, os.path.join(self._dir, f"{name}.sock"),
                      warm=[s.to_json() for s in shapes.values()])
         self._hosts.append(host)
@@ -538,8 +534,7 @@ class LocalPlatform(Platform):
         except OSError:
             pass
         host.unload.clear()
-        for fid in list(host.loaded):
-            del host.loaded[fid]
+        host.loaded.clear()
         for pool in self._pools.values():
             if host in pool.hosts:
                 pool.hosts.discard(host)
@@ -560,7 +555,10 @@ class LocalPlatform(Platform):
                     pool.users += 1  # the prefetch holds it until a host has mapped it
                     todo.append(pool)
         if todo:
-            _read_ahead([p.spec for p in todo])
+            try:
+                read_ahead(t for p in todo for t in p.spec.tensors)
+            except OSError:  # a hint: the load reads them anyway
+                pass
             self._warmer.submit(self._warm, todo)
         return len(todo)
 
@@ -731,7 +729,7 @@ class LocalPlatform(Platform):
             deadline = time.monotonic() + EXIT_WAIT_S
             while pid is not None and _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.001)
-            _drop_from_page_cache([spec])
+            drop_from_page_cache([spec])
         finally:  # whatever happened, the bytes stop counting: a stuck count would block every cold start
             with self._lock:
                 self._dropping -= spec.nbytes
@@ -758,36 +756,12 @@ class LocalPlatform(Platform):
         return out
 
 
-def _drop_from_page_cache(specs: Sequence[FunctionSpec]) -> None:
-    """Drop the functions' weight bytes from the page cache (advice: pages a live process maps stay)."""
-    try:
-        evict_ranges((t.file, t.offset, t.nbytes) for spec in specs for t in spec.tensors)
-    except OSError:  # a checkpoint file gone: nothing of it left to drop
-        pass
-
-
 def _rows(frame: bytes) -> int:
     """Token rows an invocation frame carries (0 for a malformed one: its function answers it with an error)."""
     try:
         return wire.decode_header(frame).T
     except wire.WireError:
         return 0
-
-
-def _read_ahead(specs: Sequence[FunctionSpec]) -> None:
-    """Ask the kernel to read the functions' bytes into the page cache now, without waiting for them."""
-    fds: dict[str, int] = {}
-    try:
-        for spec in specs:
-            for t in spec.tensors:
-                if t.file not in fds:
-                    fds[t.file] = os.open(t.file, os.O_RDONLY)
-                os.posix_fadvise(fds[t.file], t.offset, t.nbytes, os.POSIX_FADV_WILLNEED)
-    except OSError:  # a hint: the load reads them anyway
-        pass
-    finally:
-        for fd in fds.values():
-            os.close(fd)
 
 
 def _alive(pid: int) -> bool:

@@ -119,7 +119,7 @@ def run() -> None:
     os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
 
 
-def _warm_up(spec_json: dict, threads: int, warmed: set[str]) -> None:
+def _warm_up(spec_json: dict, threads: int, warmed: set[tuple]) -> None:
     """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
     copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
     unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
@@ -130,8 +130,7 @@ def _warm_up(spec_json: dict, threads: int, warmed: set[str]) -> None:
 
     try:
         spec = FunctionSpec.from_json(spec_json)
-        shape = json.dumps([spec.dtype, spec.hidden_size, spec.hidden_act, len(spec.experts), threads,
-                            sorted(t.shape for t in spec.tensors)])
+        shape = (*spec.shape, threads)
         if shape in warmed:
             return
         warmed.add(shape)
