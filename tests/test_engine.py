@@ -91,6 +91,22 @@ def test_empty_prompt_and_unknown_token_ids_are_refused(engine):
         engine.generate([10**7], max_tokens=2)
 
 
+def test_hosts_with_several_threads_answer_exactly(tmp_path):
+    """GNU OpenMP's thread pool does not survive fork: hosts forked from a zygote that had run kernels on two
+    threads hung in their first parallel region (every call timed out). Experts wide enough for torch to run
+    their kernels on both threads."""
+    from faasmoe.models.presets import init_model
+    from faasmoe.platforms import PlatformConfig
+
+    wide = init_model("tiny", tmp_path / "wide", seed=1, overrides={"moe_intermediate_size": 512}, progress=False)
+    with faasmoe.load(wide, experts_per_function=4) as e:
+        one = e.generate("Threads", max_tokens=4, ignore_eos=True)
+    config = PlatformConfig(threads_per_instance=2, invoke_timeout_s=20, max_retries=0)
+    with faasmoe.load(wide, experts_per_function=4, prewarm=True, platform_config=config) as e:
+        two = e.generate("Threads", max_tokens=4, ignore_eos=True)
+    assert two.token_ids == one.token_ids
+
+
 def test_instances_killed_between_steps_change_nothing(tiny):
     with faasmoe.load(tiny, experts_per_function=1) as e:
         clean = e.generate("Fault tolerance", max_tokens=8, ignore_eos=True)

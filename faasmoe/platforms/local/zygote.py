@@ -105,7 +105,7 @@ def run() -> None:
         req = json.loads(line)
         threads = int(req.get("threads", 1))
         for spec in req.get("warm", []):
-            _warm_up(spec, threads, warmed)
+            _warm_up(spec, warmed)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -119,7 +119,7 @@ def run() -> None:
     os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
 
 
-def _warm_up(spec_json: dict, threads: int, warmed: set[tuple]) -> None:
+def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
     """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
     copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
     unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
@@ -130,11 +130,13 @@ def _warm_up(spec_json: dict, threads: int, warmed: set[tuple]) -> None:
 
     try:
         spec = FunctionSpec.from_json(spec_json)
-        shape = (*spec.shape, threads)
-        if shape in warmed:
+        if spec.shape in warmed:
             return
-        warmed.add(shape)
-        torch.set_num_threads(threads)  # kernels are chosen per thread count: warm the instances' own
+        warmed.add(spec.shape)
+        # One thread, whatever the hosts' count: GNU OpenMP's thread pool does not survive a fork, and a host
+        # forked after the zygote ran a parallel region on 2+ threads hangs in its first one. A host with more
+        # threads builds the kernels for its count on first use.
+        torch.set_num_threads(1)
         ExpertFunction(spec).warm_up()
     except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
         pass
