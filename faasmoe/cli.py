@@ -1,4 +1,4 @@
-"""The `faasmoe` command line: serve, generate, init-model, package, bench, bench-engine."""
+"""The `faasmoe` command line: serve, generate, init-model, align, package, bench, bench-engine."""
 
 from __future__ import annotations
 
@@ -110,6 +110,29 @@ def init_model_cmd(
     except (ValueError, TypeError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")
+
+
+@app.command("align", short_help="Rewrite a checkpoint's shards with 64-byte aligned tensors (faster decode).")
+def align_cmd(model: Path = typer.Argument(..., metavar="DIR", help="Checkpoint directory, rewritten in place.")) -> None:
+    """Rewrite a checkpoint's safetensors shards so that every tensor starts on a 64-byte boundary.
+
+    faasmoe maps the weights straight from these files, and bf16 matrix-vector products run 1.3-2x slower on
+    tensors that are not 64-byte aligned (safetensors aligns them to 8 bytes). The tensors' names, shapes and
+    values stay the same for every reader (transformers included); their order in the file and the header's
+    padding change. Run it once, while nothing serves the checkpoint. Checkpoints written by init-model are
+    aligned already.
+    """
+    from faasmoe.models.align import align_checkpoint
+    from faasmoe.models.checkpoint import CheckpointError
+
+    try:
+        files = align_checkpoint(model)
+    except (CheckpointError, OSError) as e:
+        _fail(str(e))
+    if files:
+        typer.echo(f"rewrote {len(files)} shard(s) of {model} with 64-byte aligned tensors")
+    else:
+        typer.echo(f"{model}: already aligned")
 
 
 MEMORY_BUDGET_OPTION = typer.Option(
@@ -424,6 +447,7 @@ def _is_loopback(host: str) -> bool:
 
 def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_source: str) -> str:
     """What a user needs to call the server, printed once it listens, so it is the last thing on screen."""
+    from faasmoe.models.align import unaligned_tensors
     from faasmoe.models.presets import has_random_weights
 
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
@@ -432,6 +456,9 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
              f"  model      {cfg.model}",
              f"  mode       {cfg.mode}; experts on the {cfg.platform} platform, {cfg.experts_per_function} per "
              f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"]
+    if unaligned := unaligned_tensors(cfg.model):
+        lines += [f"  layout     {unaligned} tensors are not 64-byte aligned: decode is up to 1.3x slower than it could be;",
+                  f"             stop the server and run `faasmoe align {cfg.model}` once."]
     if has_random_weights(cfg.model):
         lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
                   "             download a checkpoint directory (Qwen-MoE, Mixtral, OLMoE, DeepSeek) and serve it",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import re
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -62,3 +64,13 @@ def in_threads(fn, jobs: list[tuple]) -> list:
     for t in threads:
         t.join()
     return out
+
+
+def unaligned_copy(src: str | Path, dest: Path) -> Path:
+    """A copy of a checkpoint with its shards as safetensors writes them (tensors aligned to 8 bytes only)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    for shard in dest.glob("*.safetensors"):
+        save_file(load_file(str(shard)), str(shard), metadata={"format": "pt"})
+    return dest

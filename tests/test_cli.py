@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from faasmoe.cli import app
+from helpers import unaligned_copy
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -117,7 +118,14 @@ def test_serve_prints_the_banner_last_with_the_generated_key_and_random_weights(
     assert banner[0].startswith("=") and banner[-1].startswith("=")
     assert "http://127.0.0.1:43210/v1" in r.output and t.key in r.output and cfg.admin_key in r.output
     assert "RANDOM" in r.output and "64 requests at once, 100000 tokens/minute, 3 queued" in r.output
-    assert "WARNING" not in r.output
+    assert "WARNING" not in r.output and "faasmoe align" not in r.output  # init-model writes aligned tensors
+
+
+def test_serve_says_how_to_align_a_checkpoint_written_by_safetensors(served, tiny, tmp_path):
+    path = unaligned_copy(tiny, tmp_path / "unaligned")
+    r, _ = served("--model", str(path))
+    assert r.exit_code == 0, r.output
+    assert f"faasmoe align {path}" in r.output
 
 
 def test_serve_takes_the_key_from_the_flag_or_the_environment_and_does_not_print_it(served, tiny):

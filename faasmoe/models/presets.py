@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from faasmoe.models import FAMILIES, family_class
+from faasmoe.models.align import align_file
 from faasmoe.models.checkpoint import INDEX_FILE
 from faasmoe.models.weights import torch_dtype
 
@@ -226,7 +227,7 @@ def write_checkpoint(config: PretrainedConfig, out: str | Path, seed: int = 0,
                 tensors[name] = _init_tensor(name, shapes[name], seed, config.initializer_range).to(dtype)
                 bar.update(tensors[name].numel() * itemsize)
                 weight_map[name] = fname
-            save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            _save(tensors, out / fname)
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     _write_generation_config(out)
     _write_tokenizer(out)
@@ -287,7 +288,13 @@ def _skew_routers(out: Path, family, seed: int, alpha: float, weight_map: dict[s
     for fname in sorted({weight_map[n] for n in new}):
         tensors = load_file(str(out / fname))
         tensors.update({n: t.to(dtype) for n, t in new.items() if weight_map[n] == fname})
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        _save(tensors, out / fname)
+
+
+def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """A safetensors shard with every tensor 64-byte aligned (see `faasmoe.models.align`)."""
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    align_file(file)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
