@@ -65,6 +65,12 @@ class ExpertFunction:
         if not inv.token.numel():
             return out
         local = self.local[inv.expert.numpy()]  # [P]
+        if T == 1:  # one token (a single sequence's decode step): its experts here, each a matrix-vector product
+            weight = torch.from_numpy(inv.weight.numpy()).to(x.dtype)  # [P]
+            for p in np.argsort(local, kind="stable").tolist():
+                j = local[p]
+                out.add_(gated_mlp(x, self.gate_up[j], self.down[j], self.act) * weight[p])
+            return out
         order = np.argsort(local, kind="stable")
         counts = np.bincount(local, minlength=len(self.down))
         tok = inv.token.numpy()[order]  # [P], ascending within each expert
