@@ -137,6 +137,26 @@ def test_prefetch_starts_predicted_functions_ahead_and_changes_no_answer(tiny):
     assert ahead.token_ids == plain.token_ids
 
 
+def test_prefetch_accuracy_counts_the_predicted_experts_the_router_then_chose(tiny):
+    """Per layer: pairs predicted, and per token the predicted experts among those it was routed to, checked
+    against the predictions and routings the dispatcher saw."""
+    with faasmoe.load(tiny, experts_per_function=2, prefetch_layers=1) as e:
+        seen: dict[str, list] = {"predicted": [], "routed": []}
+        prefetch, send = e.dispatcher.prefetch, e.dispatcher.send
+        e.dispatcher.prefetch = lambda i, experts: (seen["predicted"].append((i, experts.tolist())), prefetch(i, experts))[1]
+        e.dispatcher.send = lambda i, x, experts, w: (seen["routed"].append((i, experts.tolist())), send(i, x, experts, w))[1]
+        out = e.generate("Predict the next layer", max_tokens=5, ignore_eos=True)
+        cp = e.control_plane
+        assert len(seen["predicted"]) == len(seen["routed"])  # each MoE layer of each step predicted once
+        hits = torch.zeros_like(cp.predicted_hits)
+        for (i, predicted), (j, routed) in zip(sorted(seen["predicted"], key=lambda p: p[0]),
+                                               sorted(seen["routed"], key=lambda p: p[0])):
+            assert i == j
+            hits[i] += sum(len(set(p) & set(r)) for p, r in zip(predicted, routed))
+        assert torch.equal(cp.predicted_hits, hits) and torch.equal(cp.predicted, cp.routed.sum(1))
+        assert 0 < out.stats["prefetch_hit_pairs"] <= out.stats["prefetch_predicted_pairs"] == int(cp.routed.sum())
+
+
 def test_calls_above_the_per_call_token_cap_are_split_and_exact(tiny, monkeypatch):
     """A long prefill routes more tokens to a function than one frame may carry: the calls are split."""
     prompt = "a prompt long enough to route many tokens to every function of a layer " * 2

@@ -9,6 +9,7 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from faasmoe.metering import meter as meter_module
 from faasmoe.metering.billing import SharedCostLedger, split_interval
@@ -325,3 +326,17 @@ def test_the_local_platform_notes_a_host_exit_right_before_it_kills_it():
         child.kill()
         child.wait()
         platform.close()
+
+
+def test_metrics_export_routing_and_prefetch_accuracy_by_layer():
+    from faasmoe.models.control_plane import RoutingCounts
+    from faasmoe.serving.metrics import Metrics
+
+    counts = RoutingCounts(routed=torch.tensor([[3, 0], [1, 2]]), predicted=torch.tensor([0, 3]),
+                           predicted_hits=torch.tensor([0, 2]))
+    text = Metrics(None, lambda: 0, lambda: 0, routing=lambda: counts).render().decode()
+    assert 'faasmoe_routed_pairs_total{expert="0",layer="0"} 3.0' in text
+    assert 'faasmoe_routed_pairs_total{expert="1",layer="0"}' not in text  # never routed: not listed
+    assert 'faasmoe_prefetch_predicted_pairs_total{layer="1"} 3.0' in text
+    assert 'faasmoe_prefetch_hit_pairs_total{layer="1"} 2.0' in text
+    assert 'faasmoe_prefetch_predicted_pairs_total{layer="0"}' not in text  # no prediction for layer 0

@@ -276,6 +276,8 @@ def _scrape(servers: list[Server]) -> dict:
     sums = {"invocations": 0.0, "cold_starts": 0.0, "prefetches": 0.0, "warm_hits": 0.0, "evictions": 0.0,
             "budget_evictions": 0.0, "crashes": 0.0, "busy_seconds": 0.0, "cold_start_seconds": 0.0}
     routed: dict[int, dict[int, float]] = {}
+    predicted: dict[int, float] = {}  # layer -> routing pairs prefetch predicted
+    hits: dict[int, float] = {}  # layer -> of those, the pairs routed
     for s in servers:
         try:
             text = httpx.get(f"{s.base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
@@ -288,7 +290,10 @@ def _scrape(servers: list[Server]) -> dict:
         for m in re.finditer(r'^faasmoe_routed_pairs_total{expert="(\d+)",layer="(\d+)"} (\S+)$', text, re.M):
             row = routed.setdefault(int(m.group(2)), {})
             row[int(m.group(1))] = row.get(int(m.group(1)), 0.0) + float(m.group(3))
-    return {**sums, "routed": routed}
+        for kind, into in (("predicted", predicted), ("hit", hits)):
+            for m in re.finditer(rf'^faasmoe_prefetch_{kind}_pairs_total{{layer="(\d+)"}} (\S+)$', text, re.M):
+                into[int(m.group(1))] = into.get(int(m.group(1)), 0.0) + float(m.group(2))
+    return {**sums, "routed": routed, "prefetch_predicted": predicted, "prefetch_hits": hits}
 
 
 def _start_llama_server(cfg: BenchConfig, tenants: list[str], workdir: Path) -> Server:
@@ -414,6 +419,7 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
     records = [r for r in [*meter.records.values(), *meter.finished] if r.label.role == "function"]
     instance_s = sum((r.ended or r.last_seen) - (r.started or r.first_seen) for r in records)  # instance lifetimes
     routed = counters["routed"]
+    predicted, hits = counters.get("prefetch_predicted", {}), counters.get("prefetch_hits", {})
     shares = [expert_top_share(torch.tensor([row.get(e, 0.0) for e in range(experts)]))
               for _, row in sorted(routed.items()) if sum(row.values())]
     cold = [r.ttft_s for r in results if r.ok and r.cold_prefill and r.ttft_s is not None]
@@ -446,6 +452,8 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
         "cold_start_s_per_cold_start": (counters.get("cold_start_seconds", 0.0) / counters["cold_starts"]
                                         if counters["cold_starts"] else None),
         "invocations": counters["invocations"], "invocations_per_token": counters["invocations"] / tokens,
+        "prefetch_accuracy": (sum(hits.values()) / sum(predicted.values())) if predicted else None,
+        "prefetch_accuracy_per_layer": {layer: hits.get(layer, 0.0) / n for layer, n in sorted(predicted.items())},
         "ttft_p50_s": load["ttft_p50_s"], "ttft_p99_s": load["ttft_p99_s"],
         "tpot_p50_ms": load["tpot_p50_ms"], "tpot_p99_ms": load["tpot_p99_ms"],
         "ttft_cold_prefill_p50_s": percentile(cold, 0.5), "ttft_warm_prefill_p50_s": percentile(warm, 0.5),
@@ -574,6 +582,8 @@ def markdown(report: dict) -> str:
             "idle_warm_fraction", "expert_top10pct_share")
     if any("cgroup_peak_bytes" in r for r in report["runs"]):  # a bench under --memory-limit
         cols += ("budget_evictions", "cgroup_peak_bytes", "oom_kills")
+    if any(r.get("prefetch_accuracy") is not None for r in report["runs"]):  # a bench with --prefetch-layers
+        cols += ("prefetches", "prefetch_accuracy")
     for purpose, title in (("main", "All runs"), ("keep-alive", "Keep-alive sweep (faasmoe-shared)"),
                            ("granularity", "Granularity sweep")):
         rows = [r for r in report["runs"] if r["purpose"] == purpose]

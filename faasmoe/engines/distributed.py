@@ -87,14 +87,16 @@ class Engine(BaseEngine):
         return self.platform.log.cold_starts + self.platform.log.prefetches
 
     def counters(self) -> dict[str, float]:
-        """Cumulative invocation, cold start, warm hit and dispatch counters of this engine."""
+        """Cumulative invocation, cold start, warm hit, prefetch and dispatch counters of this engine."""
         t = totals(self.platform.log.stats)
         d = self.dispatcher.stats
+        cp = self.control_plane
         return {"invocations": int(t.get("invocations", 0)), "cold_starts": int(t.get("cold_starts", 0)),
                 "prefetches": int(t.get("prefetches", 0)),
                 "warm_hits": int(t.get("warm_hits", 0)), "evictions": int(t.get("evictions", 0)),
                 "budget_evictions": int(t.get("budget_evictions", 0)),
                 "retries": int(t.get("retries", 0)), "crashes": int(t.get("crashes", 0)),
+                "prefetch_predicted_pairs": int(cp.predicted.sum()), "prefetch_hit_pairs": int(cp.predicted_hits.sum()),
                 "dispatches": d.dispatches, "dispatch_wait_s": d.wait_s, "tokens_sent": d.tokens_sent,
                 "bytes_sent": d.bytes_sent, "bytes_received": d.bytes_received}
 

@@ -44,6 +44,15 @@ class Attention:
 
 
 @dataclass
+class RoutingCounts:
+    """What the control plane counted of its routing so far (copies)."""
+
+    routed: torch.Tensor  # [L, E] routing pairs (token, expert) by layer and expert
+    predicted: torch.Tensor  # [L] pairs prefetch predicted for each layer ahead of it
+    predicted_hits: torch.Tensor  # [L] of those, the pairs the router then chose
+
+
+@dataclass
 class Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
@@ -84,6 +93,11 @@ class ControlPlane:
         if own_copy:
             w = {name: private_copy(t) for name, t in w.items()}
         self.routed = torch.zeros(c.num_hidden_layers, fam.num_experts, dtype=torch.long)  # [L, E] routing pairs
+        # prefetch's accuracy, per layer predicted: routing pairs predicted, and those the router then chose (each
+        # token gets as many predicted experts as it is routed to, so hits / predicted is precision and recall)
+        self.predicted = torch.zeros(c.num_hidden_layers, dtype=torch.long)
+        self.predicted_hits = torch.zeros(c.num_hidden_layers, dtype=torch.long)
+        self._prediction: dict[int, torch.Tensor] = {}  # layer -> predicted experts [T, A] of the step running
         self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in parts(t))
         self.h, self.g, self.d = c.num_attention_heads, c.num_key_value_heads, fam.head_dim
         self.eps = c.rms_norm_eps
@@ -104,6 +118,9 @@ class ControlPlane:
                 layer.router = w[fam.router_name(L)]
                 self.load_moe(L, layer, w)
             self.layers.append(layer)
+
+    def routing_counts(self) -> RoutingCounts:
+        return RoutingCounts(self.routed.clone(), self.predicted.clone(), self.predicted_hits.clone())
 
     def load_attention(self, prefix: str, w: dict[str, torch.Tensor]) -> Any:
         bias = (torch.cat([w[prefix + "q_proj.bias"], w[prefix + "k_proj.bias"], w[prefix + "v_proj.bias"]])
@@ -131,6 +148,7 @@ class ControlPlane:
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]  # [T, 1, d]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
         ahead = self.prefetch_layers
+        self._prediction.clear()
         for j in range(min(ahead, len(self.layers))):  # the first layers, predicted from the embeddings
             self.prefetch(j, x)
         for i, layer in enumerate(self.layers):
@@ -192,7 +210,8 @@ class ControlPlane:
         stream changes little from one layer to the next)."""
         layer = self.layers[i]
         if layer.router is not None:  # the family's own routing (group limits, score corrections included)
-            self.dispatcher.prefetch(i, self.route(layer, rms_norm(x, layer.ln2, self.eps))[0])
+            self._prediction[i] = experts = self.route(layer, rms_norm(x, layer.ln2, self.eps))[0]
+            self.dispatcher.prefetch(i, experts)
 
     def route(self, layer: Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Experts [T, A] and their weights [T, A] for x [T, H]: softmax, top-k, optionally renormalised."""
@@ -213,6 +232,9 @@ class ControlPlane:
     def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(layer, x)
         self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
+        if (predicted := self._prediction.pop(i, None)) is not None:  # per token: routed experts predicted
+            self.predicted[i] += predicted.numel()
+            self.predicted_hits[i] += int((experts[:, :, None] == predicted[:, None, :]).any(-1).sum())
         pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
         shared = self.shared(layer, x)  # computed meanwhile
         out = self.dispatcher.combine(pending)

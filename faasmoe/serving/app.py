@@ -43,7 +43,7 @@ def create_app(config: ServerConfig, backend: Backend | None = None) -> FastAPI:
         b = backend or await asyncio.to_thread(create_backend, config, lambda n: server.metrics.on_step(n))
         server.backend = b
         server.meter = meter = Meter(b.processes, interval=config.meter_interval_s).start()
-        server.metrics = Metrics(b.platform, b.queue_depth, b.running, meter, b.routed)
+        server.metrics = Metrics(b.platform, b.queue_depth, b.running, meter, b.routing)
         billing = asyncio.create_task(bill_shared_costs())
         try:
             yield

@@ -11,10 +11,9 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-import torch
-
 from faasmoe.engines.base import BaseEngine
 from faasmoe.metering.meter import Label
+from faasmoe.models.control_plane import RoutingCounts
 from faasmoe.platforms.base import Platform
 from faasmoe.serving.config import ServerConfig
 from faasmoe.serving.scheduler import Request, StepScheduler
@@ -53,8 +52,9 @@ class Backend(ABC):
         """Every process serving this backend, labelled by role and tenant (for metering)."""
         return {os.getpid(): Label(self.server_role), **(self.platform.processes() if self.platform else {})}
 
-    def routed(self) -> torch.Tensor | None:
-        """Routing pairs per [layer, expert] seen in this process (None where the control planes are elsewhere)."""
+    def routing(self) -> RoutingCounts | None:
+        """Routing pairs per [layer, expert] seen in this process, and prefetch's predictions (None where the
+        control planes are elsewhere)."""
         return None
 
 
@@ -90,8 +90,8 @@ class SharedBackend(Backend):
     async def submit(self, req: Request) -> None:
         self.scheduler.submit(req)
 
-    def routed(self) -> torch.Tensor | None:
-        return self.engine.control_plane.routed.clone()
+    def routing(self) -> RoutingCounts | None:
+        return self.engine.control_plane.routing_counts()
 
     def cancel(self, req: Request) -> None:
         self.scheduler.cancel(req)

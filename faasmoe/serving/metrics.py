@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from faasmoe.metering.meter import Meter
+from faasmoe.models.control_plane import RoutingCounts
 from faasmoe.platforms.base import Platform
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -86,26 +86,35 @@ class _Processes:
 
 class _Routing:
     """Custom collector: routing pairs per (layer, expert) seen by this process's control plane, so a
-    benchmark can say how skewed the routing of its workload really was."""
+    benchmark can say how skewed the routing of its workload really was, and how well prefetch predicted it."""
 
-    def __init__(self, routed: Callable[[], torch.Tensor | None]):
-        self.routed = routed
+    def __init__(self, routing: Callable[[], RoutingCounts | None]):
+        self.routing = routing
 
     def collect(self):
         fam = CounterMetricFamily("faasmoe_routed_pairs", "Routing pairs (token, expert) by MoE layer and expert",
                                   labels=["layer", "expert"])
-        counts = self.routed()
+        predicted = CounterMetricFamily("faasmoe_prefetch_predicted_pairs", "Routing pairs prefetch predicted, "
+                                        "by the layer predicted", labels=["layer"])
+        hits = CounterMetricFamily("faasmoe_prefetch_hit_pairs", "Predicted routing pairs the router then chose "
+                                   "(a token gets as many predicted experts as routed ones: hits / predicted is "
+                                   "both precision and recall)", labels=["layer"])
+        counts = self.routing()
         if counts is not None:
-            for layer, row in enumerate(counts.tolist()):
+            for layer, row in enumerate(counts.routed.tolist()):
                 for expert, n in enumerate(row):
                     if n:
                         fam.add_metric([str(layer), str(expert)], n)
-        yield fam
+            for layer, (n, hit) in enumerate(zip(counts.predicted.tolist(), counts.predicted_hits.tolist())):
+                if n:
+                    predicted.add_metric([str(layer)], n)
+                    hits.add_metric([str(layer)], hit)
+        yield from (fam, predicted, hits)
 
 
 class Metrics:
     def __init__(self, platform: Platform | None, queue_depth: Callable[[], int], running: Callable[[], int],
-                 meter: Meter | None = None, routed: Callable[[], torch.Tensor | None] | None = None):
+                 meter: Meter | None = None, routing: Callable[[], RoutingCounts | None] | None = None):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("faasmoe_requests", "HTTP requests by tenant, endpoint and status",
                                 ["tenant", "endpoint", "status"], registry=r)
@@ -123,8 +132,8 @@ class Metrics:
             r.register(_FunctionPool(platform))
         if meter is not None:
             r.register(_Processes(meter))
-        if routed is not None:
-            r.register(_Routing(routed))
+        if routing is not None:
+            r.register(_Routing(routing))
 
     def on_step(self, batch_size: int) -> None:
         self.batch.observe(batch_size)
