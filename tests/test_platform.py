@@ -88,6 +88,9 @@ def test_instance_scales_to_zero_after_keep_alive_and_cold_starts_again(specs):
         assert events == ["cold_start", "eviction", "cold_start"]
         cold = [e for e in p.log.recent if e.kind == "cold_start"]
         assert all(e.duration_s > 0 and e.load_s is not None for e in cold)
+        # the loads' read throughput: the function's weight bytes per load, over the loads' own time
+        assert st.weight_bytes == s.nbytes and st.loaded_bytes == 2 * s.nbytes
+        assert st.load_s == pytest.approx(sum(e.load_s for e in cold))
     finally:
         p.close()
 

@@ -274,7 +274,7 @@ def _scrape(servers: list[Server]) -> dict:
     import re
 
     sums = {"invocations": 0.0, "cold_starts": 0.0, "prefetches": 0.0, "warm_hits": 0.0, "evictions": 0.0,
-            "budget_evictions": 0.0, "crashes": 0.0, "busy_seconds": 0.0, "cold_start_seconds": 0.0}
+            "budget_evictions": 0.0, "crashes": 0.0, "busy_seconds": 0.0, "cold_start_seconds": 0.0, "load_seconds": 0.0, "loaded_bytes": 0.0}
     routed: dict[int, dict[int, float]] = {}
     predicted: dict[int, float] = {}  # layer -> routing pairs prefetch predicted
     hits: dict[int, float] = {}  # layer -> of those, the pairs routed
@@ -451,6 +451,8 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
         "evictions": counters["evictions"], "budget_evictions": counters.get("budget_evictions", 0.0),
         "cold_start_s_per_cold_start": (counters.get("cold_start_seconds", 0.0) / counters["cold_starts"]
                                         if counters["cold_starts"] else None),
+        "load_read_gb_per_s": (counters.get("loaded_bytes", 0.0) / counters["load_seconds"] / 1e9
+                               if counters.get("load_seconds") else None),
         "invocations": counters["invocations"], "invocations_per_token": counters["invocations"] / tokens,
         "prefetch_accuracy": (sum(hits.values()) / sum(predicted.values())) if predicted else None,
         "prefetch_accuracy_per_layer": {layer: hits.get(layer, 0.0) / n for layer, n in sorted(predicted.items())},
@@ -578,7 +580,7 @@ def markdown(report: dict) -> str:
     cols = ("requests", "errors", "arrival_window_s", "drain_s", "generated_tokens", "avg_mem_gb_physical",
             "peak_mem_gb_physical", "avg_mem_gb_billed", "page_cache_gb_avg", "avg_cpu_percent",
             "cpu_seconds_per_token", "gb_seconds_per_token_physical", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
-            "tpot_p99_ms", "cold_starts", "evictions", "ttft_cold_prefill_p50_s", "ttft_warm_prefill_p50_s",
+            "tpot_p99_ms", "cold_starts", "load_read_gb_per_s", "evictions", "ttft_cold_prefill_p50_s", "ttft_warm_prefill_p50_s",
             "idle_warm_fraction", "expert_top10pct_share")
     if any("cgroup_peak_bytes" in r for r in report["runs"]):  # a bench under --memory-limit
         cols += ("budget_evictions", "cgroup_peak_bytes", "oom_kills")

@@ -8,6 +8,7 @@ events and resource use. It moves opaque wire frames: it never looks inside.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -85,6 +86,9 @@ class FunctionStats:
     peak_instances: int = 0
     busy_s: float = 0.0  # summed call time
     cold_start_s: float = 0.0  # summed cold-start time
+    weight_bytes: int = 0  # the function's weights (as deployed)
+    load_s: float = 0.0  # summed weight-load time inside instances (cold starts and prefetches that report it)
+    loaded_bytes: int = 0  # weight bytes those loads read: / load_s is the loads' read throughput
 
 
 @dataclass
@@ -116,6 +120,9 @@ class EventLog:
     def record(self, ev: InstanceEvent) -> None:
         with self._lock:
             s = self.stats.setdefault(ev.function, FunctionStats())
+            if ev.kind in ("cold_start", "prefetch") and ev.load_s is not None and math.isfinite(ev.load_s):
+                s.load_s += ev.load_s
+                s.loaded_bytes += s.weight_bytes
             if ev.kind == "cold_start":
                 self.cold_starts += 1
                 s.cold_starts += 1
@@ -159,8 +166,11 @@ class EventLog:
             s.instances = running
             s.peak_instances = max(s.peak_instances, running)
 
-    def function(self, fid: str) -> FunctionStats:
-        return self.stats.setdefault(fid, FunctionStats())
+    def function(self, fid: str, weight_bytes: int = 0) -> FunctionStats:
+        """A function's counters, listed from its deployment on (with its weights' size where known)."""
+        s = self.stats.setdefault(fid, FunctionStats())
+        s.weight_bytes = weight_bytes or s.weight_bytes
+        return s
 
 
 def totals(stats: dict[str, FunctionStats]) -> dict[str, float]:

@@ -41,6 +41,10 @@ class _FunctionPool:
             "timeouts": CounterMetricFamily("faasmoe_function_timeouts", "Calls that timed out", labels=["function"]),
             "cold_start_s": CounterMetricFamily("faasmoe_function_cold_start_seconds", "Time spent cold-starting",
                                                 labels=["function"]),
+            "load_s": CounterMetricFamily("faasmoe_function_load_seconds", "Time instances spent loading weights "
+                                          "(cold starts and prefetches)", labels=["function"]),
+            "loaded_bytes": CounterMetricFamily("faasmoe_function_loaded_bytes", "Weight bytes those loads read "
+                                                "(/ load seconds: their read throughput)", labels=["function"]),
             "busy_s": CounterMetricFamily("faasmoe_function_busy_seconds", "Time instances spent in calls",
                                           labels=["function"]),
         }
