@@ -119,8 +119,9 @@ def align_cmd(model: Path = typer.Argument(..., metavar="DIR", help="Checkpoint 
     faasmoe maps the weights straight from these files, and bf16 matrix-vector products run 1.3-2x slower on
     tensors that are not 64-byte aligned (safetensors aligns them to 8 bytes). The tensors' names, shapes and
     values stay the same for every reader (transformers included); their order in the file and the header's
-    padding change. Run it once, while nothing serves the checkpoint. Checkpoints written by init-model are
-    aligned already.
+    padding change, and so does the checkpoint's digest (rebuild `faasmoe package` output after). Run it once,
+    while nothing serves the checkpoint (a shard some process has open is refused). Checkpoints written by
+    init-model are aligned already.
     """
     from faasmoe.models.align import align_checkpoint
     from faasmoe.models.checkpoint import CheckpointError
@@ -457,8 +458,9 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
              f"  mode       {cfg.mode}; experts on the {cfg.platform} platform, {cfg.experts_per_function} per "
              f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"]
     if unaligned := unaligned_tensors(cfg.model):
-        lines += [f"  layout     {unaligned} tensors are not 64-byte aligned: decode is up to 1.3x slower than it could be;",
-                  f"             stop the server and run `faasmoe align {cfg.model}` once."]
+        lines += [f"  layout     {unaligned} tensors are not 64-byte aligned: decode is ~10-15 % slower than it could be;",
+                  f"             stop the server and run `faasmoe align {cfg.model}` once (then rebuild any",
+                  "             `faasmoe package` output: the checkpoint's digest changes)."]
     if has_random_weights(cfg.model):
         lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
                   "             download a checkpoint directory (Qwen-MoE, Mixtral, OLMoE, DeepSeek) and serve it",

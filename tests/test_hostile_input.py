@@ -119,6 +119,27 @@ def test_one_token_experts_add_exactly_what_the_gathered_path_adds(tiny, dtype):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_one_token_call_adds_its_experts_in_ascending_order_bit_for_bit(tiny, dtype):
+    """A single sequence's decode step: one token routed to several experts of the block, listed in any order."""
+    from faasmoe.models.layers import gated_mlp
+
+    f = ExpertFunction(Deployment.plan(Checkpoint(tiny), 4, dtype).specs[1])
+    e = f.spec.experts
+    g = torch.Generator().manual_seed(5)
+    expert = torch.tensor([e[2], e[0], e[3]], dtype=torch.int32)
+    weight = torch.rand(3, generator=g)
+    inv = wire.Invocation(f.digest, f.spec.layer, f.spec.block, torch.randn(1, f.spec.hidden_size, generator=g).to(
+        f.dtype), torch.zeros(3, dtype=torch.int32), expert, weight)
+    with torch.inference_mode():
+        out = f.compute(inv)
+        ref = torch.zeros_like(inv.hidden)
+        for p, j in ((1, 0), (0, 2), (2, 3)):  # ascending expert order, as transformers adds them
+            ref.index_add_(0, torch.tensor([0]), gated_mlp(inv.hidden, f.gate_up[j], f.down[j], f.act)
+                           * weight.to(f.dtype)[p:p + 1, None])
+    assert torch.equal(out, ref)
+
+
 def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():
     """Its fast path sums the output: a sum that overflows must not turn finite values into an error."""
     from faasmoe.functions.expert import _finite

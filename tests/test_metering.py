@@ -340,3 +340,28 @@ def test_metrics_export_routing_and_prefetch_accuracy_by_layer():
     assert 'faasmoe_prefetch_predicted_pairs_total{layer="1"} 3.0' in text
     assert 'faasmoe_prefetch_hit_pairs_total{layer="1"} 2.0' in text
     assert 'faasmoe_prefetch_predicted_pairs_total{layer="0"}' not in text  # no prediction for layer 0
+
+
+def test_the_bench_reads_back_what_the_metrics_render(monkeypatch):
+    """faasmoe bench scrapes /metrics with regexes: the names and labels it parses are the ones rendered."""
+    from types import SimpleNamespace
+
+    from faasmoe.bench import multitenant
+    from faasmoe.models.control_plane import RoutingCounts
+    from faasmoe.platforms.base import EventLog
+    from faasmoe.serving.metrics import Metrics
+
+    log = EventLog()
+    log.function("f1", 1000)
+    log.event("cold_start", "f1", "host0", 0.2, 0.05)
+    log.event("prefetch", "f1", "host1", 0.1, 0.03)
+    platform = SimpleNamespace(log=log, memory=lambda: {})
+    counts = RoutingCounts(routed=torch.tensor([[3, 0], [1, 2]]), predicted=torch.tensor([0, 3]),
+                           predicted_hits=torch.tensor([0, 2]))
+    text = Metrics(platform, lambda: 0, lambda: 0, routing=lambda: counts).render().decode()
+    monkeypatch.setattr(multitenant.httpx, "get", lambda *a, **k: SimpleNamespace(text=text))
+    got = multitenant._scrape([SimpleNamespace(base_url="http://unused")])
+    assert (got["cold_starts"], got["prefetches"], got["loaded_bytes"]) == (1, 1, 2000)
+    assert got["load_seconds"] == pytest.approx(0.08)
+    assert got["routed"] == {0: {0: 3.0}, 1: {0: 1.0, 1: 2.0}}
+    assert (got["prefetch_predicted"], got["prefetch_hits"]) == ({1: 3.0}, {1: 2.0})

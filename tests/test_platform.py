@@ -383,12 +383,12 @@ def test_zygote_warms_each_function_shape_once(tiny, specs):
 
     ExpertFunction(specs[0]).warm_up(max_rows=8)  # raises if a path it warms is broken (the zygote would not say)
     warmed: set[tuple] = set()
-    _warm_up(specs[0].to_json(), 1, warmed)
-    _warm_up(specs[1].to_json(), 1, warmed)  # another function, same shape
+    _warm_up(specs[0].to_json(), warmed)
+    _warm_up(specs[1].to_json(), warmed)  # another function, same shape
     assert len(warmed) == 1
-    _warm_up(Deployment.plan(Checkpoint(tiny), 1, "float32").specs[0].to_json(), 1, warmed)  # k=1: another shape
+    _warm_up(Deployment.plan(Checkpoint(tiny), 1, "float32").specs[0].to_json(), warmed)  # k=1: another shape
     assert len(warmed) == 2
-    _warm_up({"not": "a spec"}, 1, warmed)  # left to fail in the instance, which says why
+    _warm_up({"not": "a spec"}, warmed)  # left to fail in the instance, which says why
     assert len(warmed) == 2
 
 

@@ -100,7 +100,8 @@ class ExpertFunction:
         Kernels are compiled and cached on first use, per shape, and the allocator grows around them. The
         zygote calls this once per function shape before forking, so its instances share one copy of all that
         (copy-on-write) instead of each building its own: measured on the quarter preset, an instance's own
-        memory after 300 varied calls went from 18 to 10 MB, for 0.1 s of the zygote's time once per shape."""
+        memory after 300 varied calls went from 18 to 10 MB, for 0.1 s of the zygote's time once per shape. The zygote
+        warms them on one thread (a fork-safe OpenMP state), so hosts with more threads build their own."""
         H = self.spec.hidden_size
         n = 1
         while n <= max_rows:

@@ -11,8 +11,10 @@ The format allows both things done here: the header may be padded with spaces, a
 tensors' data may lie in any order as long as it has no holes. A rewritten shard keeps
 every tensor's name, dtype, shape and bytes (readers, transformers included, see the
 same tensors); tensors whose size is not a multiple of 64 go last, so they cannot shift
-the others. The file is written next to the original and renamed over it: processes that
-have the old file mapped keep the old bytes.
+the others. The file is written next to the original and renamed over it. A server must not
+run on the checkpoint meanwhile (its functions would map the new file at the old offsets), so a
+shard that any process has open or mapped is refused; so is a symbolic link (a Hugging Face
+cache snapshot: its blobs are named by their hash; align a copy, `cp -rL`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
@@ -27,59 +30,102 @@ from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
 ALIGNMENT = 64  # a cache line; what the AVX512 kernels load at once
 
 
-def misaligned(offsets: list[int]) -> int:
-    """How many of these absolute file offsets are not on an ALIGNMENT boundary."""
-    return sum(1 for o in offsets if o % ALIGNMENT)
+def _alignable(nbytes: int) -> bool:
+    """Whether a tensor of this size can start on an ALIGNMENT boundary in a layout without holes (an empty
+    one has no bytes to align)."""
+    return nbytes > 0 and nbytes % ALIGNMENT == 0
 
 
-def _layout(file: Path) -> tuple[dict, list[tuple[str, int, int]]]:
-    """The shard's header (JSON object) and its tensors as (name, absolute offset, bytes) in file order."""
-    with open(file, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(hlen))
-    locations = read_safetensors_header(file)  # validates sizes against the file
-    tensors = sorted(((n, loc.offset, loc.nbytes) for n, loc in locations.items()), key=lambda t: t[1])
-    return header, tensors
+def _misaligned(tensors) -> int:
+    return sum(1 for t in tensors if _alignable(t.nbytes) and t.offset % ALIGNMENT)
 
 
 def align_file(file: str | os.PathLike) -> bool:
     """Rewrite one shard with its tensors 64-byte aligned; False (untouched) if they already are."""
     file = Path(file)
-    header, tensors = _layout(file)
-    if not misaligned([off for _, off, nbytes in tensors if nbytes % ALIGNMENT == 0]):
+    locations = read_safetensors_header(file)  # validates every size against the file first
+    if not _misaligned(locations.values()):
         return False  # as aligned as a layout without holes can be
-    order = [t for t in tensors if t[2] % ALIGNMENT == 0] + [t for t in tensors if t[2] % ALIGNMENT]
+    if file.is_symlink():
+        raise OSError(f"{file} is a symbolic link (a Hugging Face cache snapshot?): align a copy of the "
+                      f"checkpoint (cp -rL) instead of the files it points to")
+    if users := _processes_using(file):
+        raise OSError(f"{file} is open or mapped by process(es) {', '.join(map(str, users))} (a server on this "
+                      f"checkpoint?): stop them first")
+    with open(file, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(hlen))
+    tensors = sorted(locations.values(), key=lambda t: t.offset)
+    order = [t for t in tensors if _alignable(t.nbytes)] + [t for t in tensors if not _alignable(t.nbytes)]
     pos = 0
-    for name, _, nbytes in order:
-        header[name]["data_offsets"] = [pos, pos + nbytes]
-        pos += nbytes
+    for t in order:
+        header[t.name]["data_offsets"] = [pos, pos + t.nbytes]
+        pos += t.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGNMENT)  # trailing spaces: allowed by the format
-    tmp = file.with_name(file.name + ".aligning")
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".aligning")
     try:
-        with open(file, "rb") as src, open(tmp, "wb") as dst:
+        with open(file, "rb") as src, os.fdopen(fd, "wb") as dst:
             dst.write(struct.pack("<Q", len(text)) + text)
             dst.flush()
-            for _, offset, nbytes in order:
-                _copy(src.fileno(), dst.fileno(), offset, nbytes)
+            copy = _Copier(src.fileno(), dst.fileno())
+            for t in order:
+                copy(t.offset, t.nbytes)
+            os.fchmod(dst.fileno(), file.stat().st_mode & 0o7777)
             os.fsync(dst.fileno())
         os.replace(tmp, file)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return True
 
 
-def _copy(src: int, dst: int, offset: int, nbytes: int) -> None:
-    """nbytes of src from offset, appended to dst (in the kernel where it can: copy_file_range)."""
-    while nbytes:
+class _Copier:
+    """Appends byte ranges of src to dst: in the kernel (copy_file_range) where the filesystem allows, else
+    through user space."""
+
+    def __init__(self, src: int, dst: int):
+        self.src, self.dst, self.in_kernel = src, dst, True
+
+    def __call__(self, offset: int, nbytes: int) -> None:
+        while nbytes:
+            n = 0
+            if self.in_kernel:
+                try:
+                    n = os.copy_file_range(self.src, self.dst, nbytes, offset)
+                except OSError:  # another filesystem or kernel
+                    self.in_kernel = False
+            if not self.in_kernel:
+                n = os.write(self.dst, os.pread(self.src, min(nbytes, 1 << 24), offset))
+            if n == 0:
+                raise OSError(f"unexpected end of file at offset {offset}")
+            offset += n
+            nbytes -= n
+
+
+def _processes_using(file: Path) -> list[int]:
+    """Other processes (Linux: from /proc) that have this file open or mapped."""
+    target, path = os.stat(file), str(file.resolve())
+    users = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        if int(pid) == os.getpid():
+            continue
         try:
-            n = os.copy_file_range(src, dst, nbytes, offset)
-        except OSError:  # another filesystem or kernel: through user space
-            n = os.write(dst, os.pread(src, min(nbytes, 1 << 24), offset))
-        if n == 0:
-            raise OSError(f"unexpected end of file at offset {offset}")
-        offset += n
-        nbytes -= n
+            mapped = any(line.endswith(path) for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+            fds = os.listdir(f"/proc/{pid}/fd") if not mapped else []
+            opened = any(_same(f"/proc/{pid}/fd/{fd}", target) for fd in fds)
+        except OSError:  # gone, or not ours to read
+            continue
+        if mapped or opened:
+            users.append(int(pid))
+    return users
+
+
+def _same(path: str, target: os.stat_result) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
 
 
 def align_checkpoint(path: str | os.PathLike) -> list[Path]:
@@ -90,4 +136,4 @@ def align_checkpoint(path: str | os.PathLike) -> list[Path]:
 
 def unaligned_tensors(path: str | os.PathLike) -> int:
     """How many tensors of a checkpoint directory `align_checkpoint` would move onto a 64-byte boundary."""
-    return misaligned([t.offset for t in Checkpoint(path).tensors.values() if t.nbytes % ALIGNMENT == 0])
+    return _misaligned(Checkpoint(path).tensors.values())

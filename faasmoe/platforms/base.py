@@ -68,7 +68,7 @@ class InstanceEvent:
     instance: str
     at: float  # wall-clock time.time()
     duration_s: float  # cold start, prefetch: spawn to ready; warm hit: the call; eviction: idle time; crash: the call
-    load_s: float | None = None  # cold start only: weight load inside the instance
+    load_s: float | None = None  # cold start, prefetch: weight load inside the instance
 
 
 @dataclass
@@ -88,7 +88,7 @@ class FunctionStats:
     cold_start_s: float = 0.0  # summed cold-start time
     weight_bytes: int = 0  # the function's weights (as deployed)
     load_s: float = 0.0  # summed weight-load time inside instances (cold starts and prefetches that report it)
-    loaded_bytes: int = 0  # weight bytes those loads read: / load_s is the loads' read throughput
+    loaded_bytes: int = 0  # weight bytes those loads mapped (page-cache hits included): / load_s, their load rate
 
 
 @dataclass
@@ -120,7 +120,8 @@ class EventLog:
     def record(self, ev: InstanceEvent) -> None:
         with self._lock:
             s = self.stats.setdefault(ev.function, FunctionStats())
-            if ev.kind in ("cold_start", "prefetch") and ev.load_s is not None and math.isfinite(ev.load_s):
+            if (ev.kind in ("cold_start", "prefetch") and s.weight_bytes and ev.load_s is not None
+                    and math.isfinite(ev.load_s)):
                 s.load_s += ev.load_s
                 s.loaded_bytes += s.weight_bytes
             if ev.kind == "cold_start":

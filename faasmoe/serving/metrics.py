@@ -43,8 +43,8 @@ class _FunctionPool:
                                                 labels=["function"]),
             "load_s": CounterMetricFamily("faasmoe_function_load_seconds", "Time instances spent loading weights "
                                           "(cold starts and prefetches)", labels=["function"]),
-            "loaded_bytes": CounterMetricFamily("faasmoe_function_loaded_bytes", "Weight bytes those loads read "
-                                                "(/ load seconds: their read throughput)", labels=["function"]),
+            "loaded_bytes": CounterMetricFamily("faasmoe_function_loaded_bytes", "Weight bytes those loads mapped, "
+                                                "page-cache hits included (/ load seconds: their load rate)", labels=["function"]),
             "busy_s": CounterMetricFamily("faasmoe_function_busy_seconds", "Time instances spent in calls",
                                           labels=["function"]),
         }

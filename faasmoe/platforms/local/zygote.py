@@ -91,6 +91,8 @@ class Zygote:
 
 def run() -> None:
     """Zygote side: import once, then fork on every request line."""
+    import torch
+
     from faasmoe.platforms.local import host  # the import is the point: torch and the handler, once
     from faasmoe.proctitle import set_title
 
@@ -100,7 +102,11 @@ def run() -> None:
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
-    warmed: set[str] = set()
+    # One thread, whatever the hosts' count: GNU OpenMP's thread pool does not survive a fork, and a host forked
+    # after the zygote ran a parallel region on 2+ threads hangs in its first one. So kernels are warmed (and
+    # shared copy-on-write) for one-thread hosts; a host with more builds its own on first use.
+    torch.set_num_threads(1)
+    warmed: set[tuple] = set()
     for line in sys.stdin:
         req = json.loads(line)
         threads = int(req.get("threads", 1))
@@ -123,8 +129,6 @@ def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
     """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
     copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
     unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
-    import torch
-
     from faasmoe.functions.expert import ExpertFunction
     from faasmoe.functions.spec import FunctionSpec
 
@@ -133,10 +137,6 @@ def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
         if spec.shape in warmed:
             return
         warmed.add(spec.shape)
-        # One thread, whatever the hosts' count: GNU OpenMP's thread pool does not survive a fork, and a host
-        # forked after the zygote ran a parallel region on 2+ threads hangs in its first one. A host with more
-        # threads builds the kernels for its count on first use.
-        torch.set_num_threads(1)
         ExpertFunction(spec).warm_up()
     except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
         pass
