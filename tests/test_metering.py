@@ -352,7 +352,7 @@ def test_the_bench_reads_back_what_the_metrics_render(monkeypatch):
     from faasmoe.serving.metrics import Metrics
 
     log = EventLog()
-    log.function("f1", 1000)
+    log.deployed("f1", 1000)
     log.event("cold_start", "f1", "host0", 0.2, 0.05)
     log.event("prefetch", "f1", "host1", 0.1, 0.03)
     platform = SimpleNamespace(log=log, memory=lambda: {})

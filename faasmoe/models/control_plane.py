@@ -14,6 +14,7 @@ d = head dim, S = cached positions, E = experts, A = experts per token, V = voca
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,7 @@ class ControlPlane:
         self.predicted = torch.zeros(c.num_hidden_layers, dtype=torch.long)
         self.predicted_hits = torch.zeros(c.num_hidden_layers, dtype=torch.long)
         self._prediction: dict[int, torch.Tensor] = {}  # layer -> predicted experts [T, A] of the step running
+        self._counts_lock = threading.Lock()  # the counters are read by /metrics from another thread
         self.nbytes = sum(p.numel() * p.element_size() for t in w.values() for p in parts(t))
         self.h, self.g, self.d = c.num_attention_heads, c.num_key_value_heads, fam.head_dim
         self.eps = c.rms_norm_eps
@@ -120,7 +122,8 @@ class ControlPlane:
             self.layers.append(layer)
 
     def routing_counts(self) -> RoutingCounts:
-        return RoutingCounts(self.routed.clone(), self.predicted.clone(), self.predicted_hits.clone())
+        with self._counts_lock:
+            return RoutingCounts(self.routed.clone(), self.predicted.clone(), self.predicted_hits.clone())
 
     def load_attention(self, prefix: str, w: dict[str, torch.Tensor]) -> Any:
         bias = (torch.cat([w[prefix + "q_proj.bias"], w[prefix + "k_proj.bias"], w[prefix + "v_proj.bias"]])
@@ -231,10 +234,14 @@ class ControlPlane:
 
     def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
         experts, weights = self.route(layer, x)
-        self.routed[i] += torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
-        if (predicted := self._prediction.pop(i, None)) is not None:  # per token: routed experts predicted
-            self.predicted[i] += predicted.numel()
-            self.predicted_hits[i] += int((experts[:, :, None] == predicted[:, None, :]).any(-1).sum())
+        counts = torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
+        predicted = self._prediction.pop(i, None)
+        hits = None if predicted is None else int((experts[:, :, None] == predicted[:, None, :]).any(-1).sum())
+        with self._counts_lock:
+            self.routed[i] += counts
+            if predicted is not None:  # per token: the routed experts that were predicted
+                self.predicted[i] += predicted.numel()
+                self.predicted_hits[i] += hits
         pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
         shared = self.shared(layer, x)  # computed meanwhile
         out = self.dispatcher.combine(pending)

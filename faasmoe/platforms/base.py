@@ -167,11 +167,13 @@ class EventLog:
             s.instances = running
             s.peak_instances = max(s.peak_instances, running)
 
-    def function(self, fid: str, weight_bytes: int = 0) -> FunctionStats:
-        """A function's counters, listed from its deployment on (with its weights' size where known)."""
-        s = self.stats.setdefault(fid, FunctionStats())
-        s.weight_bytes = weight_bytes or s.weight_bytes
-        return s
+    def deployed(self, fid: str, weight_bytes: int) -> None:
+        """A function is deployed: listed (with zeros) from now on, with its weights' size."""
+        with self._lock:
+            self.function(fid).weight_bytes = weight_bytes
+
+    def function(self, fid: str) -> FunctionStats:
+        return self.stats.setdefault(fid, FunctionStats())
 
 
 def totals(stats: dict[str, FunctionStats]) -> dict[str, float]:

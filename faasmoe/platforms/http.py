@@ -71,7 +71,7 @@ class HttpPlatform(Platform):
 
     def deploy(self, spec: FunctionSpec) -> None:
         self.url(spec.id)
-        self.log.function(spec.id, spec.nbytes)
+        self.log.deployed(spec.id, spec.nbytes)
 
     def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[Future]:
         return [self._pool.submit(self._call, fid, frame) for fid, frame in calls]

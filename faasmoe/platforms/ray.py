@@ -175,7 +175,7 @@ class RayPlatform(Platform):
             if spec.id not in self._deployed:
                 self._deployed[spec.id] = spec
                 self._pending.append(spec)
-                self.log.function(spec.id, spec.nbytes)
+                self.log.deployed(spec.id, spec.nbytes)
 
     def finish_deploy(self) -> None:
         self._flush()

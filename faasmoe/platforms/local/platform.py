@@ -163,7 +163,7 @@ class LocalPlatform(Platform):
         with self._lock:
             if spec.id not in self._pools:
                 self._pools[spec.id] = _Pool(spec, max_frame_bytes(spec))
-                self.log.function(spec.id, spec.nbytes)  # listed (with zeros) from deployment on
+                self.log.deployed(spec.id, spec.nbytes)  # listed (with zeros) from deployment on
 
     def finish_deploy(self) -> None:
         """With a memory budget, start from a page cache that holds none of the functions' bytes (writing or

@@ -157,7 +157,7 @@ class GatewayPlatform(Platform):
 
     def deploy(self, spec: FunctionSpec) -> None:
         """Functions are deployed by the process that owns the platform; nothing to do here."""
-        self.log.function(spec.id, spec.nbytes)
+        self.log.deployed(spec.id, spec.nbytes)
 
     def _connect(self) -> socket.socket:
         with self._lock:
