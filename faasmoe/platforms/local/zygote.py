@@ -33,6 +33,10 @@ class Zygote:
         self._ready = False
         self._proc = subprocess.Popen([sys.executable, "-m", "faasmoe.platforms.local.zygote"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, bufsize=1,
+                                      # one thread, whatever the hosts' count: GNU OpenMP's thread pool does
+                                      # not survive a fork, and a host forked after the zygote ran a parallel
+                                      # region on 2+ threads hangs in its first one; so kernels are warmed (and
+                                      # shared) for one-thread hosts, and a host with more builds its own
                                       env=dict(os.environ, OMP_NUM_THREADS="1"))
 
     @classmethod
@@ -91,8 +95,6 @@ class Zygote:
 
 def run() -> None:
     """Zygote side: import once, then fork on every request line."""
-    import torch
-
     from faasmoe.platforms.local import host  # the import is the point: torch and the handler, once
     from faasmoe.proctitle import set_title
 
@@ -102,10 +104,6 @@ def run() -> None:
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
-    # One thread, whatever the hosts' count: GNU OpenMP's thread pool does not survive a fork, and a host forked
-    # after the zygote ran a parallel region on 2+ threads hangs in its first one. So kernels are warmed (and
-    # shared copy-on-write) for one-thread hosts; a host with more builds its own on first use.
-    torch.set_num_threads(1)
     warmed: set[tuple] = set()
     for line in sys.stdin:
         req = json.loads(line)
