@@ -1,4 +1,4 @@
-"""The `faasmoe` command line: serve, generate, init-model, align, package, bench, bench-engine."""
+"""The `faasmoe` command line: serve, generate, init-model, quantize, align, package, bench, bench-engine."""
 
 from __future__ import annotations
 
@@ -93,6 +93,8 @@ def init_model_cmd(
     router_skew: str = typer.Option("uniform", "--router-skew", metavar="LEVEL|ALPHA",
                                     help="Synthetic expert popularity per router: uniform, mild, strong or a "
                                          "number >= 0 (0 = uniform random routers)."),
+    int8: bool = typer.Option(False, "--int8", help="Store experts, MLPs and lm_head in int8 (as `faasmoe "
+                                                     "quantize` does)."),
 ) -> None:
     """Write a MoE checkpoint with RANDOM weights (config, sharded safetensors, Qwen tokenizer).
 
@@ -106,10 +108,46 @@ def init_model_cmd(
     if dtype:
         overrides["dtype"] = dtype
     try:
-        path = init_model(preset, out, layers=layers, seed=seed, overrides=overrides, router_skew=router_skew)
+        path = init_model(preset, out, layers=layers, seed=seed, overrides=overrides, router_skew=router_skew,
+                          int8=int8)
     except (ValueError, TypeError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")
+
+
+@app.command("quantize", short_help="Write an int8 copy of a checkpoint: half the bytes read per token.")
+def quantize_cmd(
+    model: Path = typer.Argument(..., metavar="SRC", help="Checkpoint directory to quantize (left as it is)."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="New directory for the int8 checkpoint."),
+    only: list[str] = typer.Option([], "--only", metavar="GROUP", show_default="all three",
+                                   help="Quantize only this group, repeatable: experts (routed experts), mlp "
+                                        "(shared experts, dense MLPs), lm_head."),
+    compare: bool = typer.Option(True, help="Then run both models on a sample text and print how far the int8 "
+                                            "model's logits are from the original's (one model in memory at a "
+                                            "time, weights mapped)."),
+) -> None:
+    """Write a copy of a checkpoint with its experts, MLPs and lm_head in int8 (weight-only, one scale per row).
+
+    Every decode step reads these matrices once, and on a CPU that reading is most of the step's time: in int8
+    it is half the bytes (attention, routers and embeddings stay as they are). Serve the new directory like any
+    checkpoint (`faasmoe serve --model DIR`); functions, metering and memory budgets see its smaller experts.
+    It is a different model (each weight rounded to one of 255 levels of its row): --compare reports how
+    different. transformers does not read this format (it warns about quant_method "faasmoe" and would take the
+    int8 numbers for weights).
+    """
+    from faasmoe.models.checkpoint import CheckpointError
+    from faasmoe.models.quantize import GROUPS, SAMPLE_TEXT, compare_logits, quantize_checkpoint
+
+    try:
+        path = quantize_checkpoint(model, out, tuple(only) or GROUPS)
+    except (CheckpointError, ValueError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {path}")
+    if compare:
+        d = compare_logits(model, path, SAMPLE_TEXT)
+        typer.echo(f"logits over {d['positions']} positions of a sample text: max |difference| "
+                   f"{d['max_abs_logit_difference']:.4g}, mean {d['mean_abs_logit_difference']:.4g} (mean |logit| "
+                   f"{d['logit_scale']:.4g}); the same top token at {100 * d['top1_agreement']:.1f} % of them")
 
 
 @app.command("align", short_help="Rewrite a checkpoint's shards with 64-byte aligned tensors (faster decode).")

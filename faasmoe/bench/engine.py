@@ -6,6 +6,8 @@ Measured, on the same checkpoint and prompt, interleaved so machine noise hits b
   dtype, threads and cached positions), measured first, with nothing else loaded;
 * the cost of one MoE layer dispatch: a layer's calls through the platform vs the same
   calls computed in this process, and the decode gap divided by the MoE layers;
+* an int8 checkpoint (`faasmoe quantize`) is compared with transformers on its weights dequantized and with
+  llama.cpp's q8_0 conversion of those;
 * the cold start of one function vs a plain read of its weight bytes, both with the weights in the
   page cache (warm) and with them evicted first (cold: read from the disk), measured once every
   decode run is done and the monolithic model, which maps part of the checkpoint, is freed.
@@ -200,7 +202,7 @@ def ensure_model(model: Path, layers: int, preset: str = "qwen1.5-moe-a2.7b") ->
     return model
 
 
-def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
+def peer_decode(peer: str, model: Path, tokens: int, repeats: int, outtype: str = "bf16") -> dict:
     """A peer engine's warm single-request decode on the same checkpoint, dtype and threads."""
     from transformers import AutoTokenizer
 
@@ -209,8 +211,8 @@ def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
     if peer != "llama.cpp":
         raise ValueError(f"unknown peer {peer!r}; supported: llama.cpp")
     depth = len(AutoTokenizer.from_pretrained(str(model), local_files_only=True).encode(PROMPT))
-    return llamacpp.decode_ms_per_token(llamacpp.gguf_for(model, "bf16"), torch.get_num_threads(), tokens, depth,
-                                        repeats)
+    return {**llamacpp.decode_ms_per_token(llamacpp.gguf_for(model, outtype), torch.get_num_threads(), tokens,
+                                           depth, repeats), "outtype": outtype}
 
 
 def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
@@ -234,24 +236,33 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     import faasmoe
     from faasmoe.platforms import PlatformConfig
 
+    from faasmoe.models.checkpoint import Checkpoint
+    from faasmoe.models.quantize import dequantize_checkpoint
+
     set_title("bench-engine")
     ensure_model(Path(model), layers, preset)
     report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {},
               "peers": {}}
-    for peer in peers:  # first, with nothing else loaded
-        set_title("bench-engine", peer)
-        report["peers"][peer] = p = peer_decode(peer, Path(model), tokens, repeats)
-        print(f"{peer}: {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} positions cached)")
-    set_title("bench-engine", "monolithic")
-    report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
-    print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "
-          f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
-    mono = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
-    mono.eval()
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
     try:
+        # an int8 checkpoint: transformers runs the same weights dequantized, llama.cpp its own 8-bit format
+        reference, outtype = Path(model), "bf16"
+        if Checkpoint(model).scales:
+            reference, outtype = dequantize_checkpoint(model, workdir / "dequantized"), "q8_0"
+            report["reference"] = "int8 checkpoint: transformers on its weights dequantized, llama.cpp q8_0 of them"
+        for peer in peers:  # first, with nothing else loaded
+            set_title("bench-engine", peer)
+            report["peers"][peer] = p = peer_decode(peer, reference, tokens, repeats, outtype)
+            print(f"{peer} ({outtype}): {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} "
+                  f"positions cached)")
+        set_title("bench-engine", "monolithic")
+        report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
+        print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "
+              f"{report['faasmoe_monolithic']['ms_per_token']:.1f} ms/token")
+        mono = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.bfloat16)
+        mono.eval()
         first_specs = {}
         for k in ks:
             for platform in platforms:

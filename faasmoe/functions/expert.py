@@ -18,7 +18,7 @@ import torch
 from faasmoe.functions import wire
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.models.layers import activation, gated_mlp
-from faasmoe.models.weights import map_stacked, torch_dtype
+from faasmoe.models.weights import map_stacked, scale_groups, torch_dtype, with_scales
 
 
 WARM_ROWS = 512  # row counts warmed up before forking (larger calls are rare: long prompts' prefill)
@@ -41,12 +41,16 @@ class ExpertFunction:
         # cold start: only this block's bytes, listed per expert as gate, up, down (whatever the family calls
         # them); gate and up as one [2I, H] matrix (one matmul), mapped as one where the checkpoint stores them
         # back to back (gate_proj, up_proj in name order do; Mixtral's w1, w2, w3 do not: two matmuls then)
-        if len(spec.tensors) != 3 * len(spec.experts):
-            raise ValueError(f"{spec.id}: {len(spec.tensors)} tensors for {len(spec.experts)} experts, not 3 each")
-        gate, up, down = spec.tensors[0::3], spec.tensors[1::3], spec.tensors[2::3]
-        w = map_stacked({f"{e}.gate_up": [g, u] for e, g, u in zip(spec.experts, gate, up)} |
-                        {f"{e}.down": [d] for e, d in zip(spec.experts, down)}, self.dtype, concatenate=False,
-                        paged=paged)
+        # int8 experts (`faasmoe.models.quantize`): each matrix's scales follow, in the same order
+        k = len(spec.experts)
+        if len(spec.tensors) not in (3 * k, 6 * k):
+            raise ValueError(f"{spec.id}: {len(spec.tensors)} tensors for {k} experts, not 3 (or 6 in int8) each")
+        matrices = spec.tensors[:3 * k]
+        gate, up, down = matrices[0::3], matrices[1::3], matrices[2::3]
+        groups = ({f"{e}.gate_up": [g, u] for e, g, u in zip(spec.experts, gate, up)} |
+                  {f"{e}.down": [d] for e, d in zip(spec.experts, down)})
+        groups |= scale_groups(groups, {m.name: s for m, s in zip(matrices, spec.tensors[3 * k:])})
+        w = with_scales(map_stacked(groups, self.dtype, concatenate=False, paged=paged))
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
         # expert id -> position in this block, -1 for experts of other blocks

@@ -25,6 +25,9 @@ import struct
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
 
 ALIGNMENT = 64  # a cache line; what the AVX512 kernels load at once
@@ -126,6 +129,12 @@ def _same(path: str, target: os.stat_result) -> bool:
     except OSError:
         return False
     return (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
+
+
+def save_aligned(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
+    """Write a safetensors shard with every tensor 64-byte aligned."""
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    align_file(file)
 
 
 def align_checkpoint(path: str | os.PathLike) -> list[Path]:

@@ -29,7 +29,9 @@ DTYPES: dict[str, tuple[int, str]] = {
     "F32": (4, "float32"),
     "BF16": (2, "bfloat16"),
     "F16": (2, "float16"),
+    "I8": (1, "int8"),  # weight-only quantized matrices (`faasmoe.models.quantize`)
 }
+SCALE_SUFFIX = "_scale"  # `X.weight` stored in int8 has its per-row scales in `X.weight_scale`
 
 
 class CheckpointError(ValueError):
@@ -99,6 +101,8 @@ class Checkpoint:
         self.tensors = self._read_locations()
         self.digest = self._digest()
         self.validate()
+        # weights stored in int8: name -> its scales' location
+        self.scales = {n: self.tensors[n + SCALE_SUFFIX] for n, t in self.tensors.items() if t.dtype == "I8"}
 
     def _shard_files(self) -> list[Path]:
         index = self.path / INDEX_FILE
@@ -139,16 +143,29 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
             if loc.shape != shape:
                 raise CheckpointError(f"{loc.file}: tensor {name} has shape {loc.shape}, config says {shape}")
+        quantizable = {n for group in self.family.quantizable().values() for n in group}
+        for name, loc in self.tensors.items():
+            if loc.dtype != "I8":
+                continue
+            if name not in quantizable:
+                raise CheckpointError(f"{loc.file}: tensor {name} is int8; only experts, MLPs and lm_head may be")
+            scale = self.tensors.get(name + SCALE_SUFFIX)
+            if len(loc.shape) != 2 or scale is None or scale.shape != loc.shape[:1] or scale.dtype == "I8":
+                raise CheckpointError(f"{loc.file}: int8 tensor {name} needs a floating-point {name}{SCALE_SUFFIX} "
+                                      f"of shape {loc.shape[:1]} (one scale per row)")
 
     def control_plane_tensors(self) -> list[TensorLocation]:
         """Every tensor the model needs except the routed experts."""
         routed = {name for L in self.family.moe_layers() for e in range(self.num_experts)
                   for name in self.family.expert_names(L, e)}
-        return [self.tensors[n] for n in self.family.tensor_shapes() if n not in routed]
+        names = [n for n in self.family.tensor_shapes() if n not in routed]
+        return [self.tensors[n] for n in names] + [self.scales[n] for n in names if n in self.scales]
 
     def expert_tensors(self, layer: int, experts: list[int]) -> list[TensorLocation]:
-        """Each expert's gate, up and down projections, in that order (what an expert function maps)."""
-        return [self.tensors[name] for e in experts for name in self.family.expert_names(layer, e)]
+        """Each expert's gate, up and down projections, in that order (what an expert function maps), followed
+        where the experts are stored in int8 by their scales in the same order (six tensors an expert)."""
+        names = [name for e in experts for name in self.family.expert_names(layer, e)]
+        return [self.tensors[n] for n in names] + [self.scales[n] for n in names if n in self.scales]
 
     def moe_layers(self) -> list[int]:
         return self.family.moe_layers()

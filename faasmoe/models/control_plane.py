@@ -26,7 +26,7 @@ from faasmoe.control.kv_cache import Chunk, KVCache
 from faasmoe.models.checkpoint import Checkpoint
 from faasmoe.models.kernels import linear
 from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
-from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy
+from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy, scale_groups, with_scales
 
 if TYPE_CHECKING:
     from faasmoe.control.resident import ResidentExperts
@@ -85,12 +85,14 @@ class ControlPlane:
         loc = {t.name: t for t in tensors}
         mlps = {L: m for L in range(c.num_hidden_layers) if (m := fam.mlp_prefix(L)) is not None}
         gate_up = {f"{m}gate_up": [loc[m + "gate_proj.weight"], loc[m + "up_proj.weight"]] for m in mlps.values()}
+        gate_up |= scale_groups(gate_up, ckpt.scales)  # MLPs stored in int8: their scales, stacked alike
         stacked = {t.name for group in gate_up.values() for t in group}
         fp32 = fam.float32_tensors()
         w = map_tensors([t for t in tensors if t.name not in stacked and t.name not in fp32], dtype, lazy)
         w.update(map_tensors([t for t in tensors if t.name in fp32], torch.float32))
         # one [2I, H] matrix per MLP, mapped as one where adjacent (else a (gate, up) pair)
         w.update(map_stacked(gate_up, dtype, concatenate=False))
+        w = with_scales(w)  # int8 matrices (and their scales) as `Int8Weight`s
         if own_copy:
             w = {name: private_copy(t) for name, t in w.items()}
         self.routed = torch.zeros(c.num_hidden_layers, fam.num_experts, dtype=torch.long)  # [L, E] routing pairs

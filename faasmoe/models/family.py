@@ -127,6 +127,16 @@ class Family:
                 shapes |= mlp_shapes(p + "mlp.", H, c.intermediate_size)
         return shapes
 
+    def quantizable(self) -> dict[str, list[str]]:
+        """The matrices weight-only quantization may store in int8, by group: every routed expert's ("experts"),
+        every shared expert's and dense MLP's ("mlp"), and an untied lm_head ("lm_head"). Attention, routers and
+        embeddings stay in the model's dtype."""
+        c = self.config
+        experts = [n for L in self.moe_layers() for e in range(self.num_experts) for n in self.expert_names(L, e)]
+        mlps = [f"{m}{proj}.weight" for L in range(c.num_hidden_layers) if (m := self.mlp_prefix(L)) is not None
+                for proj in ("gate_proj", "up_proj", "down_proj")]
+        return {"experts": experts, "mlp": mlps, "lm_head": [] if c.tie_word_embeddings else ["lm_head.weight"]}
+
     def float32_tensors(self) -> set[str]:
         """Control-plane tensors transformers keeps in fp32 whatever the model's dtype (so must we, to agree)."""
         return set()

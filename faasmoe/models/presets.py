@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from faasmoe.models import FAMILIES, family_class
-from faasmoe.models.align import align_file
+from faasmoe.models.align import save_aligned
 from faasmoe.models.checkpoint import INDEX_FILE
 from faasmoe.models.weights import torch_dtype
 
@@ -227,7 +226,7 @@ def write_checkpoint(config: PretrainedConfig, out: str | Path, seed: int = 0,
                 tensors[name] = _init_tensor(name, shapes[name], seed, config.initializer_range).to(dtype)
                 bar.update(tensors[name].numel() * itemsize)
                 weight_map[name] = fname
-            _save(tensors, out / fname)
+            save_aligned(tensors, out / fname)
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     _write_generation_config(out)
     _write_tokenizer(out)
@@ -288,13 +287,7 @@ def _skew_routers(out: Path, family, seed: int, alpha: float, weight_map: dict[s
     for fname in sorted({weight_map[n] for n in new}):
         tensors = load_file(str(out / fname))
         tensors.update({n: t.to(dtype) for n, t in new.items() if weight_map[n] == fname})
-        _save(tensors, out / fname)
-
-
-def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    """A safetensors shard with every tensor 64-byte aligned (see `faasmoe.models.align`)."""
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    align_file(file)
+        save_aligned(tensors, out / fname)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -331,7 +324,13 @@ def _write_tokenizer(out: Path) -> None:
 
 def init_model(preset: str, out: str | Path, layers: int | None = None, seed: int = 0,
                overrides: dict[str, Any] | None = None, progress: bool = True,
-               router_skew: str | float = 0.0) -> Path:
-    """The `faasmoe init-model` command as a function."""
-    return write_checkpoint(make_config(preset, layers, overrides), out, seed=seed, progress=progress,
-                            router_skew=router_skew_value(router_skew))
+               router_skew: str | float = 0.0, int8: bool = False) -> Path:
+    """The `faasmoe init-model` command as a function. `int8`: experts, MLPs and lm_head stored in int8
+    (`faasmoe.models.quantize`)."""
+    config, skew = make_config(preset, layers, overrides), router_skew_value(router_skew)
+    if not int8:
+        return write_checkpoint(config, out, seed=seed, progress=progress, router_skew=skew)
+    from faasmoe.models.quantize import quantize_in_place_of
+
+    return quantize_in_place_of(lambda d: write_checkpoint(config, d, seed=seed, progress=progress, router_skew=skew),
+                                out, progress=progress)

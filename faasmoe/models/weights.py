@@ -29,7 +29,8 @@ from collections.abc import Iterable
 
 import torch
 
-from faasmoe.models.checkpoint import DTYPES, TensorLocation
+from faasmoe.models.checkpoint import DTYPES, SCALE_SUFFIX, TensorLocation
+from faasmoe.models.kernels import Int8Weight
 
 PAGE = mmap.PAGESIZE
 # Weights are mapped read-only on purpose; torch warns about that, from this module's frames: silenced here only.
@@ -70,7 +71,7 @@ def map_tensor(loc: TensorLocation, fd: int, populate: bool = True, read_around:
         mm = mmap.mmap(fd, length, flags=flags, prot=mmap.PROT_READ, offset=start)
     if not populate and not read_around:
         mm.madvise(mmap.MADV_RANDOM)
-    t = torch.frombuffer(mm, dtype=torch_dtype(loc.dtype), count=loc.nbytes // DTYPES[loc.dtype][0],
+    t = torch.frombuffer(mm, dtype=getattr(torch, DTYPES[loc.dtype][1]), count=loc.nbytes // DTYPES[loc.dtype][0],
                          offset=loc.offset - start)
     return t.view(loc.shape)  # the tensor keeps `mm` alive
 
@@ -93,7 +94,8 @@ def read_ahead(locations: Iterable[TensorLocation], fds: dict[str, int] | None =
 
 def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype, lazy: frozenset[str] = frozenset(),
                 paged: bool = False) -> dict[str, torch.Tensor]:
-    """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise.
+    """Name -> tensor in `dtype` for each location; mapped where the dtype matches, converted otherwise
+    (floating-point tensors only: int8 quantized weights stay as they are).
 
     Tensors named in `lazy` are not populated: their pages are read when first touched, without read-around.
     That suits a table read a row at a time (an embedding: a 151936 x 2048 bf16 table is 622 MB, one token's
@@ -112,7 +114,7 @@ def map_tensors(locations: Iterable[TensorLocation], dtype: torch.dtype, lazy: f
             read_ahead([loc for loc in locations if loc.name not in lazy], fds)
         for loc in locations:
             t = map_tensor(loc, fds[loc.file], populate=not paged and loc.name not in lazy, read_around=paged)
-            out[loc.name] = t if t.dtype == dtype else t.to(dtype)
+            out[loc.name] = t if t.dtype == dtype or not t.is_floating_point() else t.to(dtype)
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -150,9 +152,34 @@ def map_stacked(groups: dict[str, list[TensorLocation]], dtype: torch.dtype, con
     return out
 
 
-def parts(w: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The tensors of a `map_stacked` value: itself, or its pieces where they were left apart."""
-    return w if isinstance(w, tuple) else (w,)
+def scale_groups(groups: dict[str, list[TensorLocation]], scales: dict[str, TensorLocation]
+                 ) -> dict[str, list[TensorLocation]]:
+    """For the groups of int8 matrices among `groups` (a checkpoint's `scales` names them): a group of their
+    scales, named after the group with SCALE_SUFFIX, for `map_stacked` to map beside them and `with_scales` to
+    pair up."""
+    return {name + SCALE_SUFFIX: [scales[loc.name] for loc in locs]
+            for name, locs in groups.items() if all(loc.name in scales for loc in locs)}
+
+
+def with_scales(w: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict:
+    """Fold every `X` + SCALE_SUFFIX entry of `w` into `X` as an `Int8Weight` (the pieces of a value left
+    apart paired with theirs)."""
+    for name in [n for n in w if n.endswith(SCALE_SUFFIX)]:
+        scale, base = w.pop(name), name[:-len(SCALE_SUFFIX)]
+        q = w[base]
+        if isinstance(q, tuple):
+            pieces = scale if isinstance(scale, tuple) else torch.split(scale, [p.shape[0] for p in q])
+            w[base] = tuple(Int8Weight(p, s) for p, s in zip(q, pieces))
+        else:
+            w[base] = Int8Weight(q, torch.cat(scale) if isinstance(scale, tuple) else scale)
+    return w
+
+
+def parts(w: torch.Tensor | Int8Weight | tuple) -> tuple[torch.Tensor, ...]:
+    """The tensors of a `map_stacked` value: itself, or its pieces where they were left apart (an int8 matrix's
+    values and scales)."""
+    pieces = w if isinstance(w, tuple) else (w,)
+    return tuple(t for p in pieces for t in ((p.q, p.scale) if isinstance(p, Int8Weight) else (p,)))
 
 
 def private_copy(w: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:

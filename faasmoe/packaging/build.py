@@ -36,11 +36,10 @@ from pathlib import Path
 from string import Template
 from typing import Literal
 
-from safetensors.torch import save_file
 
 from faasmoe.control.deployment import Deployment
 from faasmoe.functions.spec import FunctionSpec
-from faasmoe.models.align import align_file
+from faasmoe.models.align import save_aligned
 from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
 from faasmoe.models.weights import map_tensors, torch_dtype
 
@@ -99,8 +98,7 @@ def package(model: str | Path, experts_per_function: int, target: Target, out: s
         spec_json = spec.to_json()
         if copy_weights:  # self-contained: the function ships only its own tensors
             tensors = map_tensors(spec.tensors, torch_dtype(dtype))
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "weights.safetensors"))
-            align_file(d / "weights.safetensors")  # functions map their weights: 64-byte aligned is faster
+            save_aligned({k: v.contiguous() for k, v in tensors.items()}, d / "weights.safetensors")
             locs = read_safetensors_header(d / "weights.safetensors")
             spec_json["tensors"] = [{**locs[t.name].to_json(), "file": "weights.safetensors"} for t in spec.tensors]
         (d / "spec.json").write_text(json.dumps(spec_json, indent=1))

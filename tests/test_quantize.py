@@ -1,0 +1,166 @@
+"""Weight-only int8 checkpoints: the int8 model faasmoe serves is exactly transformers' model on the same int8
+weights (dequantized), distributed equals monolithic, and the checkpoint is what `quantize` says it is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import faasmoe
+from faasmoe.models import kernels
+from faasmoe.models.checkpoint import Checkpoint, CheckpointError
+from faasmoe.models.presets import init_model
+from faasmoe.models.quantize import dequantize_checkpoint, quantize_checkpoint, quantize_int8
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+@pytest.fixture(scope="session")
+def int8(checkpoint, models_dir):
+    """int8(variant) -> (the variant quantized, transformers' fp32 model on its weights dequantized)."""
+    from transformers import AutoModelForCausalLM
+
+    cache: dict[str, tuple[str, object]] = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            q = quantize_checkpoint(checkpoint(variant), models_dir / f"{variant}-int8", progress=False)
+            deq = dequantize_checkpoint(q, models_dir / f"{variant}-int8-dequantized")
+            cache[variant] = str(q), AutoModelForCausalLM.from_pretrained(deq, dtype=torch.float32).eval()
+        return cache[variant]
+
+    return get
+
+
+def test_int8_values_are_the_rows_rounded_to_255_levels():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 48, generator=g)
+    w[3] = 0  # a row of zeros stays zeros
+    q, scale = quantize_int8(w, torch.bfloat16)
+    assert q.dtype == torch.int8 and scale.dtype == torch.bfloat16 and scale.shape == (64,)
+    assert int(q.abs().max()) == 127 and not q[3].any()
+    error = (q.float() * scale.float()[:, None] - w).abs()
+    assert bool((error <= scale.float()[:, None] / 2 + 1e-6).all())  # within half a step of its row
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_products_equal_the_dequantized_product(rows, dtype, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    q, scale = quantize_int8(torch.randn(300, 64, generator=g), dtype)
+    w = kernels.Int8Weight(q, scale)
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    monkeypatch.setattr(kernels, "CHUNK", 64 * 7)  # the many-row path in slices of 7 rows, the last one short
+    out = kernels.linear(x, w)
+    ref = x.double() @ w.dequantize().double().t()
+    assert out.dtype == dtype and out.shape == (rows, 300)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((out.double() - ref).abs().max()) <= tolerance * float(ref.abs().max())
+
+
+def test_int8_products_take_rows_at_any_address():
+    """torch's int8 kernel faults on input rows that are not 32-byte aligned (a frame's hidden states can be at
+    any even address): run in a child process, so that a regression fails this test instead of killing pytest."""
+    code = """
+import torch
+from faasmoe.models.kernels import Int8Weight, linear
+from faasmoe.models.quantize import quantize_int8
+w = Int8Weight(*quantize_int8(torch.randn(64, 64), torch.bfloat16))
+for offset in (2, 16, 34):
+    x = torch.zeros(200, dtype=torch.uint8)[offset:offset + 128].view(torch.bfloat16).view(1, 64)
+    assert torch.equal(linear(x, w), linear(x.clone(), w))
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stderr[-2000:])
+
+
+CASES = [("tiny", 1), ("tiny", 8), ("mixtral", 2), ("deepseek-v2", 2), ("tied-mlponly-window", 3)]
+
+
+@pytest.mark.parametrize("variant,k", CASES, ids=[f"{v}-k{k}" for v, k in CASES])
+def test_an_int8_checkpoint_serves_transformers_model_on_its_dequantized_weights(int8, variant, k):
+    """Mixtral's gate and up lie apart (two products), DeepSeek-V2 has shared experts and a dense layer, the tied
+    variant keeps its lm_head (the embedding) unquantized and has an MLP-only layer."""
+    path, ref = int8(variant)
+    with faasmoe.load(path, experts_per_function=k) as engine:
+        ids = engine.encode(PROMPT)
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+            greedy = ref.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+        assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+        assert engine.generate(ids, max_tokens=10).token_ids == greedy
+
+
+def test_int8_bf16_distributed_equals_monolithic_bit_for_bit(models_dir):
+    from faasmoe.engines.monolithic import MonolithicEngine
+
+    path = init_model("tiny", models_dir / "tiny-bf16-int8", seed=3, overrides={"dtype": "bfloat16"},
+                      progress=False, int8=True)
+    with MonolithicEngine(path) as mono:
+        ids = mono.encode(PROMPT)
+        expected, greedy = mono.logits(ids), mono.generate(ids, max_tokens=10, ignore_eos=True).token_ids
+    with faasmoe.load(path, experts_per_function=2) as engine:
+        assert torch.equal(engine.logits(ids), expected)
+        assert engine.generate(ids, max_tokens=10, ignore_eos=True).token_ids == greedy
+
+
+def test_the_int8_checkpoint_holds_what_was_asked_and_functions_map_half_the_bytes(checkpoint, int8, tmp_path):
+    original, quantized = Checkpoint(checkpoint("tiny")), Checkpoint(int8("tiny")[0])
+    config = json.loads((quantized.path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "faasmoe"
+    assert set(quantized.scales) == {n for group in original.family.quantizable().values() for n in group}
+    assert quantized.tensors["model.layers.0.self_attn.q_proj.weight"].dtype == original.tensors[
+        "model.layers.0.self_attn.q_proj.weight"].dtype  # attention stays
+    q_tensors, tensors = quantized.expert_tensors(0, [1, 2]), original.expert_tensors(0, [1, 2])
+    assert len(q_tensors) == 12 and [t.name for t in q_tensors[:6]] == [t.name for t in tensors]
+    assert [t.name for t in q_tensors[6:]] == [t.name + "_scale" for t in tensors]
+    assert sum(t.nbytes for t in q_tensors) < 0.3 * sum(t.nbytes for t in tensors)  # fp32 -> int8 + scales
+    assert (quantized.path / "tokenizer.json").is_file()
+
+    only = Checkpoint(quantize_checkpoint(checkpoint("tiny"), tmp_path / "experts-only", ("experts",),
+                                          progress=False))
+    assert set(only.scales) == set(original.family.quantizable()["experts"])
+    with pytest.raises(CheckpointError, match="quantized already"):
+        quantize_checkpoint(only.path, tmp_path / "twice", progress=False)
+    with pytest.raises(FileExistsError):
+        quantize_checkpoint(checkpoint("tiny"), only.path, progress=False)
+    with pytest.raises(ValueError, match="unknown quantization group"):
+        quantize_checkpoint(checkpoint("tiny"), tmp_path / "x", ("attention",), progress=False)
+
+
+def test_a_broken_int8_checkpoint_is_refused_naming_the_tensor(int8, tmp_path):
+    import shutil
+
+    copy = tmp_path / "broken"
+    shutil.copytree(int8("tiny")[0], copy)
+    shard = next(copy.glob("*.safetensors"))
+    tensors = load_file(shard)
+    router = "model.layers.0.mlp.gate.weight"
+    tensors[router] = tensors[router].to(torch.int8)  # a router in int8: never written by quantize
+    tensors[router + "_scale"] = torch.ones(tensors[router].shape[0])
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match=f"{router} is int8"):
+        Checkpoint(copy)
+    del tensors[router + "_scale"], tensors[router]
+    tensors[router] = load_file(next(copy.glob("*.safetensors")))[router].float()
+    del tensors["lm_head.weight_scale"]
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match="lm_head.weight needs"):
+        Checkpoint(copy)
+
+
+def test_quantize_command_reports_how_far_the_int8_model_is(checkpoint, tmp_path):
+    out = tmp_path / "q"
+    r = subprocess.run([sys.executable, "-m", "faasmoe", "quantize", checkpoint("tiny"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in r.stdout and "the same top token at" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "faasmoe", "quantize", checkpoint("tiny"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
