@@ -256,7 +256,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
             set_title("bench-engine", peer)
             report["peers"][peer] = p = peer_decode(peer, reference, tokens, repeats, outtype)
             print(f"{peer} ({outtype}): {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} "
-                  f"positions cached)")
+                  f"positions cached)" + (f"; {p['note']}" if p.get("note") else ""))
         set_title("bench-engine", "monolithic")
         report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
         print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,11 +60,20 @@ def decode_ms_per_token(gguf: Path, threads: int, tokens: int, depth: int, repea
     """llama-bench's warm decode of `tokens` tokens after `depth` cached positions (one sequence)."""
     cmd = [str(binary("llama-bench")), "-m", str(gguf), "-t", str(threads), "-p", "0", "-n", str(tokens),
            "-d", str(depth), "-r", str(repeats), "-o", "json"]
-    proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=server_env())
+    note = None
+    try:
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=server_env())
+    except subprocess.CalledProcessError as e:
+        if e.returncode != -signal.SIGILL:
+            raise
+        # Its AMX kernels (weights repacked for AMX tiles) use instructions this machine refuses (seen on a VM
+        # whose CPU lists amx_int8: SIGILL at `tilezero` for q8_0): run its other kernels, and say so.
+        note = "llama.cpp's repacked (AMX) kernels died with SIGILL here: measured with --repack 0"
+        proc = subprocess.run(cmd + ["--repack", "0"], check=True, capture_output=True, text=True, env=server_env())
     (row,) = [r for r in json.loads(proc.stdout) if r.get("n_gen") == tokens]
     return {"ms_per_token": 1000 / row["avg_ts"], "stddev_tokens_per_s": row.get("stddev_ts"),
-            "threads": threads, "tokens": tokens, "depth": depth, "repeats": repeats,
-            "build": f"{row.get('build_commit')} ({row.get('build_number')})", "gguf": str(gguf)}
+            "threads": threads, "tokens": tokens, "depth": depth, "repeats": repeats, "repack": note is None,
+            "note": note, "build": f"{row.get('build_commit')} ({row.get('build_number')})", "gguf": str(gguf)}
 
 
 def server_command(gguf: Path, port: int, parallel: int, threads: int, context: int) -> list[str]:
