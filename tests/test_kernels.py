@@ -71,13 +71,15 @@ def test_native_products_pad_rows_to_a_power_of_two_and_answer_the_rows_asked(mo
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=5e-2)
 
 
-def test_native_one_row_products_without_a_bias_are_matrix_vector_products(monkeypatch):
-    """Faster than oneDNN's GEMM for one row (which packs the weights at every call), same fp32 accumulation."""
+def test_native_one_row_products_are_matrix_vector_products(monkeypatch):
+    """Faster than oneDNN's GEMM for one row (which packs the weights at every call), same fp32 accumulation;
+    with a bias, the same result as F.linear's."""
     monkeypatch.setenv("FAASMOE_BF16_GEMM", "native")
     kernels.native_half_gemm.cache_clear()
     calls = []
-    real = torch.mv
+    real, real_addmv = torch.mv, torch.addmv
     monkeypatch.setattr(kernels.torch, "mv", lambda w, v: calls.append(w.shape) or real(w, v))
+    monkeypatch.setattr(kernels.torch, "addmv", lambda b, w, v: calls.append(("bias", *w.shape)) or real_addmv(b, w, v))
     try:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 64, generator=g).to(torch.bfloat16)
@@ -88,7 +90,7 @@ def test_native_one_row_products_without_a_bias_are_matrix_vector_products(monke
         strided = kernels.linear(x, torch.randn(48, 128, generator=g).to(torch.bfloat16)[:, :64])
     finally:
         kernels.native_half_gemm.cache_clear()
-    assert calls == [(48, 64)]  # not with a bias, nor for a strided weight: F.linear there
+    assert calls == [(48, 64), ("bias", 48, 64)]  # not for a strided weight: F.linear there
     assert out.shape == (1, 48) and out.dtype == torch.bfloat16 and strided.shape == (1, 48)
     assert torch.allclose(out.float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=5e-2)
     assert torch.equal(with_bias, F.linear(x, w, b))

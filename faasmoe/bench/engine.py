@@ -202,7 +202,7 @@ def ensure_model(model: Path, layers: int, preset: str = "qwen1.5-moe-a2.7b") ->
     return model
 
 
-def peer_decode(peer: str, model: Path, tokens: int, repeats: int, outtype: str = "bf16") -> dict:
+def peer_decode(peer: str, model: Path, tokens: int, repeats: int) -> dict:
     """A peer engine's warm single-request decode on the same checkpoint, dtype and threads."""
     from transformers import AutoTokenizer
 
@@ -211,8 +211,9 @@ def peer_decode(peer: str, model: Path, tokens: int, repeats: int, outtype: str 
     if peer != "llama.cpp":
         raise ValueError(f"unknown peer {peer!r}; supported: llama.cpp")
     depth = len(AutoTokenizer.from_pretrained(str(model), local_files_only=True).encode(PROMPT))
-    return {**llamacpp.decode_ms_per_token(llamacpp.gguf_for(model, outtype), torch.get_num_threads(), tokens,
-                                           depth, repeats), "outtype": outtype}
+    gguf = llamacpp.gguf_for(model)
+    return {**llamacpp.decode_ms_per_token(gguf, torch.get_num_threads(), tokens, depth, repeats),
+            "outtype": gguf.stem.rsplit("-", 1)[-1]}
 
 
 def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
@@ -247,16 +248,17 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
     try:
-        # an int8 checkpoint: transformers runs the same weights dequantized, llama.cpp its own 8-bit format
-        reference, outtype = Path(model), "bf16"
-        if Checkpoint(model).scales:
-            reference, outtype = dequantize_checkpoint(model, workdir / "dequantized"), "q8_0"
-            report["reference"] = "int8 checkpoint: transformers on its weights dequantized, llama.cpp q8_0 of them"
         for peer in peers:  # first, with nothing else loaded
             set_title("bench-engine", peer)
-            report["peers"][peer] = p = peer_decode(peer, reference, tokens, repeats, outtype)
-            print(f"{peer} ({outtype}): {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} "
-                  f"positions cached)" + (f"; {p['note']}" if p.get("note") else ""))
+            report["peers"][peer] = p = peer_decode(peer, Path(model), tokens, repeats)
+            print(f"{peer} ({p['outtype']}): {p['ms_per_token']:.1f} ms/token ({p['threads']} threads, {p['depth']} "
+                  f"positions cached)" + ("" if p["repack"] else "; its repacked (AMX) kernels die with SIGILL "
+                                                                  "here: run with --repack 0"))
+        # an int8 checkpoint: transformers runs the same weights dequantized (llama.cpp ran its q8_0 of them)
+        reference = Path(model)
+        if Checkpoint(model).scales:
+            reference = dequantize_checkpoint(model, workdir / "dequantized")
+            report["reference"] = "int8 checkpoint: transformers on its weights dequantized, llama.cpp q8_0 of them"
         set_title("bench-engine", "monolithic")
         report["faasmoe_monolithic"] = own_monolithic_decode(Path(model), tokens, repeats)
         print(f"faasmoe's own monolithic model (every expert in-process, as `serve --mode monolithic`): "

@@ -301,7 +301,7 @@ def _start_llama_server(cfg: BenchConfig, tenants: list[str], workdir: Path) -> 
 
     port = _free_port()
     context = cfg.workload.prompt_tokens[1] + cfg.workload.output_tokens[1] + 16
-    cmd = llamacpp.server_command(llamacpp.gguf_for(cfg.model, "bf16"), port, parallel=len(tenants),
+    cmd = llamacpp.server_command(llamacpp.gguf_for(cfg.model), port, parallel=len(tenants),
                                   threads=torch.get_num_threads(), context=context)
     log = workdir / f"llama-server-{port}.log"
     with log.open("w") as out:
