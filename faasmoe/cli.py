@@ -117,7 +117,8 @@ def init_model_cmd(
 
 @app.command("quantize", short_help="Write an int8 copy of a checkpoint: half the bytes read per token.")
 def quantize_cmd(
-    model: Path = typer.Argument(..., metavar="SRC", help="Checkpoint directory to quantize (left as it is)."),
+    model: Path = typer.Option(..., "--model", metavar="DIR", help="Checkpoint directory to quantize (left as "
+                                                                    "it is)."),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="New directory for the int8 checkpoint."),
     only: list[str] = typer.Option([], "--only", metavar="GROUP", show_default="all three",
                                    help="Quantize only this group, repeatable: experts (routed experts), mlp "

@@ -48,7 +48,7 @@ def test_help_explains_every_flag():
         assert flag in r.stdout
 
 
-COMMANDS = ["serve", "generate", "init-model", "package", "bench", "bench-engine"]
+COMMANDS = ["serve", "generate", "init-model", "quantize", "package", "bench", "bench-engine"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -65,7 +65,8 @@ def test_help_reads_like_a_cli(command):
         assert name in BOOLEAN_FLAGS, f"{command}: {line.strip()} takes no value but is not a switch"
 
 
-BOOLEAN_FLAGS = {"--json", "--chat", "--prewarm", "--quick", "--no-sweep", "--chaos", "--reference-weights", "--help"}
+BOOLEAN_FLAGS = {"--json", "--chat", "--prewarm", "--quick", "--no-sweep", "--chaos", "--reference-weights", "--help",
+                 "--int8", "--compare"}
 
 
 def test_serve_help_shows_defaults_and_the_random_weights():

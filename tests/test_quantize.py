@@ -157,10 +157,36 @@ def test_a_broken_int8_checkpoint_is_refused_naming_the_tensor(int8, tmp_path):
 
 def test_quantize_command_reports_how_far_the_int8_model_is(checkpoint, tmp_path):
     out = tmp_path / "q"
-    r = subprocess.run([sys.executable, "-m", "faasmoe", "quantize", checkpoint("tiny"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "faasmoe", "quantize", "--model", checkpoint("tiny"), "--out", str(out)]
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "the same top token at" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "faasmoe", "quantize", checkpoint("tiny"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_packaged_int8_functions_ship_their_int8_weights_and_compute_the_same(int8, tmp_path):
+    """`faasmoe package` copies a function's int8 matrices and scales as they are (no conversion)."""
+    import dataclasses
+
+    from faasmoe.control.deployment import Deployment
+    from faasmoe.functions import wire
+    from faasmoe.functions.expert import ExpertFunction
+    from faasmoe.functions.spec import FunctionSpec
+    from faasmoe.packaging.build import package
+
+    path = int8("tiny")[0]
+    manifest = json.loads(package(path, 4, "tinyfaas", tmp_path).read_text())
+    spec = Deployment.plan(Checkpoint(path), 4, torch.float32).specs[1]
+    d = tmp_path / "functions" / manifest["functions"][spec.id]["name"]
+    shipped = FunctionSpec.from_json(json.loads((d / "spec.json").read_text()))
+    shipped = dataclasses.replace(shipped, tensors=tuple(dataclasses.replace(t, file=str(d / t.file))
+                                                         for t in shipped.tensors))
+    assert [t.dtype for t in shipped.tensors] == [t.dtype for t in spec.tensors]
+    assert shipped.nbytes == spec.nbytes and (d / "weights.safetensors").stat().st_size < 1.1 * spec.nbytes + 4096
+    g = torch.Generator().manual_seed(0)
+    inv = wire.Invocation(bytes.fromhex(spec.model), spec.layer, spec.block,
+                          torch.randn(3, spec.hidden_size, generator=g),
+                          torch.tensor([0, 1, 2, 2], dtype=torch.int32),
+                          torch.tensor(spec.experts[:2] * 2, dtype=torch.int32), torch.rand(4, generator=g))
+    assert torch.equal(ExpertFunction(shipped).compute(inv), ExpertFunction(spec).compute(inv))

@@ -12,8 +12,8 @@ untied lm_head; never attention, routers or embeddings) are stored as
 (symmetric, one scale per output row; the compressed-tensors naming). Everything else is
 copied as it is, and config.json records the scheme in `quantization_config` with
 quant_method "faasmoe". transformers does not know this method: it warns and would read the
-int8 numbers as weights (`dequantize_checkpoint` writes what it can load). The files are plain safetensors, 64-byte aligned,
-mapped by functions as any checkpoint is. The model computes in its own dtype: the products
+int8 numbers as weights (`dequantize_checkpoint` writes what it can load). The files are plain
+safetensors, 64-byte aligned, mapped by functions as any checkpoint is. The model computes in its own dtype: the products
 run torch's int8 kernels (`faasmoe.models.kernels.Int8Weight`).
 
 This is a different model from the original (it rounds every weight to 255 levels per row):
