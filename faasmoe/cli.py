@@ -489,6 +489,7 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
     """What a user needs to call the server, printed once it listens, so it is the last thing on screen."""
     from faasmoe.models.align import unaligned_tensors
     from faasmoe.models.presets import has_random_weights
+    from faasmoe.models.quantize import int8_groups
 
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{host}:{port}"
@@ -500,6 +501,8 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
         lines += [f"  layout     {unaligned} tensors are not 64-byte aligned: decode is ~10-15 % slower than it could be;",
                   f"             stop the server and run `faasmoe align {cfg.model}` once (then rebuild any",
                   "             `faasmoe package` output: the checkpoint's digest changes)."]
+    if groups := int8_groups(cfg.model):
+        lines.append(f"  int8       {', '.join(groups)} stored in int8 (`faasmoe quantize`), the rest as it was")
     if has_random_weights(cfg.model):
         lines += ["  weights    RANDOM (written by `faasmoe init-model`): the text is gibberish. For a real model,",
                   "             download a checkpoint directory (Qwen-MoE, Mixtral, OLMoE, DeepSeek) and serve it",

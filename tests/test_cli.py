@@ -129,6 +129,17 @@ def test_serve_says_how_to_align_a_checkpoint_written_by_safetensors(served, tin
     assert f"faasmoe align {path}" in r.output
 
 
+def test_serve_says_which_weights_are_int8(served, tiny, tmp_path):
+    from faasmoe.models.quantize import quantize_checkpoint
+
+    r, _ = served("--model", tiny)
+    assert "int8" not in r.output
+    path = quantize_checkpoint(tiny, tmp_path / "int8", ("experts", "lm_head"), progress=False)
+    r, _ = served("--model", str(path))
+    assert r.exit_code == 0, r.output
+    assert "int8       experts, lm_head stored in int8" in r.output
+
+
 def test_serve_takes_the_key_from_the_flag_or_the_environment_and_does_not_print_it(served, tiny):
     r, cfg = served("--model", tiny, "--api-key", "sk-my-key-123")
     assert r.exit_code == 0, r.output

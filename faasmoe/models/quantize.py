@@ -45,6 +45,15 @@ SAMPLE_TEXT = ("The cat sat on the mat. Mixture-of-experts models route each tok
                "most of their weights are idle at any moment.")
 
 
+def int8_groups(path: str | os.PathLike) -> list[str]:
+    """The groups a checkpoint directory stores in int8, from its config.json (empty for any other)."""
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    return list(q.get("groups", [])) if isinstance(q, dict) and q.get("quant_method") == METHOD else []
+
+
 def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 [N, K], scale [N] in scale_dtype) with w ~ q * scale[:, None]: the scale is rounded to its dtype
     first and q computed from the rounded scale, so that q * scale is as close to w as the stored numbers allow."""
