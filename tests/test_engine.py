@@ -137,10 +137,21 @@ def test_prefetch_starts_predicted_functions_ahead_and_changes_no_answer(tiny):
     assert ahead.token_ids == plain.token_ids
 
 
+def test_prefetch_predicts_only_while_some_function_of_the_layer_is_cold(tiny):
+    """A prediction costs a router product and a top-k per layer: made only while it could warm something."""
+    with faasmoe.load(tiny, experts_per_function=2, prefetch_layers=1, prewarm=True) as e:
+        e.generate("Everything is loaded", max_tokens=4, ignore_eos=True)
+        assert int(e.control_plane.routing_counts().predicted.sum()) == 0
+        e.platform.scale_to_zero()
+        e.generate("Everything is cold again", max_tokens=4, ignore_eos=True)
+        assert int(e.control_plane.routing_counts().predicted.sum()) > 0
+
+
 def test_prefetch_accuracy_counts_the_predicted_experts_the_router_then_chose(tiny):
     """Per layer: pairs predicted, and per token the predicted experts among those it was routed to, checked
     against the predictions and routings the dispatcher saw."""
     with faasmoe.load(tiny, experts_per_function=2, prefetch_layers=1) as e:
+        e.dispatcher.worth_prefetching = lambda i: True  # predict every layer, cold functions or not
         seen: dict[str, list] = {"predicted": [], "routed": []}
         prefetch, send = e.dispatcher.prefetch, e.dispatcher.send
         e.dispatcher.prefetch = lambda i, experts: (seen["predicted"].append((i, experts.tolist())), prefetch(i, experts))[1]

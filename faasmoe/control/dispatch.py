@@ -61,6 +61,10 @@ class ExpertDispatcher:
             fids = self._fids[layer] = [function_id(self.model_digest, layer, b) for b in range(self.num_blocks)]
         return fids
 
+    def worth_prefetching(self, layer: int) -> bool:
+        """Whether any of the layer's functions has no instance (otherwise a prediction would warm nothing)."""
+        return self.platform.any_cold(self._function_ids(layer))
+
     def prefetch(self, layer: int, experts: torch.Tensor) -> None:
         """Warm the functions holding `experts` (a predicted routing of `layer`) that have no instance."""
         fids = self._function_ids(layer)

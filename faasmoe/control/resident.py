@@ -47,5 +47,9 @@ class ResidentExperts:
     def combine(self, result: torch.Tensor) -> torch.Tensor:
         return result
 
+    def worth_prefetching(self, layer: int) -> bool:
+        """Every expert is resident: nothing to warm."""
+        return False
+
     def prefetch(self, layer: int, experts: torch.Tensor) -> None:
         """Every expert is resident: nothing to warm."""

@@ -214,7 +214,9 @@ class ControlPlane:
         """Warm the functions layer i's router would pick for hidden states x (a prediction: the residual
         stream changes little from one layer to the next)."""
         layer = self.layers[i]
-        if layer.router is not None:  # the family's own routing (group limits, score corrections included)
+        # the family's own routing (group limits, score corrections included), only while something is cold: a
+        # prediction costs a router product and a top-k per layer, and warms nothing once all is loaded
+        if layer.router is not None and self.dispatcher.worth_prefetching(i):
             self._prediction[i] = experts = self.route(layer, rms_norm(x, layer.ln2, self.eps))[0]
             self.dispatcher.prefetch(i, experts)
 

@@ -236,6 +236,11 @@ class Platform(ABC):
         expects to call them soon, so that their cold starts overlap its work. Returns how many started."""
         return 0
 
+    def any_cold(self, function_ids: Sequence[str]) -> bool:
+        """Whether `warm` could start any of these functions now (one has no instance): a control plane predicts
+        a layer's routing only then. False where the platform does not warm."""
+        return False
+
     def scale_to_zero(self) -> int:
         """Stop every idle instance now, as if its keep-alive had run out; returns how many stopped."""
         return 0

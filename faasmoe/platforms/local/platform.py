@@ -542,6 +542,10 @@ class LocalPlatform(Platform):
                 self._settle(pool, died=host.pid)
 
     # -- prefetch ----------------------------------------------------------------------------
+    def any_cold(self, function_ids: Sequence[str]) -> bool:
+        """Without the lock: a hint, read once per layer by the control plane."""
+        return any(not pool.hosts for f in function_ids if (pool := self._pools.get(f)) is not None)
+
     def warm(self, function_ids: Sequence[str]) -> int:
         """Load functions that are not loaded anywhere, ahead of their calls: their bytes are read into the page
         cache now (POSIX_FADV_WILLNEED, the kernel reads while the caller computes) and a host maps them as soon
