@@ -64,8 +64,10 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
 
 
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: tuple[str, ...] = GROUPS,
-                        progress: bool = True) -> Path:
-    """Write `src` to the new directory `out` with the matrices of `groups` in int8 (see the module's docstring)."""
+                        progress: bool = True, consume: bool = False) -> Path:
+    """Write `src` to the new directory `out` with the matrices of `groups` in int8 (see the module's docstring).
+    `consume`: delete each shard of `src` once its int8 copy is written (a scratch copy: the disk then holds
+    one model and a shard, not two models)."""
     src, out = Path(src).resolve(), Path(out).resolve()
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
@@ -98,6 +100,9 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: 
                         tensors[name] = t
             save_aligned(tensors, out / Path(file).name)
             weight_map |= {name: Path(file).name for name in tensors}
+            if consume:
+                del tensors
+                Path(file).unlink()
     _write_metadata(src, out, weight_map, lambda config: config.update(quantization_config={
         "quant_method": METHOD, "weights": "int8", "groups": list(groups),
         "scheme": "symmetric, one scale per output row (max |w| / 127)"}))
@@ -152,7 +157,7 @@ def quantize_in_place_of(write, out: str | os.PathLike, groups: tuple[str, ...] 
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".unquantized"))
     try:
         write(scratch)
-        return quantize_checkpoint(scratch, out, groups, progress)
+        return quantize_checkpoint(scratch, out, groups, progress, consume=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
