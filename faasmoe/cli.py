@@ -110,7 +110,7 @@ def init_model_cmd(
     try:
         path = init_model(preset, out, layers=layers, seed=seed, overrides=overrides, router_skew=router_skew,
                           int8=int8)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")
 
@@ -136,14 +136,17 @@ def quantize_cmd(
     different. transformers does not read this format (it warns about quant_method "faasmoe" and would take the
     int8 numbers for weights).
     """
-    from faasmoe.models.checkpoint import CheckpointError
+    from faasmoe.models.checkpoint import Checkpoint, CheckpointError
     from faasmoe.models.quantize import GROUPS, SAMPLE_TEXT, compare_logits, quantize_checkpoint
 
     try:
-        path = quantize_checkpoint(model, out, tuple(only) or GROUPS)
+        path = quantize_checkpoint(model, out, tuple(dict.fromkeys(only)) or GROUPS)
     except (CheckpointError, ValueError, OSError) as e:
         _fail(str(e))
     typer.echo(f"wrote {path}")
+    if (dtype := Checkpoint(path).dtype) != "bfloat16":
+        typer.echo(f"note: the model computes in {dtype}, where torch has no fast int8 kernel: it will decode "
+                   f"slower than the original, not faster (int8 pays in bfloat16)")
     if compare:
         d = compare_logits(model, path, SAMPLE_TEXT)
         typer.echo(f"logits over {d['positions']} positions of a sample text: max |difference| "

@@ -48,14 +48,15 @@ def test_int8_values_are_the_rows_rounded_to_255_levels():
     assert bool((error <= scale.float()[:, None] / 2 + 1e-6).all())  # within half a step of its row
 
 
+@pytest.mark.parametrize("width", [64, 24, 40])  # torch's kernel reads K in steps of 16: 24 and 40 must avoid it
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int8_products_equal_the_dequantized_product(rows, dtype, monkeypatch):
+def test_int8_products_equal_the_dequantized_product(rows, dtype, width, monkeypatch):
     g = torch.Generator().manual_seed(1)
-    q, scale = quantize_int8(torch.randn(300, 64, generator=g), dtype)
+    q, scale = quantize_int8(torch.randn(300, width, generator=g), dtype)
     w = kernels.Int8Weight(q, scale)
-    x = torch.randn(rows, 64, generator=g).to(dtype)
-    monkeypatch.setattr(kernels, "CHUNK", 64 * 7)  # the many-row path in slices of 7 rows, the last one short
+    x = torch.randn(rows, width, generator=g).to(dtype)
+    monkeypatch.setattr(kernels, "CHUNK", width * 7)  # the converting path in slices of 7 rows, the last one short
     out = kernels.linear(x, w)
     ref = x.double() @ w.dequantize().double().t()
     assert out.dtype == dtype and out.shape == (rows, 300)
@@ -162,6 +163,12 @@ def test_a_broken_int8_checkpoint_is_refused_naming_the_tensor(int8, tmp_path):
     save_file(tensors, shard)
     with pytest.raises(CheckpointError, match="lm_head.weight needs"):
         Checkpoint(copy)
+    tensors["lm_head.weight_scale"] = torch.ones(tensors["lm_head.weight"].shape[0])
+    up = "model.layers.0.mlp.experts.1.up_proj.weight"
+    tensors[up] = tensors[up].float() * tensors.pop(up + "_scale")[:, None]  # one matrix of an expert not int8
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match="partly int8"):
+        Checkpoint(copy)
 
 
 def test_quantize_command_reports_how_far_the_int8_model_is(checkpoint, tmp_path):
@@ -170,8 +177,25 @@ def test_quantize_command_reports_how_far_the_int8_model_is(checkpoint, tmp_path
     r = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out}" in r.stdout and "the same top token at" in r.stdout
+    assert "decode slower than the original" in r.stdout  # the tiny preset is fp32
     r = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "not an empty directory" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "faasmoe", "init-model", "--int8", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)  # refused before writing anything
+    assert r.returncode == 2 and "not an empty directory" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+
+
+def test_an_interrupted_quantize_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch):
+    from faasmoe.models import quantize
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(quantize, "save_aligned", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        quantize_checkpoint(checkpoint("tiny"), tmp_path / "q", progress=False)
+    assert list(tmp_path.iterdir()) == []  # no half checkpoint, no scratch: a retry is not refused
 
 
 def test_packaged_int8_functions_ship_their_int8_weights_and_compute_the_same(int8, tmp_path):

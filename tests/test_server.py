@@ -237,6 +237,16 @@ def test_private_mode_one_orchestrator_per_tenant_same_answers(tiny, server):
         assert r.status_code == 400
 
 
+def test_private_mode_prefetch_hints_reach_the_shared_platform(tiny):
+    with running_server(model=tiny, tenants=TENANTS[:1], experts_per_function=2, mode="private",
+                        prefetch_layers=1) as base:
+        complete(base, ALICE, "Prefetch through the gateway", 4)  # from zero instances: every layer is cold
+        deadline = time.time() + 60  # hints are fire-and-forget: their loads finish on their own
+        while metric_sum(base, "faasmoe_function_prefetches_total") == 0:
+            assert time.time() < deadline
+            time.sleep(0.05)
+
+
 def test_a_full_queue_answers_429_instead_of_growing(tiny):
     with running_server(model=tiny, tenants=TENANTS[:2], max_batch=1, max_queue=1, max_tokens_limit=512) as base:
         h = {"Authorization": f"Bearer {ALICE}"}

@@ -143,7 +143,12 @@ class Checkpoint:
                 raise CheckpointError(f"{self.path}: tensor {name} is missing from the checkpoint")
             if loc.shape != shape:
                 raise CheckpointError(f"{loc.file}: tensor {name} has shape {loc.shape}, config says {shape}")
-        quantizable = {n for group in self.family.quantizable().values() for n in group}
+        groups = self.family.quantizable()
+        quantizable = {n for group in groups.values() for n in group}
+        for group in (groups["experts"], groups["mlp"]):  # gate, up, down of one MLP: all int8 or none
+            for triple in zip(group[0::3], group[1::3], group[2::3]):
+                if len({self.tensors[n].dtype == "I8" for n in triple}) > 1:
+                    raise CheckpointError(f"{self.path}: {', '.join(triple)} are partly int8: all three or none")
         for name, loc in self.tensors.items():
             if loc.dtype != "I8":
                 continue
@@ -181,7 +186,7 @@ class Checkpoint:
         d = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
         if d is not None:
             return str(d).removeprefix("torch.")
-        return DTYPES[next(iter(self.tensors.values())).dtype][1]
+        return DTYPES[next(t for t in self.tensors.values() if t.dtype != "I8").dtype][1]
 
 
 def open_family(config_file: Path) -> tuple["Family", bytes]:

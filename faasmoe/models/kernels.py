@@ -60,11 +60,14 @@ CHUNK = 1 << 20  # weight elements converted at a time: 4 MiB of fp32, in cache 
 class Int8Weight:
     """A weight-only int8 matrix: w = q * scale[:, None], one scale per output row (`faasmoe.models.quantize`).
 
-    A product of at most INT8_PACK_ROWS rows runs torch's int8 kernel (`_weight_int8pack_mm`: it reads the
-    int8 bytes, half of bf16's, and scales in the kernel). That kernel's cost grows with every 4 rows (measured
-    on the AVX512 Xeon, one thread, 704 x 512: 1 row 27 us against bf16's 65, 4 rows 50 against 59, 8 rows 107
-    against 72, 256 rows 4 ms against 0.2), so more rows convert the weights a slice at a time to the rows'
-    dtype (exact: every int8 value is a bf16 value) and multiply there, scaling the product's columns."""
+    A bf16 product of at most INT8_PACK_ROWS rows runs torch's int8 kernel (`_weight_int8pack_mm`: it reads
+    the int8 bytes, half of bf16's, and scales in the kernel). That kernel's cost grows with every 4 rows
+    (measured on the AVX512 Xeon, one thread, 704 x 512: 1 row 27 us against bf16's 65, 4 rows 50 against 59,
+    8 rows 107 against 72, 256 rows 4 ms against 0.2); it is vectorised for bf16 only (fp32 and fp16: a scalar
+    loop, 5-10x slower than the dense product) and its AVX512 loop reads K in steps of 16 without a tail (any
+    other K: garbage, silently; and rows not 32-byte aligned fault). Everything else converts the weights a
+    slice at a time to the rows' dtype (exact: every int8 value is a bf16 value) and multiplies there, scaling
+    the product's columns."""
 
     q: torch.Tensor  # [N, K] int8
     scale: torch.Tensor  # [N], in the dtype the model computes in
@@ -117,11 +120,11 @@ def _via_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 
 def _int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     M = x.shape[0]
-    if M <= INT8_PACK_ROWS:
+    N, K = w.shape
+    if M <= INT8_PACK_ROWS and x.dtype == torch.bfloat16 and K % 16 == 0:  # see the class's docstring
         if not x.is_contiguous() or x.data_ptr() % 64:  # the kernel faults on rows not 32-byte aligned (a frame's)
             x = x.clone(memory_format=torch.contiguous_format)
         return torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)
-    N, K = w.shape
     dtype = x.dtype if x.dtype not in HALF or native_half_gemm() else torch.float32  # as `linear` decides
     padded = 1 << (M - 1).bit_length() if dtype in HALF else M  # a bounded set of row counts, as in `linear`
     xt = (x if padded == M else torch.cat([x, x.new_zeros(padded - M, K)])).to(dtype).t()  # [K, padded]

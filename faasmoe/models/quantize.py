@@ -23,11 +23,13 @@ checkpoint with transformers on the same int8 weights, dequantized.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,7 +60,8 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
     """(q int8 [N, K], scale [N] in scale_dtype) with w ~ q * scale[:, None]: the scale is rounded to its dtype
     first and q computed from the rounded scale, so that q * scale is as close to w as the stored numbers allow."""
     wf = w.float()
-    scale = (wf.abs().amax(dim=1) / 127).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    smallest = torch.finfo(scale_dtype).tiny * torch.finfo(scale_dtype).eps  # the smallest subnormal: rows of zeros
+    scale = (wf.abs().amax(dim=1) / 127).clamp(min=smallest).to(scale_dtype)
     q = torch.round(wf / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -75,8 +78,7 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: 
     ckpt = Checkpoint(src)
     if ckpt.scales:
         raise CheckpointError(f"{src} is quantized already")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty: give a new directory")
+    refuse_existing(out)
     chosen = {n for g in groups for n in ckpt.family.quantizable()[g]}
     if not chosen:
         raise ValueError(f"{src}: nothing to quantize in {', '.join(groups)} (a tied lm_head stays as it is)")
@@ -84,10 +86,10 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: 
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, loc in ckpt.tensors.items():
         by_file[loc.file].append(name)
-    out.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    with tqdm(total=sum(t.nbytes for t in ckpt.tensors.values()), unit="B", unit_scale=True,
-              desc=f"quantizing into {out.name}", disable=not progress) as bar:
+    with _new_directory(out) as tmp, tqdm(total=sum(t.nbytes for t in ckpt.tensors.values()), unit="B",
+                                          unit_scale=True, desc=f"quantizing into {out.name}",
+                                          disable=not progress) as bar:
+        weight_map: dict[str, str] = {}
         for file, names in sorted(by_file.items()):
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(file, framework="pt") as f:
@@ -98,14 +100,14 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: 
                         tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(t, dtype)
                     else:
                         tensors[name] = t
-            save_aligned(tensors, out / Path(file).name)
+            save_aligned(tensors, tmp / Path(file).name)
             weight_map |= {name: Path(file).name for name in tensors}
             if consume:
                 del tensors
                 Path(file).unlink()
-    _write_metadata(src, out, weight_map, lambda config: config.update(quantization_config={
-        "quant_method": METHOD, "weights": "int8", "groups": list(groups),
-        "scheme": "symmetric, one scale per output row (max |w| / 127)"}))
+        _write_metadata(src, tmp, weight_map, lambda config: config.update(quantization_config={
+            "quant_method": METHOD, "weights": "int8", "groups": list(groups),
+            "scheme": "symmetric, one scale per output row (max |w| / 127)"}))
     return out
 
 
@@ -116,7 +118,13 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pat
     src, out = Path(src).resolve(), Path(out).resolve()
     ckpt = Checkpoint(src)
     dtype = torch_dtype(ckpt.dtype)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_existing(out)
+    with _new_directory(out) as tmp:
+        _dequantize_into(ckpt, src, tmp, dtype)
+    return out
+
+
+def _dequantize_into(ckpt: Checkpoint, src: Path, out: Path, dtype: torch.dtype) -> None:
     weight_map: dict[str, str] = {}
     for file in sorted({loc.file for loc in ckpt.tensors.values()}):
         tensors: dict[str, torch.Tensor] = {}
@@ -131,7 +139,29 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pat
         save_aligned(tensors, out / Path(file).name)
         weight_map |= {name: Path(file).name for name in tensors}
     _write_metadata(src, out, weight_map, lambda config: config.pop("quantization_config", None))
-    return out
+
+
+def refuse_existing(out: Path) -> None:
+    """A checkpoint is written into a new (or empty) directory only: never over another one."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory: give a new one")
+
+
+@contextlib.contextmanager
+def _new_directory(out: Path) -> Iterator[Path]:
+    """A scratch directory next to `out` that becomes `out` when the block succeeds and is removed when it
+    fails: an interrupted write leaves no half checkpoint behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".writing"))
+    try:
+        yield tmp
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()  # empty (refuse_existing)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_metadata(src: Path, out: Path, weight_map: dict[str, str], edit) -> None:
@@ -152,7 +182,8 @@ def _write_metadata(src: Path, out: Path, weight_map: dict[str, str], edit) -> N
 def quantize_in_place_of(write, out: str | os.PathLike, groups: tuple[str, ...] = GROUPS,
                          progress: bool = True) -> Path:
     """`write(dir)` a checkpoint into a scratch directory next to `out`, then quantize it into `out`."""
-    out = Path(out)
+    out = Path(out).resolve()
+    refuse_existing(out)  # before writing a whole model
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".unquantized"))
     try:

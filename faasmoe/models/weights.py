@@ -161,7 +161,10 @@ def scale_groups(groups: dict[str, list[TensorLocation]], scales: dict[str, Tens
             for name, locs in groups.items() if all(loc.name in scales for loc in locs)}
 
 
-def with_scales(w: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict:
+Mapped = torch.Tensor | Int8Weight | tuple  # a `map_stacked` value, its int8 matrices paired with their scales
+
+
+def with_scales(w: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict[str, Mapped]:
     """Fold every `X` + SCALE_SUFFIX entry of `w` into `X` as an `Int8Weight` (the pieces of a value left
     apart paired with theirs)."""
     for name in [n for n in w if n.endswith(SCALE_SUFFIX)]:
@@ -175,7 +178,7 @@ def with_scales(w: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict:
     return w
 
 
-def parts(w: torch.Tensor | Int8Weight | tuple) -> tuple[torch.Tensor, ...]:
+def parts(w: Mapped) -> tuple[torch.Tensor, ...]:
     """The tensors of a `map_stacked` value: itself, or its pieces where they were left apart (an int8 matrix's
     values and scales)."""
     pieces = w if isinstance(w, tuple) else (w,)

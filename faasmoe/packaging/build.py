@@ -36,7 +36,6 @@ from pathlib import Path
 from string import Template
 from typing import Literal
 
-
 from faasmoe.control.deployment import Deployment
 from faasmoe.functions.spec import FunctionSpec
 from faasmoe.models.align import save_aligned

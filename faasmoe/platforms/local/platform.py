@@ -543,8 +543,11 @@ class LocalPlatform(Platform):
 
     # -- prefetch ----------------------------------------------------------------------------
     def any_cold(self, function_ids: Sequence[str]) -> bool:
-        """Without the lock: a hint, read once per layer by the control plane."""
-        return any(not pool.hosts for f in function_ids if (pool := self._pools.get(f)) is not None)
+        """Whether one of them has no host and would fit in the free budget (`warm` never makes room). Without
+        the lock: a hint, read once per layer by the control plane."""
+        budget, resident = self._budget, self._resident
+        return any(not pool.hosts and (budget is None or resident + pool.spec.nbytes <= budget)
+                   for f in function_ids if (pool := self._pools.get(f)) is not None)
 
     def warm(self, function_ids: Sequence[str]) -> int:
         """Load functions that are not loaded anywhere, ahead of their calls: their bytes are read into the page

@@ -197,6 +197,10 @@ class GatewayPlatform(Platform):
             self._free.append(s)
         return msg
 
+    def any_cold(self, function_ids: Sequence[str]) -> bool:
+        """Not known here: the platform behind the gateway decides what a hint warms."""
+        return True
+
     def warm(self, function_ids: Sequence[str]) -> int:
         """Forward the hint on a connection of its own (warm requests get no reply); 0: the count is not known
         here."""
