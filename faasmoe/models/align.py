@@ -26,9 +26,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from faasmoe.models.checkpoint import Checkpoint, read_safetensors_header
+from faasmoe.models.checkpoint import DTYPES, Checkpoint, read_safetensors_header
 
 ALIGNMENT = 64  # a cache line; what the AVX512 kernels load at once
 
@@ -131,10 +130,41 @@ def _same(path: str, target: os.stat_result) -> bool:
     return (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino)
 
 
+# safetensors' order of tensors in a file: by dtype, the widest first, then by name (so a checkpoint's gate_proj
+# and up_proj lie back to back, and so do their int8 scales); kept, so files are laid out as they always were
+_ORDER = {"F32": 0, "BF16": 1, "F16": 2, "I8": 3}
+_NAMES = {getattr(torch, torch_name): name for name, (_, torch_name) in DTYPES.items()}
+
+
 def save_aligned(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
-    """Write a safetensors shard with every tensor 64-byte aligned."""
-    save_file(tensors, str(file), metadata={"format": "pt"})
-    align_file(file)
+    """Write a safetensors shard with every tensor 64-byte aligned, in one pass (safetensors' own writer, then
+    `align_file`, wrote every byte twice): the same layout rules as `align_file`, into a temporary file renamed
+    over `file` at the end."""
+    file = Path(file)
+    unknown = {str(t.dtype) for t in tensors.values() if t.dtype not in _NAMES}
+    if unknown:
+        raise ValueError(f"cannot write tensors of dtype {', '.join(sorted(unknown))} to {file}")
+    order = sorted(tensors, key=lambda n: (_ORDER[_NAMES[tensors[n].dtype]], n))
+    nbytes = {n: tensors[n].numel() * tensors[n].element_size() for n in order}
+    order = [n for n in order if _alignable(nbytes[n])] + [n for n in order if not _alignable(nbytes[n])]
+    header: dict = {"__metadata__": {"format": "pt"}}
+    pos = 0
+    for n in order:
+        t = tensors[n]
+        header[n] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes[n]]}
+        pos += nbytes[n]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # trailing spaces: allowed by the format
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".writing")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(struct.pack("<Q", len(text)) + text)
+            for n in order:
+                out.write(memoryview(tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            os.fchmod(out.fileno(), 0o644)
+        os.replace(tmp, file)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def align_checkpoint(path: str | os.PathLike) -> list[Path]:
