@@ -192,10 +192,33 @@ def test_an_interrupted_quantize_leaves_nothing_behind(checkpoint, tmp_path, mon
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
+    mount = tmp_path / "mount"  # an empty directory given as the output (a mount point: written in place)
+    mount.mkdir()
     monkeypatch.setattr(quantize, "save_aligned", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        quantize_checkpoint(checkpoint("tiny"), tmp_path / "q", progress=False)
-    assert list(tmp_path.iterdir()) == []  # no half checkpoint, no scratch: a retry is not refused
+    for out in (tmp_path / "q", mount):
+        with pytest.raises(OSError, match="No space"):
+            quantize_checkpoint(checkpoint("tiny"), out, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["mount"] and not any(mount.iterdir())  # a retry is not refused
+    monkeypatch.undo()
+    quantize_checkpoint(checkpoint("tiny"), mount, progress=False)
+    assert (mount / "config.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["mount"]
+
+
+def test_shards_are_written_with_the_umask_or_the_mode_they_had(tmp_path):
+    import os
+
+    from faasmoe.models.align import save_aligned
+
+    before = os.umask(0o077)
+    try:
+        save_aligned({"w": torch.ones(4)}, tmp_path / "private.safetensors")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "private.safetensors").stat().st_mode & 0o777 == 0o600
+    (tmp_path / "private.safetensors").chmod(0o640)
+    save_aligned({"w": torch.zeros(4)}, tmp_path / "private.safetensors")  # rewritten: its mode kept
+    assert (tmp_path / "private.safetensors").stat().st_mode & 0o777 == 0o640
+    assert torch.equal(load_file(tmp_path / "private.safetensors")["w"], torch.zeros(4))
 
 
 def test_packaged_int8_functions_ship_their_int8_weights_and_compute_the_same(int8, tmp_path):

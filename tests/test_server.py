@@ -239,7 +239,7 @@ def test_private_mode_one_orchestrator_per_tenant_same_answers(tiny, server):
 
 def test_private_mode_prefetch_hints_reach_the_shared_platform(tiny):
     with running_server(model=tiny, tenants=TENANTS[:1], experts_per_function=2, mode="private",
-                        prefetch_layers=1) as base:
+                        prefetch_layers=2) as base:  # two layers ahead: a hint precedes its calls by a layer
         complete(base, ALICE, "Prefetch through the gateway", 4)  # from zero instances: every layer is cold
         deadline = time.time() + 60  # hints are fire-and-forget: their loads finish on their own
         while metric_sum(base, "faasmoe_function_prefetches_total") == 0:

@@ -132,19 +132,36 @@ def _same(path: str, target: os.stat_result) -> bool:
 
 # safetensors' order of tensors in a file: by dtype, the widest first, then by name (so a checkpoint's gate_proj
 # and up_proj lie back to back, and so do their int8 scales); kept, so files are laid out as they always were
-_ORDER = {"F32": 0, "BF16": 1, "F16": 2, "I8": 3}
+_ORDER = {name: i for i, name in enumerate(("F32", "BF16", "F16", "I8"))}
 _NAMES = {getattr(torch, torch_name): name for name, (_, torch_name) in DTYPES.items()}
+
+
+def umask() -> int:
+    """This process's umask, read from /proc (Linux 4.7+): setting it to read it back would race with other
+    threads; 0o022 where it cannot be read."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+def file_mode(existing: Path | None = None) -> int:
+    """The mode `existing` has, or the one a new file gets (0o666 & ~umask)."""
+    if existing is not None and existing.exists():
+        return existing.stat().st_mode & 0o7777
+    return 0o666 & ~umask()
 
 
 def save_aligned(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> None:
     """Write a safetensors shard with every tensor 64-byte aligned, in one pass (safetensors' own writer, then
     `align_file`, wrote every byte twice): the same layout rules as `align_file`, into a temporary file renamed
-    over `file` at the end."""
+    over `file` at the end (keeping the mode of a file it replaces)."""
     file = Path(file)
     unknown = {str(t.dtype) for t in tensors.values() if t.dtype not in _NAMES}
     if unknown:
         raise ValueError(f"cannot write tensors of dtype {', '.join(sorted(unknown))} to {file}")
-    order = sorted(tensors, key=lambda n: (_ORDER[_NAMES[tensors[n].dtype]], n))
+    order = sorted(tensors, key=lambda n: (_ORDER.get(_NAMES[tensors[n].dtype], len(_ORDER)), n))
     nbytes = {n: tensors[n].numel() * tensors[n].element_size() for n in order}
     order = [n for n in order if _alignable(nbytes[n])] + [n for n in order if not _alignable(nbytes[n])]
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -161,7 +178,9 @@ def save_aligned(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> N
             out.write(struct.pack("<Q", len(text)) + text)
             for n in order:
                 out.write(memoryview(tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            os.fchmod(out.fileno(), 0o644)
+            os.fchmod(out.fileno(), file_mode(file))
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the name is: no shard of zeros after a crash
         os.replace(tmp, file)
     finally:
         Path(tmp).unlink(missing_ok=True)

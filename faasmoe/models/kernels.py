@@ -121,7 +121,8 @@ def _via_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch
 def _int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     M = x.shape[0]
     N, K = w.shape
-    if M <= INT8_PACK_ROWS and x.dtype == torch.bfloat16 and K % 16 == 0:  # see the class's docstring
+    if (M <= INT8_PACK_ROWS and x.dtype == torch.bfloat16 and K % 16 == 0  # see the class's docstring
+            and w.q.is_contiguous() and w.scale.dtype == x.dtype):
         if not x.is_contiguous() or x.data_ptr() % 64:  # the kernel faults on rows not 32-byte aligned (a frame's)
             x = x.clone(memory_format=torch.contiguous_format)
         return torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)

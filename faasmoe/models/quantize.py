@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from faasmoe.models.align import save_aligned
+from faasmoe.models.align import save_aligned, umask
 from faasmoe.models.checkpoint import (INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE, Checkpoint, CheckpointError,
                                       read_safetensors_header)
 from faasmoe.models.weights import torch_dtype
@@ -69,8 +69,8 @@ def quantize_int8(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tens
 def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: tuple[str, ...] = GROUPS,
                         progress: bool = True, consume: bool = False) -> Path:
     """Write `src` to the new directory `out` with the matrices of `groups` in int8 (see the module's docstring).
-    `consume`: delete each shard of `src` once its int8 copy is written (a scratch copy: the disk then holds
-    one model and a shard, not two models)."""
+    `consume`: delete each shard of `src` once its int8 copy is written, so that the disk holds one model and a
+    shard, not two; only for a scratch copy of the caller's own (its shards are gone even if the run fails)."""
     src, out = Path(src).resolve(), Path(out).resolve()
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
@@ -149,19 +149,27 @@ def refuse_existing(out: Path) -> None:
 
 @contextlib.contextmanager
 def _new_directory(out: Path) -> Iterator[Path]:
-    """A scratch directory next to `out` that becomes `out` when the block succeeds and is removed when it
-    fails: an interrupted write leaves no half checkpoint behind."""
+    """Where to write the checkpoint `out`: a scratch directory next to it, renamed to `out` when the block
+    succeeds and removed when it fails, so that an interrupted write leaves no half checkpoint behind; or, where
+    `out` is an empty directory already (a mount point, say, which a rename cannot replace), `out` itself,
+    emptied again on failure. A failed final rename leaves the scratch directory, named in the error."""
+    if out.is_dir():
+        try:
+            yield out
+        except BaseException:
+            for p in out.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            raise
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".writing"))
     try:
         yield tmp
-        tmp.chmod(0o755)
-        if out.exists():
-            out.rmdir()  # empty (refuse_existing)
-        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o777 & ~umask())  # mkdtemp made it private
+    tmp.rename(out)
 
 
 def _write_metadata(src: Path, out: Path, weight_map: dict[str, str], edit) -> None:
