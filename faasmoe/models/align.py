@@ -19,11 +19,14 @@ cache snapshot: its blobs are named by their hash; align a copy, `cp -rL`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -57,28 +60,45 @@ def align_file(file: str | os.PathLike) -> bool:
     with open(file, "rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(hlen))
-    tensors = sorted(locations.values(), key=lambda t: t.offset)
-    order = [t for t in tensors if _alignable(t.nbytes)] + [t for t in tensors if not _alignable(t.nbytes)]
+    in_file = sorted(locations, key=lambda n: locations[n].offset)
+    order, head = _header(header, {n: locations[n].nbytes for n in in_file}, in_file)
+    with open(file, "rb") as src, _replacing(file) as dst:
+        dst.write(head)
+        dst.flush()  # before the kernel appends behind it
+        copy = _Copier(src.fileno(), dst.fileno())
+        for n in order:
+            copy(locations[n].offset, locations[n].nbytes)
+    return True
+
+
+def _header(meta: dict, nbytes: dict[str, int], order: list[str]) -> tuple[list[str], bytes]:
+    """The tensors' order in the file (`order`, those that can be aligned first) and the header that says so: its
+    length, then the JSON of `meta` with each tensor's data_offsets, padded with spaces (allowed by the format)
+    to an ALIGNMENT boundary."""
+    order = [n for n in order if _alignable(nbytes[n])] + [n for n in order if not _alignable(nbytes[n])]
     pos = 0
-    for t in order:
-        header[t.name]["data_offsets"] = [pos, pos + t.nbytes]
-        pos += t.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # trailing spaces: allowed by the format
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".aligning")
+    for n in order:
+        meta[n]["data_offsets"] = [pos, pos + nbytes[n]]
+        pos += nbytes[n]
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
+    return order, struct.pack("<Q", len(text)) + text
+
+
+@contextlib.contextmanager
+def _replacing(file: Path) -> Iterator[BinaryIO]:
+    """A new file next to `file`, renamed over it when the block succeeds (with `file`'s mode, or the umask's;
+    synced to disk first: no shard of zeros after a crash), removed when it fails."""
+    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".writing")
     try:
-        with open(file, "rb") as src, os.fdopen(fd, "wb") as dst:
-            dst.write(struct.pack("<Q", len(text)) + text)
-            dst.flush()
-            copy = _Copier(src.fileno(), dst.fileno())
-            for t in order:
-                copy(t.offset, t.nbytes)
-            os.fchmod(dst.fileno(), file.stat().st_mode & 0o7777)
-            os.fsync(dst.fileno())
+        with os.fdopen(fd, "wb") as out:
+            yield out
+            os.fchmod(out.fileno(), file_mode(file))
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, file)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return True
 
 
 class _Copier:
@@ -161,29 +181,14 @@ def save_aligned(tensors: dict[str, torch.Tensor], file: str | os.PathLike) -> N
     unknown = {str(t.dtype) for t in tensors.values() if t.dtype not in _NAMES}
     if unknown:
         raise ValueError(f"cannot write tensors of dtype {', '.join(sorted(unknown))} to {file}")
-    order = sorted(tensors, key=lambda n: (_ORDER.get(_NAMES[tensors[n].dtype], len(_ORDER)), n))
-    nbytes = {n: tensors[n].numel() * tensors[n].element_size() for n in order}
-    order = [n for n in order if _alignable(nbytes[n])] + [n for n in order if not _alignable(nbytes[n])]
-    header: dict = {"__metadata__": {"format": "pt"}}
-    pos = 0
-    for n in order:
-        t = tensors[n]
-        header[n] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + nbytes[n]]}
-        pos += nbytes[n]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % ALIGNMENT)  # trailing spaces: allowed by the format
-    fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=file.name + ".", suffix=".writing")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(struct.pack("<Q", len(text)) + text)
-            for n in order:
-                out.write(memoryview(tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            os.fchmod(out.fileno(), file_mode(file))
-            out.flush()
-            os.fsync(out.fileno())  # on disk before the name is: no shard of zeros after a crash
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    by_dtype = sorted(tensors, key=lambda n: (_ORDER.get(_NAMES[tensors[n].dtype], len(_ORDER)), n))
+    meta = {"__metadata__": {"format": "pt"}} | {
+        n: {"dtype": _NAMES[tensors[n].dtype], "shape": list(tensors[n].shape)} for n in by_dtype}
+    order, head = _header(meta, {n: tensors[n].numel() * tensors[n].element_size() for n in by_dtype}, by_dtype)
+    with _replacing(file) as out:
+        out.write(head)
+        for n in order:
+            out.write(memoryview(tensors[n].detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def align_checkpoint(path: str | os.PathLike) -> list[Path]:

@@ -83,28 +83,13 @@ def quantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike, groups: 
     if not chosen:
         raise ValueError(f"{src}: nothing to quantize in {', '.join(groups)} (a tied lm_head stays as it is)")
     dtype = torch_dtype(ckpt.dtype)
-    by_file: dict[str, list[str]] = defaultdict(list)
-    for name, loc in ckpt.tensors.items():
-        by_file[loc.file].append(name)
-    with _new_directory(out) as tmp, tqdm(total=sum(t.nbytes for t in ckpt.tensors.values()), unit="B",
-                                          unit_scale=True, desc=f"quantizing into {out.name}",
-                                          disable=not progress) as bar:
-        weight_map: dict[str, str] = {}
-        for file, names in sorted(by_file.items()):
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(file, framework="pt") as f:
-                for name in names:
-                    t = f.get_tensor(name)
-                    bar.update(ckpt.tensors[name].nbytes)
-                    if name in chosen:
-                        tensors[name], tensors[name + SCALE_SUFFIX] = quantize_int8(t, dtype)
-                    else:
-                        tensors[name] = t
-            save_aligned(tensors, tmp / Path(file).name)
-            weight_map |= {name: Path(file).name for name in tensors}
-            if consume:
-                del tensors
-                Path(file).unlink()
+
+    def convert(name: str, t: torch.Tensor, shard) -> dict[str, torch.Tensor]:
+        return dict(zip((name, name + SCALE_SUFFIX), quantize_int8(t, dtype))) if name in chosen else {name: t}
+
+    with _new_directory(out) as tmp:
+        weight_map = _rewrite_shards(ckpt, tmp, convert, f"quantizing into {out.name}" if progress else None,
+                                     consume)
         _write_metadata(src, tmp, weight_map, lambda config: config.update(quantization_config={
             "quant_method": METHOD, "weights": "int8", "groups": list(groups),
             "scheme": "symmetric, one scale per output row (max |w| / 127)"}))
@@ -125,20 +110,42 @@ def dequantize_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pat
 
 
 def _dequantize_into(ckpt: Checkpoint, src: Path, out: Path, dtype: torch.dtype) -> None:
-    weight_map: dict[str, str] = {}
-    for file in sorted({loc.file for loc in ckpt.tensors.values()}):
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in ckpt.scales:
-                    continue
-                t = f.get_tensor(name)
-                if name in ckpt.scales:
-                    t = (t.float() * f.get_tensor(name + SCALE_SUFFIX).float()[:, None]).to(dtype)
-                tensors[name] = t
-        save_aligned(tensors, out / Path(file).name)
-        weight_map |= {name: Path(file).name for name in tensors}
+    scales = {loc.name for loc in ckpt.scales.values()}
+
+    def convert(name: str, t: torch.Tensor, shard) -> dict[str, torch.Tensor]:
+        if name in scales:
+            return {}
+        if name in ckpt.scales:
+            t = (t.float() * shard.get_tensor(name + SCALE_SUFFIX).float()[:, None]).to(dtype)
+        return {name: t}
+
+    weight_map = _rewrite_shards(ckpt, out, convert)
     _write_metadata(src, out, weight_map, lambda config: config.pop("quantization_config", None))
+
+
+def _rewrite_shards(ckpt: Checkpoint, out: Path, convert, progress: str | None = None,
+                    consume: bool = False) -> dict[str, str]:
+    """Each shard of `ckpt` written anew into `out` under its name, every tensor replaced by what
+    `convert(name, tensor, the open shard)` returns (nothing: dropped); the new weight map. `progress`: a bar
+    with this title. `consume`: see `quantize_checkpoint`."""
+    by_file: dict[str, list[str]] = defaultdict(list)
+    for name, loc in ckpt.tensors.items():
+        by_file[loc.file].append(name)
+    weight_map: dict[str, str] = {}
+    with tqdm(total=sum(t.nbytes for t in ckpt.tensors.values()), unit="B", unit_scale=True, desc=progress,
+              disable=progress is None) as bar:
+        for file, names in sorted(by_file.items()):
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(file, framework="pt") as shard:
+                for name in names:
+                    tensors |= convert(name, shard.get_tensor(name), shard)
+                    bar.update(ckpt.tensors[name].nbytes)
+            save_aligned(tensors, out / Path(file).name)
+            weight_map |= {name: Path(file).name for name in tensors}
+            if consume:
+                del tensors
+                Path(file).unlink()
+    return weight_map
 
 
 def refuse_existing(out: Path) -> None:
