@@ -212,3 +212,34 @@ def test_a_token_named_twice_for_one_expert_counts_twice(fn):
     once = result([0])
     twice = result([0, 0])
     assert torch.allclose(twice[0], 2 * once[0]) and torch.equal(twice[1], torch.zeros(s.hidden_size))
+
+
+def test_a_tcp_host_answers_only_connections_that_present_the_token(tiny):
+    """A Ray host listens on its node's network: a connection without the platform's token gets nothing."""
+    import threading
+
+    from faasmoe.platforms.local import host, protocol
+
+    spec = Deployment.plan(Checkpoint(tiny), 2, "float32").specs[0]
+    token = b"t" * 32
+    server = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=host.serve_connections, args=(server, host.Host(), 0, token), daemon=True).start()
+    address = server.getsockname()
+
+    for wrong in (b"x" * 32, b"t" * 31, b"t" * 33):
+        s = socket.create_connection(address, timeout=10)
+        send_frame(s, wrong)
+        try:  # closed (reset, where the host left bytes unread): no READY, no error frame, nothing to learn
+            assert s.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        s.close()
+    s = socket.create_connection(address, timeout=10)
+    send_frame(s, token)
+    assert wire.decode_header(recv_frame(s)).kind == wire.READY
+    send_frame(s, protocol.encode_request(protocol.Request([], [spec.to_json()], [
+        (spec.id, valid_frame(ExpertFunction(spec)))])))
+    rep = protocol.decode_reply(recv_frame(s))
+    assert rep.loads[0][1] == "" and answer_kind(rep.results[0]) == wire.RESULT
+    s.close()
+    server.close()

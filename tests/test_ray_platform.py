@@ -1,84 +1,97 @@
-"""The same functions as Ray Serve deployments: exact answers, and scale to zero then a cold start."""
+"""The same functions in host processes that are Ray actors: exact answers, scale to zero at both levels (a function
+unloaded, then its host gone), cold starts again, and on a simulated cluster of several nodes: hosts placed on
+different nodes, and a node's death costs no request."""
 
 from __future__ import annotations
 
 import time
 
+import psutil
 import pytest
 import torch
 
 import faasmoe
 from faasmoe.platforms import PlatformConfig
 
-pytest.importorskip("ray.serve")
+pytest.importorskip("ray")
+
+PROMPT = [785, 6722, 315, 9625, 374, 12095, 13]
 
 
 @pytest.fixture(scope="module")
 def ray_engine(tiny):
     """One local Ray (127.0.0.1, no dashboard) for the module; shut down after."""
     with faasmoe.load(tiny, experts_per_function=4, platform="ray",
-                      platform_config=PlatformConfig(keep_alive_s=10.0, invoke_timeout_s=120)) as engine:
+                      platform_config=PlatformConfig(keep_alive_s=3.0, invoke_timeout_s=120)) as engine:
         yield engine
     import ray
 
     assert not ray.is_initialized()
 
 
+def expected_tokens(reference, tiny, ids, n):
+    with torch.no_grad():
+        out = reference(tiny).generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def test_exact_logits_and_tokens_on_ray(tiny, reference, ray_engine):
-    ids = [785, 6722, 315, 9625, 374, 12095, 13]
-    logits = ray_engine.logits(ids)
+    logits = ray_engine.logits(PROMPT)
     with torch.no_grad():
-        expected = reference(tiny)(torch.tensor([ids])).logits[0]
+        expected = reference(tiny)(torch.tensor([PROMPT])).logits[0]
     assert (logits - expected).abs().max().item() < 1e-4
-    result = ray_engine.generate(ids, max_tokens=8)
-    with torch.no_grad():
-        out = reference(tiny).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
-    assert result.token_ids == out[0, len(ids):].tolist()
+    assert ray_engine.generate(PROMPT, max_tokens=8).token_ids == expected_tokens(reference, tiny, PROMPT, 8)
 
 
-def test_ray_deployment_scales_to_zero_and_cold_starts_again(ray_engine):
+def test_both_levels_scale_to_zero_and_functions_cold_start_into_running_hosts(ray_engine):
     platform = ray_engine.platform
     ray_engine.generate("wake up", max_tokens=2)
-    assert sum(platform.running_replicas().values()) > 0
-    # keep-alive 10 s (shorter makes a layer's functions go to zero while the next layer's start).
-    # Before the policy got its keep-alive (Serve passes policy_kwargs only to a class) it used its
-    # 30 s default; 25 s after the last call tells the two apart.
-    deadline = time.time() + 25
-    while sum(platform.running_replicas().values()) > 0 and time.time() < deadline:
-        time.sleep(0.5)
-    assert sum(platform.running_replicas().values()) == 0  # min_replicas 0: every replica went away
+    pids = platform.hosts()
+    assert pids and platform.instances()
+    deadline = time.time() + 30  # keep-alive 3 s: functions unloaded, then their emptied hosts killed
+    while (platform.instances() or platform.hosts()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not platform.instances() and not platform.hosts()
     assert sum(s.evictions for s in platform.log.stats.values()) > 0
-    cold = sum(s.cold_starts for s in platform.log.stats.values())
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=30)
+    assert not alive  # the actors' processes are gone, not just forgotten
+    before = len(platform.log.recent)
     ray_engine.generate("wake up", max_tokens=2)
-    assert sum(s.cold_starts for s in platform.log.stats.values()) > cold
-    events = [e for e in platform.log.recent if e.kind == "cold_start"]
-    assert events and all(e.load_s is not None for e in events)
+    colds = [e for e in list(platform.log.recent)[before:] if e.kind == "cold_start"]
+    # from zero again: a function's cold start is a load into a host, so many functions start in fewer hosts
+    assert colds and len({e.instance for e in colds}) < len(colds)
+    assert all(e.load_s is not None for e in colds)
 
 
-class _Ctx:
-    """The fields of Serve's AutoscalingContext that keep_alive_policy reads."""
+def test_a_cluster_spreads_hosts_over_nodes_and_survives_a_node_death(tiny, reference):
+    """Three Ray nodes on this machine (ray.cluster_utils); a prefill's calls are split over three hosts, which
+    Ray spreads over the nodes. Then every node but the head dies: its hosts' calls are retried elsewhere."""
+    import ray
+    from ray.cluster_utils import Cluster
 
-    def __init__(self, now, state=None, calls=0.0, requests=0.0, current=0, target=0, scaled_up_at=None):
-        self.current_time, self.policy_state = now, state or {}
-        self.aggregated_metrics = {"calls": {"r1": calls}} if calls else {}
-        self.total_num_requests, self.last_scale_up_time = requests, scaled_up_at
-        self.current_num_replicas, self.target_num_replicas, self.config = current, target, None
-
-
-def test_keep_alive_policy_holds_a_starting_replica_and_scales_to_zero_only_when_idle():
-    from faasmoe.platforms.ray import keep_alive_policy
-
-    n, s = keep_alive_policy(_Ctx(100.0), keep_alive_s=10)
-    assert n == 0  # never used: stays at zero
-    # Serve's cold-start fast path scaled up at t=100 without asking the policy; the replica is
-    # starting and the handles' request count reads 0: it must not go back to zero.
-    n, s = keep_alive_policy(_Ctx(101.0, s, current=0, target=1, scaled_up_at=100.0), keep_alive_s=10)
-    assert n == 1
-    n, s = keep_alive_policy(_Ctx(108.0, s, calls=5, current=1, target=1, scaled_up_at=100.0), keep_alive_s=10)
-    assert n == 1
-    n, s = keep_alive_policy(_Ctx(117.0, s, calls=5, current=1, target=1, scaled_up_at=100.0), keep_alive_s=10)
-    assert n == 1  # 9 s since the last call
-    n, s = keep_alive_policy(_Ctx(119.0, s, calls=5, current=1, target=1, scaled_up_at=100.0), keep_alive_s=10)
-    assert n == 0  # 11 s idle
-    n, s = keep_alive_policy(_Ctx(120.0, s, requests=3, current=1, target=1, scaled_up_at=100.0), keep_alive_s=10)
-    assert n == 3  # traffic again: one replica per ongoing request
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    long_prompt = PROMPT * 4  # 28 rows: split over the cluster's 3 cores (hosts)
+    try:
+        config = PlatformConfig(keep_alive_s=60.0, invoke_timeout_s=60, max_instances=3, max_retries=3)
+        with faasmoe.load(tiny, experts_per_function=2, platform="ray", platform_config=config,
+                          platform_options={"address": cluster.address}) as engine:
+            platform = engine.platform
+            want = expected_tokens(reference, tiny, long_prompt, 4)
+            assert engine.generate(long_prompt, max_tokens=4).token_ids == want
+            assert len(platform.hosts()) >= 2 and len(set(platform.nodes.values())) >= 2
+            head = cluster.head_node.node_id
+            doomed = [pid for pid, node in platform.nodes.items() if node != head]
+            assert doomed
+            for node in workers:
+                cluster.remove_node(node)
+            _, alive = psutil.wait_procs([psutil.Process(p) for p in doomed if psutil.pid_exists(p)], timeout=60)
+            assert not alive
+            assert engine.generate(long_prompt, max_tokens=4).token_ids == want
+            stats = platform.log.stats.values()
+            assert sum(s.crashes for s in stats) > 0 and sum(s.retries for s in stats) > 0
+            assert set(platform.nodes.values()) == {head}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

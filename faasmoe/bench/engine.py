@@ -138,11 +138,14 @@ def plain_read_cost(spec, cold: bool, reps: int = 5) -> dict:
             "resident_before_min_bytes": min(resident)}
 
 
-def cold_start_cost(spec, platform: str = "local", reps: int = 5, options: dict | None = None) -> dict:
-    """Cold start of one function on a platform (local: fork from the zygote, map weights, ready) against a
-    plain read of its weight bytes, twice: with the weights in the page cache ("warm": a serving host that has
-    read the checkpoint before) and with the function's byte ranges evicted first ("cold": posix_fadvise
-    DONTNEED, checked with mincore; the weights come from the disk). Warm figures also at the top level."""
+def cold_start_cost(spec, platform: str = "local", reps: int = 5, options: dict | None = None,
+                    neighbour=None) -> dict:
+    """Cold start of one function on a platform, with the host it runs in started for it (local: a fork from the
+    zygote; ray: a Ray actor), against a plain read of its weight bytes, twice: with the weights in the page
+    cache ("warm": a serving host that has read the checkpoint before) and with the function's byte ranges
+    evicted first ("cold": posix_fadvise DONTNEED, checked with mincore; the weights come from the disk). Warm
+    figures also at the top level. With `neighbour` (another function's spec), also its cold start into a host
+    that is running already, holding the neighbour ("on_running_host", warm page cache): a weight load."""
     out = {"bytes": spec.nbytes}
     for state in ("warm", "cold"):
         run = {**plain_read_cost(spec, state == "cold", reps), **_cold_starts(spec, platform, reps, options,
@@ -155,7 +158,35 @@ def cold_start_cost(spec, platform: str = "local", reps: int = 5, options: dict 
                                          and run["start_resident_before_min_bytes"] == spec.nbytes)
         out[state] = run
     out.update({key: out["warm"][key] for key in ("read_ms", "cold_start_ms", "load_in_instance_ms", "ratio")})
+    if neighbour is not None:
+        out["on_running_host"] = _cold_starts_on_running_host(spec, neighbour, platform, reps, options)
     return out
+
+
+def _cold_starts_on_running_host(spec, neighbour, platform: str, reps: int, options: dict | None) -> dict:
+    """The function loaded, called and unloaded again `reps` times in one host kept running by `neighbour`."""
+    from faasmoe.control.deployment import prewarm_calls
+    from faasmoe.platforms import PlatformConfig, create_platform
+
+    (_, frame), (_, keep) = prewarm_calls([spec, neighbour])
+    p = create_platform(platform, PlatformConfig(keep_alive_s=3600), **(options or {}))
+    p.start()
+    try:
+        p.deploy(spec)
+        p.deploy(neighbour)
+        p.invoke(neighbour.id, keep)  # starts the host
+        hosts = set(p.hosts())
+        for _ in range(reps + 1):  # the first may find the weights' kernels cold: not counted
+            _set_cache(spec, cold=False)
+            p.invoke(spec.id, frame)
+            p.scale_to_zero([spec.id])
+        starts = [e for e in p.log.recent if e.kind == "cold_start" and e.function == spec.id][1:]
+        same_host = set(p.hosts()) == hosts
+    finally:
+        p.close()
+    return {"samples": len(starts), "same_host": same_host,
+            "cold_start_ms": 1000 * statistics.median(e.duration_s for e in starts) if starts else None,
+            "load_in_instance_ms": 1000 * statistics.median(e.load_s for e in starts) if starts else None}
 
 
 def _cold_starts(spec, platform: str, reps: int, options: dict | None, cold: bool) -> dict:
@@ -176,7 +207,7 @@ def _cold_starts(spec, platform: str, reps: int, options: dict | None, cold: boo
             evicted = stats.evictions
             p.invoke(spec.id, frame)
             pids = [inst.pid for inst in p.instances() if inst.function == spec.id]
-            p.scale_to_zero()  # immediate on the embedded platform; Ray scales down on its own clock
+            p.scale_to_zero()  # the function unloaded, and its host, holding nothing, stopped
             deadline = time.monotonic() + 120
             while stats.evictions == evicted and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -278,17 +309,17 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                 run["vs_faasmoe_monolithic"] = (run["faasmoe_ms_per_token"]
                                                 / report["faasmoe_monolithic"]["ms_per_token"])
                 report["runs"][f"{platform}/k{k}"] = run
-                first_specs[f"{platform}/k{k}"] = engine.specs[0]
+                first_specs[f"{platform}/k{k}"] = engine.specs[:2]
                 _print_run(run)
                 del engine
         # Cold starts last: pages a live process maps stay in the page cache whatever it is advised, and the
         # monolithic model (and the engines' in-process handlers) map parts of the checkpoint.
         del mono
         gc.collect()
-        for key, spec in first_specs.items():
+        for key, (spec, *neighbour) in first_specs.items():
             run = report["runs"][key]
             set_title("bench-engine", run["platform"], f"k={run['experts_per_function']}", "cold starts")
-            run["cold_start"] = cold_start_cost(spec, run["platform"])
+            run["cold_start"] = cold_start_cost(spec, run["platform"], neighbour=neighbour[0] if neighbour else None)
             _print_cold_start(run)
     finally:
         tempfile.tempdir = previous_tmp
@@ -332,7 +363,8 @@ def _print_run(r: dict) -> None:
 
 def _print_cold_start(r: dict) -> None:
     c = r["cold_start"]
-    print(f"{r['platform']} k={r['experts_per_function']:<3} cold start of one function ({c['bytes'] / 2**20:.1f} MiB of weights):")
+    print(f"{r['platform']} k={r['experts_per_function']:<3} cold start of one function ({c['bytes'] / 2**20:.1f} MiB of weights) "
+          f"with its host started for it:")
     for state, what in (("warm", "weights in the page cache"), ("cold", "weights evicted first")):
         s = c[state]
         check = "" if s["page_cache_as_intended"] else (
@@ -343,3 +375,7 @@ def _print_cold_start(r: dict) -> None:
             continue
         print(f"       {state} ({what}): {s['cold_start_ms']:.1f} ms (weight load {s['load_in_instance_ms']:.1f} ms)"
               f" vs plain read {s['read_ms']:.1f} ms ({s['ratio']:.2f}x){check}")
+    h = c.get("on_running_host")
+    if h and h["cold_start_ms"] is not None:
+        print(f"       into a running host (weights in the page cache): {h['cold_start_ms']:.1f} ms (weight load "
+              f"{h['load_in_instance_ms']:.1f} ms, {h['samples']} samples)")

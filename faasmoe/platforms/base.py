@@ -241,8 +241,9 @@ class Platform(ABC):
         a layer's routing only then. False where the platform does not warm."""
         return False
 
-    def scale_to_zero(self) -> int:
-        """Stop every idle instance now, as if its keep-alive had run out; returns how many stopped."""
+    def scale_to_zero(self, functions: Sequence[str] | None = None) -> int:
+        """Stop every idle instance (of `functions`, or of all) now, as if its keep-alive had run out; returns how
+        many stopped."""
         return 0
 
     def instances(self) -> list[InstanceInfo]:

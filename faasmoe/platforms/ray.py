@@ -1,101 +1,75 @@
-"""The `ray` platform: every expert function a Ray Serve deployment that autoscales from zero replicas.
+"""The `ray` platform: the embedded platform's host pool, with every host a Ray actor placed by Ray.
 
-Same handler, same wire format: a replica wraps `ExpertFunction` and answers frames. PlatformConfig maps
-onto Serve's autoscaling: max_instances -> max_replicas; one call at a time per replica ->
-max_ongoing_requests 1; min_replicas 0 and initial_replicas 0 (scale to zero, cold start on demand);
-keep-alive -> downscale delay; upscale delay and metric intervals cut so that a first call is not held
-for Serve's defaults. Serve's own policy samples ongoing requests, which a millisecond call almost never
-shows, so it would scale a busy deployment to zero: `KeepAlivePolicy` counts the calls each replica
-reports (`record_autoscaling_stats`) instead and scales to zero only after keep-alive seconds without a
-call, the FaaS keep-alive. A replica is a fresh Ray worker process, so its cold start costs seconds, not
-the embedded platform's milliseconds (docs/benchmarks.md, section 3). The control plane calls replicas
-through deployment handles; no HTTP proxy is started.
+A host is a long-lived process that loads any number of expert functions and answers a MoE layer's
+calls to it in one request (see `faasmoe.platforms.local.host`); here it is a Ray actor, so Ray
+places it on a node of the cluster (spread over the nodes), starts its process, and ends it. The pool's
+policy is the embedded platform's, unchanged: a function's cold start on a running host is a
+weight load (milliseconds), a function idle for keep-alive is unloaded, a host left holding nothing
+is killed (scale to zero), a batch that waits for a busy host gets a new one (up to
+`max_instances`), and a call whose host died is retried on another, which Ray may place on
+another node.
 
-Cold starts and warm hits come from the replicas themselves (each reply says whether it was its
-replica's first call); evictions and running replicas from polling `serve.status()`. Locally, Ray is
-started on 127.0.0.1 without a dashboard; with an address it joins that cluster, whose nodes need
-faasmoe installed and the checkpoint at the same path.
+The data path does not go through Ray: once started, the actor listens on a TCP socket of its node
+and the platform sends it the same length-prefixed requests as a local host's Unix socket. Measured
+on this machine (scripts/ray-data-paths.py, a 4 KiB request echoed): a direct socket 0.03 ms, a Ray
+actor call 1.1 ms, a Ray Serve handle call to a multiplexed deployment 5.7 ms. Only the platform
+may talk to a host: each connection must first send the platform's random token.
+
+Locally, Ray is started on 127.0.0.1 without a dashboard; with an address the platform joins that
+cluster, whose nodes need faasmoe installed and the checkpoint at the same path. A host's own cold
+start is a new Ray worker process that imports torch (seconds); it is paid once per host, not per
+function.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
-import uuid
-from collections.abc import Sequence
 
-from faasmoe.functions.spec import FunctionSpec
-from faasmoe.metering.meter import Label
-from faasmoe.platforms.base import InstanceInfo, InvocationError, Platform, PlatformConfig
+from faasmoe.metering.meter import Label, note_exit
+from faasmoe.platforms.base import PlatformConfig
+from faasmoe.platforms.local.platform import InstanceStartError, LocalPlatform, _Host, await_ready
+from faasmoe.platforms.local.transport import send_frame
 
-APP = "faasmoe"
-MIN_SENSIBLE_KEEP_ALIVE_S = 30
-OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: frames go through handles, a little is plenty
+AVOID_FAILED_NODE_S = 60.0  # a node where a host failed gets new hosts only if no other node is left, this long
+OBJECT_STORE_BYTES = 256 * 2**20  # a local Ray's object store: nothing goes through it but the actors' replies
 log = logging.getLogger(__name__)
 
 
-def keep_alive_policy(ctx, keep_alive_s: float = 30.0) -> tuple[int, dict]:
-    """Serve autoscaling policy: replicas for the queue now, and none only after keep_alive_s idle.
+class HostActor:
+    """A host in a Ray worker process: warms the kernels of the function shapes it may load, listens on a TCP
+    socket of its node, and answers the platform's requests from a thread (the actor's own methods stay free
+    for Ray)."""
 
-    Runs in the Serve controller. Activity is any of: requests at the handles, a replica's call
-    counter (`calls`) growing (it drops when a replica goes, which is not activity), a scale-up (Serve's cold-start fast path starts a replica without
-    asking this policy, and while it starts the handles' request count can read 0), or replicas
-    still starting. Without the last two a deployment went back to zero while its first replica
-    was starting (measured: a private-mode server on Ray never finished a request).
-    """
-    import math
-
-    state = dict(ctx.policy_state or {})
-    now = ctx.current_time or time.time()
-    metrics = ctx.aggregated_metrics or {}
-    calls = float(sum(metrics.get("calls", {}).values()))
-    demand = float(ctx.total_num_requests or 0.0)
-    active = [state.get("active_at", -math.inf), ctx.last_scale_up_time or -math.inf]
-    if demand > 0 or calls > state.get("calls", 0.0) or ctx.current_num_replicas < ctx.target_num_replicas:
-        active.append(now)
-    state["active_at"], state["calls"] = max(active), calls
-    if now - state["active_at"] > keep_alive_s:
-        return 0, state
-    target = ctx.config.get_target_ongoing_requests() if ctx.config else 1.0
-    return max(1, math.ceil(demand / target)), state
-
-
-class KeepAlivePolicy:
-    """`keep_alive_policy` as a class, because Serve passes `policy_kwargs` (the keep-alive) only to a class
-    policy; a function policy would always get the default."""
-
-    def __init__(self, keep_alive_s: float = 30.0):
-        self.keep_alive_s = keep_alive_s
-
-    def __call__(self, ctx) -> tuple[int, dict]:
-        return keep_alive_policy(ctx, self.keep_alive_s)
-
-
-class ExpertReplica:
-    """The Serve deployment class: one replica = one instance of an expert function."""
-
-    def __init__(self, spec_json: dict, threads: int = 1):
+    def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0):
         import torch
 
-        from faasmoe.functions.expert import ExpertFunction
+        from faasmoe.platforms.local import host
+        from faasmoe.platforms.local.zygote import _warm_up
+        from faasmoe.proctitle import set_title
 
+        set_title("function", "host", name)
         torch.set_num_threads(threads)
-        t0 = time.perf_counter()
-        self.fn = ExpertFunction(FunctionSpec.from_json(spec_json))
-        self.load_s = time.perf_counter() - t0
-        self.replica = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.calls = 0
+        warmed: set[tuple] = set()
+        for spec in warm:
+            _warm_up(spec, warmed)
+        import ray
 
-    def __call__(self, frame: bytes) -> tuple[bytes, str, bool, float, int]:
-        cold = self.calls == 0
-        self.calls += 1
-        return self.fn.handle(frame), self.replica, cold, self.load_s, os.getpid()
+        ip = ray.util.get_node_ip_address()
+        self.sock = socket.create_server((ip, 0), backlog=16)
+        self.address = f"{ip}:{self.sock.getsockname()[1]}"
+        threading.Thread(target=host.serve_connections, args=(self.sock, host.Host(), hang_on_request, token),
+                         name="faasmoe-host", daemon=True).start()
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's custom autoscaling metric: calls so far (keep_alive_policy watches it change)."""
-        return {"calls": float(self.calls)}
+    def where(self) -> tuple[str, int, str]:
+        """(address, pid, node id): where the platform connects, and what it meters."""
+        import ray
+
+        return self.address, os.getpid(), ray.get_runtime_context().get_node_id()
 
 
 def _reap(procs: list, grace_s: float = 5.0) -> None:
@@ -112,128 +86,62 @@ def _reap(procs: list, grace_s: float = 5.0) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def deployment_name(function_id: str) -> str:
-    return function_id.replace(".", "-")
-
-
-class RayPlatform(Platform):
+class RayPlatform(LocalPlatform):
     name = "ray"
 
-    def __init__(self, config: PlatformConfig, address: str | None = None):
-        super().__init__(config)
+    def __init__(self, config: PlatformConfig | None = None, address: str | None = None,
+                 test_hooks: dict | None = None):
+        super().__init__(config, test_hooks)
         self.address = address
-        self._pending: list[FunctionSpec] = []
-        self._deployed: dict[str, FunctionSpec] = {}
-        self._handles: dict[str, object] = {}
-        self._replicas: dict[str, dict[str, int]] = {}  # function -> replica id -> pid (seen answering)
-        self._running: dict[str, int] = {}
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._token = secrets.token_bytes(32)
+        self._actor_class = None
         self._started_ray = False
-        self._poller: threading.Thread | None = None
+        self._cluster_cores = 1
+        self.nodes: dict[int, str] = {}  # host pid -> the Ray node it runs on
+        self._placing: dict[str, str] = {}  # host name -> the node chosen for it, while it starts
+        self._failed_at: dict[str, float] = {}  # node -> when a host there last died, hung or failed to start
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        push = str(self._metrics_interval())
-        metrics_env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": push,
-                       "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": push}
+    def _boot(self) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        for k, v in metrics_env.items():  # read by Serve at import, in this process and in Ray's
-            os.environ.setdefault(k, v)
         try:
             import ray
-            from ray import serve
         except ImportError as e:
-            raise RuntimeError("the ray platform needs Ray Serve: pip install 'faasmoe[ray]'") from e
-        if self.config.keep_alive_s < MIN_SENSIBLE_KEEP_ALIVE_S:
-            log.warning("keep-alive %.0f s on Ray, where a cold start takes seconds (more under load): a "
-                        "layer's functions can go to zero while the next layer's start, and every step cold-"
-                        "starts again; %d s or more is advised", self.config.keep_alive_s,
-                        MIN_SENSIBLE_KEEP_ALIVE_S)
+            raise RuntimeError("the ray platform needs Ray: pip install 'faasmoe[ray]'") from e
         if not ray.is_initialized():
             kwargs = dict(namespace="faasmoe", log_to_driver=False, configure_logging=False)
-            if self.address:  # a cluster's workers get the settings through the job's runtime env
-                ray.init(address=self.address, runtime_env={"env_vars": metrics_env}, **kwargs)
-            else:  # a local Ray inherits this environment: no runtime env, so Ray's prestarted workers fit
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
                 ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
                          object_store_memory=OBJECT_STORE_BYTES, **kwargs)
                 self._started_ray = True
-        serve.start(proxy_location="Disabled")
-        self._poller = threading.Thread(target=self._poll, name="faasmoe-ray-status", daemon=True)
-        self._poller.start()
+        self._cluster_cores = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        # num_cpus=0: a host's core is not reserved (hosts are few and often idle); `_place` picks its node; no
+        # restarts: a host that died is replaced by the pool, which retries its calls
+        self._actor_class = ray.remote(num_cpus=0, max_restarts=0)(HostActor)
+
+    def _cores(self) -> int:
+        return self._cluster_cores
 
     def shares_host_cores(self) -> bool:
-        return not self.address  # a local Ray's replicas are processes on this machine
-
-    def _metrics_interval(self) -> float:
-        """How often handles and replicas report to Serve's autoscaler (Serve's default, 10 s, is no FaaS)."""
-        return max(0.1, min(1.0, self.config.keep_alive_s / 4))
-
-    def deploy(self, spec: FunctionSpec) -> None:
-        """Queued; `finish_deploy` (or the first call) deploys every queued function in one application update."""
-        with self._lock:
-            if spec.id not in self._deployed:
-                self._deployed[spec.id] = spec
-                self._pending.append(spec)
-                self.log.deployed(spec.id, spec.nbytes)
-
-    def finish_deploy(self) -> None:
-        self._flush()
-
-    def _flush(self) -> None:
-        from ray import serve
-
-        with self._lock:
-            if not self._pending:
-                return
-            self._pending.clear()
-            specs = list(self._deployed.values())
-        c = self.config
-        interval = self._metrics_interval()
-        autoscaling = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": c.max_instances,
-                       "target_ongoing_requests": 1, "upscale_delay_s": 0.0, "metrics_interval_s": interval,
-                       "look_back_period_s": 2 * interval,
-                       "downscale_delay_s": c.keep_alive_s, "downscale_to_zero_delay_s": 0.0,
-                       "policy": {"policy_function": "faasmoe.platforms.ray:KeepAlivePolicy",
-                                  "policy_kwargs": {"keep_alive_s": c.keep_alive_s}}}
-        replica = serve.deployment(ExpertReplica)
-        bound = [replica.options(name=deployment_name(s.id), max_ongoing_requests=1, autoscaling_config=autoscaling,
-                                 ray_actor_options={"num_cpus": 0})
-                 .bind(s.to_json(), c.threads_per_instance) for s in specs]
-
-        @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
-        class Index:  # Serve needs one ingress per application; it only keeps the functions in the app
-            def __init__(self, *functions):
-                self.count = len(functions)
-
-            def __call__(self) -> int:
-                return self.count
-
-        serve.run(Index.bind(*bound), name=APP, route_prefix=None)
-        with self._lock:
-            for s in specs:
-                self._handles[s.id] = serve.get_deployment_handle(deployment_name(s.id), app_name=APP)
+        return not self.address  # a local Ray's hosts are processes on this machine
 
     def close(self) -> None:
-        self._stop.set()
         ours = self._ray_processes() if self._started_ray else []
-        try:
-            from ray import serve
-
-            if self._deployed:
-                serve.delete(APP)
-            if self._started_ray:
+        super().close()
+        if self._started_ray:
+            try:
                 import ray
 
-                serve.shutdown()
                 ray.shutdown()
-        except Exception:  # closing must not raise on a Ray that is already gone
-            pass
-        _reap(ours)
+            except Exception:  # closing must not raise on a Ray that is already gone
+                pass
+            _reap(ours)
 
     def _ray_processes(self) -> list:
         """Every process of the Ray this platform started: its node processes (GCS, raylet, monitors, ...; the
-        session folder is in their command line) and their descendants (agents, Serve controller, replicas)."""
+        session folder is in their command line) and their descendants (agents, workers, hosts)."""
         import psutil
 
         try:
@@ -248,91 +156,101 @@ class RayPlatform(Platform):
         except Exception:  # a private API that moved, a process that just went: close as before
             return []
 
-    # -- invocation --------------------------------------------------------------------------
-    def submit(self, calls: Sequence[tuple[str, bytes]]) -> list[list]:
-        self._flush()
-        batch = []
-        for fid, frame in calls:
-            handle = self._handles.get(fid)
-            if handle is None:
-                raise KeyError(f"function {fid} is not deployed")
-            self.log.invoked(fid)
-            batch.append([fid, frame, handle.remote(frame), time.perf_counter(), []])
-        return batch
+    # -- hosts -------------------------------------------------------------------------------
+    def _start(self, host: _Host) -> None:
+        """Create the host's actor and wait until it listens (a new worker process: seconds)."""
+        import ray
 
-    def gather(self, batch: list[list]) -> list[bytes]:
-        out = []
-        for item in batch:
-            fid, frame, response, t0, errors = item
-            while True:
-                try:
-                    reply, replica, cold, load_s, pid = response.result(timeout_s=self.config.invoke_timeout_s)
-                    break
-                except Exception as e:  # replica died or timed out: Serve routes the retry elsewhere
-                    kind = "timeout" if isinstance(e, TimeoutError) else "crash"
-                    errors.append(f"{type(e).__name__}: {e}"[:200])
-                    self.log.event(kind, fid, "?", time.perf_counter() - t0)
-                    if len(errors) > self.config.max_retries:
-                        raise InvocationError(f"function {fid} failed after {len(errors)} attempts on Ray: "
-                                              + "; ".join(errors)) from e
-                    self.log.retried(fid)
-                    t0 = time.perf_counter()
-                    response = self._handles[fid].remote(frame)
-            dt = time.perf_counter() - t0
-            self.log.called(fid, dt)
+        if self._actor_class is None:
+            raise InstanceStartError("the platform is not started")
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = self._place(host)
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"  # soft: Ray ignored it
+        actor = self._actor_class.options(scheduling_strategy=strategy).remote(
+            host.name, self.config.threads_per_instance, host.warm, self._token, self._hang_on)
+        with self._lock:
+            host.actor = actor
+            stopped = host not in self._hosts
+        if stopped:
+            ray.kill(actor, no_restart=True)
+            raise InstanceStartError(f"host {host.name} was stopped while it started")
+        try:
+            address, pid, node = ray.get(actor.where.remote(), timeout=self.config.cold_start_timeout_s)
+        except Exception as e:  # the actor's constructor failed, its node died, or it took too long
+            raise InstanceStartError(f"host {host.name} did not start on Ray: {type(e).__name__}: {e}"[:500]) from e
+        with self._lock:
+            host.path, host.pid = address, pid
+            self._placing.pop(host.name, None)
+            self.nodes[pid] = node
+
+    def _place(self, host: _Host) -> str | None:
+        """The alive node running fewest of our hosts (started or starting), for a new one, so that the pool
+        spreads over the cluster; nodes where a host failed lately only if no other is left (Ray may list a
+        node as alive for seconds after it died). Ray's SPREAD strategy, and a soft node affinity, were both
+        seen putting three hosts on one of three nodes."""
+        import ray
+
+        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        now = time.monotonic()
+        with self._lock:
+            trusted = [n for n in alive if now - self._failed_at.get(n, -AVOID_FAILED_NODE_S) >= AVOID_FAILED_NODE_S]
+            candidates = trusted or alive
+            if not candidates:
+                return None
+            load = {n: 0 for n in candidates}
+            for node in [*self.nodes.values(), *self._placing.values()]:
+                if node in load:
+                    load[node] += 1
+            node = min(candidates, key=lambda n: load[n])
+            self._placing[host.name] = node
+        return node
+
+    def _fail(self, req, error: Exception | None) -> None:
+        if error is not None:
             with self._lock:
-                self._replicas.setdefault(fid, {})[replica] = pid
-            self.log.event("cold_start" if cold else "warm_hit", fid, replica, dt, load_s if cold else None)
-            out.append(reply)
-        return out
+                node = self.nodes.get(req.host.pid) or self._placing.get(req.host.name)
+                if node:
+                    self._failed_at[node] = time.monotonic()
+        super()._fail(req, error)
 
-    # -- observation -------------------------------------------------------------------------
-    def _poll(self, period: float = 0.5) -> None:
-        """Running replicas per function from Serve; a drop is an eviction (scale-down)."""
-        from ray import serve
+    def _connect(self, host: _Host, deadline: float) -> socket.socket:
+        ip, port = host.path.rsplit(":", 1)
+        try:
+            sock = socket.create_connection((ip, int(port)), timeout=self.config.cold_start_timeout_s)
+        except OSError as e:
+            raise InstanceStartError(f"host {host.name} at {host.path} refused the connection: {e}") from e
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            send_frame(sock, self._token)
+            await_ready(sock, host.name, deadline)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
-        while not self._stop.wait(period):
+    def _end(self, host: _Host) -> None:
+        if host.actor is not None:
+            import ray
+
+            if host.pid is not None and not self.address:
+                note_exit(host.pid)  # a local Ray's host: its final CPU counter, for this process's meters
             try:
-                app = serve.status().applications.get(APP)
-            except Exception:
-                continue
-            if app is None:
-                continue
-            by_name = {deployment_name(fid): fid for fid in self._deployed}
-            for name, d in app.deployments.items():
-                fid = by_name.get(name)
-                if fid is None:
-                    continue
-                running = int(d.replica_states.get("RUNNING", 0))
-                with self._lock:
-                    before = self._running.get(fid, 0)
-                    self._running[fid] = running
-                    self.log.instances_now(fid, running)
-                    for _ in range(before - running):
-                        self.log.event("eviction", fid, "?", self.config.keep_alive_s)
-                    if running == 0:
-                        self._replicas.pop(fid, None)
+                ray.kill(host.actor, no_restart=True)
+            except Exception:  # an actor Ray has already lost
+                pass
+            host.actor = None
+        self.nodes.pop(host.pid, None)
+        self._placing.pop(host.name, None)
 
-    def instances(self) -> list[InstanceInfo]:
-        with self._lock:
-            return [InstanceInfo(fid, rid, pid, False, 0.0, 0.0) for fid, reps in self._replicas.items()
-                    for rid, pid in reps.items() if self._running.get(fid, 0) > 0]
-
-    def running_replicas(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._running)
-
+    # -- introspection -----------------------------------------------------------------------
     def processes(self) -> dict[int, Label]:
-        """Replica processes seen answering (functions) and, for a Ray this platform started, Ray's own."""
-        import psutil
-
-        out: dict[int, Label] = {}
-        if not self._started_ray:
-            return {i.pid: Label("function") for i in self.instances() if i.pid}
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            if "ServeReplica:faasmoe" in cmd and "Index" not in cmd:
-                out[p.pid] = Label("function")
-            elif "ray" in cmd and ("raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd or "/ray/" in cmd):
-                out[p.pid] = Label("ray")
-        return out
+        """Host processes and, for a Ray this platform started, Ray's own (GCS, raylet, workers, ...); on a
+        cluster's nodes, pids of this machine would be wrong, so none."""
+        if self.address:
+            return {}
+        hosts = {pid: Label("function") for pid in self.hosts()}
+        ray_procs: dict[int, Label] = {}
+        for p in self._ray_processes():
+            ray_procs[p.pid] = Label("ray")
+        return ray_procs | hosts

@@ -17,6 +17,7 @@ instead of racing to SIGSTOP it.
 from __future__ import annotations
 
 import ctypes
+import hmac
 import os
 import select
 import signal
@@ -37,6 +38,7 @@ try:
 except OSError:  # another C library: no parent-death signal, no trimming
     _LIBC = None
 IDLE_TRIM_S = 0.5  # idle this long, a host hands its allocator's free pages back to the OS
+TOKEN_WAIT_S = 5.0  # a TCP connection that does not present the token within this long is closed
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -91,18 +93,32 @@ class Host:
 
 
 def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0) -> None:
+    """A forked host: answer connections on a Unix socket (in the platform's private folder) until killed."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     torch.set_num_threads(threads)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(socket_path)
     sock.listen(16)
-    host = Host()
+    serve_connections(sock, Host(), hang_on_request)
+
+
+def serve_connections(sock: socket.socket, host: Host, hang_on_request: int = 0, token: bytes | None = None) -> None:
+    """Answer one connection at a time on a listening socket, until it is closed. With `token` (a socket others
+    can reach: TCP), a connection's first frame must be the token, within TOKEN_WAIT_S, or it is closed
+    unanswered."""
     ready = wire.encode_ready(0.0)
     received = 0
     while True:
-        conn, _ = sock.accept()
+        try:
+            conn, _ = sock.accept()
+        except OSError:  # the listening socket was closed
+            return
         with conn:
             try:
+                if conn.family != socket.AF_UNIX:
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if token is not None and not _admitted(conn, token):
+                    continue
                 send_frame(conn, ready)
                 while True:
                     _trim_when_idle(conn)
@@ -123,6 +139,17 @@ def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0) -> None:
                     pass
             except OSError:
                 pass
+
+
+def _admitted(conn: socket.socket, token: bytes) -> bool:
+    """Whether the connection's first frame is the token (compared in constant time)."""
+    conn.settimeout(TOKEN_WAIT_S)
+    try:
+        first = recv_frame(conn, limit=len(token))
+    except (OSError, wire.WireError):
+        return False
+    conn.settimeout(None)
+    return first is not None and hmac.compare_digest(bytes(first), token)
 
 
 def _trim_when_idle(conn: socket.socket) -> None:

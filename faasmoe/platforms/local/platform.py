@@ -68,7 +68,7 @@ class InstanceStartError(InvocationError):
 class _Host:
     name: str
     pid: int | None  # None until the zygote has forked it (outside the platform's lock)
-    path: str
+    path: str  # where it listens: a Unix socket here, "ip:port" for a Ray actor (set once it has started)
     sock: socket.socket | None = None
     spawned_at: float = field(default_factory=time.perf_counter)
     started_at: float = field(default_factory=time.monotonic)
@@ -77,6 +77,7 @@ class _Host:
     loaded: dict[str, float] = field(default_factory=dict)  # function id -> its last call here (monotonic)
     unload: set[str] = field(default_factory=set)  # functions to unmap with its next request
     warm: list[dict] = field(default_factory=list)  # specs whose kernels the zygote runs before forking it
+    actor: object = None  # the Ray platform's actor handle
 
 
 @dataclass(eq=False)
@@ -152,12 +153,20 @@ class LocalPlatform(Platform):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._zygote = Zygote.shared()
-        self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
+        self._boot()
         self._reaper = threading.Thread(target=self._reap_idle, name="faasmoe-reaper", daemon=True)
         self._reaper.start()
         self._janitor = threading.Thread(target=self._clean, name="faasmoe-janitor", daemon=True)
         self._janitor.start()
+
+    def _boot(self) -> None:
+        """Get ready to start hosts: here, the zygote."""
+        self._zygote = Zygote.shared()
+        self._zygote.wait_ready()  # ready means ready: the first call will not wait for torch to import
+
+    def _cores(self) -> int:
+        """Cores the hosts run on: a large batch is split over this many hosts."""
+        return os.cpu_count() or 1
 
     def deploy(self, spec: FunctionSpec) -> None:
         with self._lock:
@@ -225,7 +234,7 @@ class LocalPlatform(Platform):
         there are cores (the control plane only waits meanwhile), each function always in the same part (by its
         block) so that each host keeps loading the same functions. A small batch stays whole: one request is
         cheaper than the parallelism is worth (a single sequence's decode step: ~4 rows)."""
-        n = min(os.cpu_count() or 1, self.config.max_instances)
+        n = min(self._cores(), self.config.max_instances)
         if n < 2 or sum(_rows(c.frame) for c in calls) < SPREAD_ROWS:
             return [calls] if calls else []
         parts: list[list[_Call]] = [[] for _ in range(n)]
@@ -327,7 +336,7 @@ class LocalPlatform(Platform):
         live = len(self._hosts)
         waited = time.monotonic() - since
         if may_fork and live < self.config.max_instances and (
-                live == 0 or waited >= self.config.scale_out_after_s or (spread and live < (os.cpu_count() or 1))):
+                live == 0 or waited >= self.config.scale_out_after_s or (spread and live < self._cores())):
             return self._new_host(), True
         return None, False
 
@@ -490,10 +499,17 @@ class LocalPlatform(Platform):
             raise InstanceStartError(f"host {host.name} was stopped while it started")
 
     def _await_ready(self, host: _Host) -> None:
-        """Start a new host and wait for its READY frame."""
+        """Start a new host and connect to it."""
         if host.pid is None:
             self._start(host)
         deadline = host.spawned_at + self.config.cold_start_timeout_s
+        sock = self._connect(host, deadline)
+        sock.settimeout(self.config.invoke_timeout_s)
+        host.sock = sock
+        host.started_at = host.last_used = time.monotonic()
+
+    def _connect(self, host: _Host, deadline: float) -> socket.socket:
+        """A connection to the started host, once it has said READY (by `deadline`, a perf_counter time)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             while True:
@@ -507,17 +523,22 @@ class LocalPlatform(Platform):
                         raise InstanceStartError(f"host {host.name} did not start in "
                                                  f"{self.config.cold_start_timeout_s:g} s")
                     time.sleep(CONNECT_POLL_S)
-            sock.settimeout(max(0.1, deadline - time.perf_counter()))
-            try:
-                wire.decode_ready(recv_frame(sock) or b"")
-            except (OSError, wire.WireError) as e:
-                raise InstanceStartError(f"host {host.name} failed to start (see its stderr): {e}") from e
-            sock.settimeout(self.config.invoke_timeout_s)
+            await_ready(sock, host.name, deadline)
         except BaseException:
             sock.close()
             raise
-        host.sock = sock
-        host.started_at = host.last_used = time.monotonic()
+        return sock
+
+    def _end(self, host: _Host) -> None:
+        """(Caller holds the lock.) End the host's process (SIGKILL: a host holds no state worth a goodbye, and a
+        hung one ignores SIGTERM); quick, it is called under the lock."""
+        if host.pid is not None:
+            note_exit(host.pid)  # its final CPU counter and exit time, for the meters of this process
+            _kill(host.pid)
+        try:
+            os.unlink(host.path)
+        except OSError:
+            pass
 
     def _stop_host(self, host: _Host) -> None:
         """(Caller holds the lock.) End a host's process; the functions it mapped are no longer loaded there."""
@@ -526,13 +547,7 @@ class LocalPlatform(Platform):
         if host.sock is not None:
             host.sock.close()
         host.sock = None
-        if host.pid is not None:
-            note_exit(host.pid)  # its final CPU counter and exit time, for the meters of this process
-            _kill(host.pid)  # SIGKILL: a host holds no state worth a goodbye, and a hung one ignores SIGTERM
-        try:
-            os.unlink(host.path)
-        except OSError:
-            pass
+        self._end(host)
         host.unload.clear()
         host.loaded.clear()
         for pool in self._pools.values():
@@ -689,19 +704,21 @@ class LocalPlatform(Platform):
         while not self._closed.wait(period):
             self._evict(self.config.keep_alive_s)
 
-    def _evict(self, min_idle_s: float) -> int:
+    def _evict(self, min_idle_s: float, functions: Sequence[str] | None = None) -> int:
         now = time.monotonic()
         n = 0
         with self._lock:
-            for pool in self._pools.values():
+            pools = self._pools.values() if functions is None else [self._pools[f] for f in functions]
+            for pool in pools:
                 if pool.idle() and all(now - h.loaded.get(pool.spec.id, now) >= min_idle_s for h in pool.hosts):
                     self._unload(pool, "eviction", now)
                     n += 1
         return n
 
-    def scale_to_zero(self) -> int:
-        """Unload every idle function now; returns how many, once their hosts have unmapped them."""
-        n = self._evict(0.0)
+    def scale_to_zero(self, functions: Sequence[str] | None = None) -> int:
+        """Unload every idle function (of `functions`, or all) now; returns how many, once their hosts have
+        unmapped them. A host left holding nothing exits."""
+        n = self._evict(0.0, functions)
         deadline = time.monotonic() + self.config.invoke_timeout_s
         with self._lock:
             while any(p.leaving for p in self._pools.values()) and time.monotonic() < deadline:
@@ -761,6 +778,15 @@ class LocalPlatform(Platform):
         if self._zygote and self._zygote.alive:
             out[self._zygote.pid] = Label("zygote")
         return out
+
+
+def await_ready(sock: socket.socket, name: str, deadline: float) -> None:
+    """Read a host's READY frame from a fresh connection, by `deadline` (perf_counter)."""
+    sock.settimeout(max(0.1, deadline - time.perf_counter()))
+    try:
+        wire.decode_ready(recv_frame(sock) or b"")
+    except (OSError, wire.WireError) as e:
+        raise InstanceStartError(f"host {name} failed to start (see its stderr): {e}") from e
 
 
 def _rows(frame: bytes) -> int:
