@@ -1,8 +1,8 @@
 """The expert function: one (layer, block of k experts), stateless, platform-agnostic.
 
 Its whole contract is `handle(frame: bytes) -> bytes` (wire format in, wire format
-out). It knows nothing of the platform that runs it: the embedded platform, Ray
-Serve and the packaged HTTP handler all wrap this same class.
+out). It knows nothing of the platform that runs it: the embedded platform's hosts (forked,
+or Ray actors) and the packaged HTTP handler all wrap this same class.
 
 Shapes: T = tokens sent to this function, H = hidden size, I = expert
 intermediate size, P = routing pairs, k = experts in the block.

@@ -11,8 +11,8 @@ another node.
 
 The data path does not go through Ray: once started, the actor listens on a TCP socket of its node
 and the platform sends it the same length-prefixed requests as a local host's Unix socket. Measured
-on this machine (scripts/ray-data-paths.py, a 4 KiB request echoed): a direct socket 0.03 ms, a Ray
-actor call 1.1 ms, a Ray Serve handle call to a multiplexed deployment 5.7 ms. Only the platform
+on this machine (scripts/ray-data-paths.py, a 4 KiB request echoed, medians): a direct socket 0.03 ms,
+a Ray actor call 0.8 ms, a Ray Serve handle call to a multiplexed deployment 4 ms. Only the platform
 may talk to a host: each connection must first send the platform's random token.
 
 Locally, Ray is started on 127.0.0.1 without a dashboard; with an address the platform joins that
