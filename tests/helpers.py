@@ -74,3 +74,26 @@ def unaligned_copy(src: str | Path, dest: Path) -> Path:
     for shard in dest.glob("*.safetensors"):
         save_file(load_file(str(shard)), str(shard), metadata={"format": "pt"})
     return dest
+
+
+def wait_gone(pids: list[int], timeout: float) -> None:
+    """Assert that these processes exit within `timeout` (one that is gone already counts as gone)."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    assert not alive, alive
+
+
+def greedy_reference(model, ids: list[int], n: int) -> list[int]:
+    """The transformers model's n greedy tokens after `ids`."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()

@@ -214,32 +214,54 @@ def test_a_token_named_twice_for_one_expert_counts_twice(fn):
     assert torch.allclose(twice[0], 2 * once[0]) and torch.equal(twice[1], torch.zeros(s.hidden_size))
 
 
-def test_a_tcp_host_answers_only_connections_that_present_the_token(tiny):
-    """A Ray host listens on its node's network: a connection without the platform's token gets nothing."""
+def test_a_tcp_host_answers_only_connections_that_present_the_token(tiny, monkeypatch):
+    """A Ray host listens on its node's network: a connection without its token gets nothing, one that trickles
+    bytes is dropped after TOKEN_WAIT_S in all, and once the platform's connection is admitted nobody else can
+    connect."""
     import threading
+    import time
 
     from faasmoe.platforms.local import host, protocol
 
+    monkeypatch.setattr(host, "TOKEN_WAIT_S", 1.0)
     spec = Deployment.plan(Checkpoint(tiny), 2, "float32").specs[0]
     token = b"t" * 32
     server = socket.create_server(("127.0.0.1", 0))
-    threading.Thread(target=host.serve_connections, args=(server, host.Host(), 0, token), daemon=True).start()
+    serving = threading.Thread(target=host.serve_connections, args=(server, host.Host(), 0, token), daemon=True)
+    serving.start()
     address = server.getsockname()
+
+    def refused(s: socket.socket) -> bool:
+        try:  # closed (reset, where the host left bytes unread): no READY, no error frame, nothing to learn
+            return s.recv(1) == b""
+        except ConnectionResetError:
+            return True
 
     for wrong in (b"x" * 32, b"t" * 31, b"t" * 33):
         s = socket.create_connection(address, timeout=10)
         send_frame(s, wrong)
-        try:  # closed (reset, where the host left bytes unread): no READY, no error frame, nothing to learn
-            assert s.recv(1) == b""
-        except ConnectionResetError:
-            pass
+        assert refused(s)
         s.close()
+    s = socket.create_connection(address, timeout=10)
+    t0 = time.monotonic()
+    frame = struct.pack("<I", len(token)) + token
+    try:
+        for i in range(len(frame) - 1):  # a byte every 0.2 s: each recv is quick, the whole is too slow
+            s.sendall(frame[i:i + 1])
+            time.sleep(0.2)
+    except OSError:
+        pass
+    assert refused(s) and time.monotonic() - t0 < 5
+    s.close()
     s = socket.create_connection(address, timeout=10)
     send_frame(s, token)
     assert wire.decode_header(recv_frame(s)).kind == wire.READY
+    with pytest.raises(OSError):  # the listener is closed once the platform's connection is in
+        socket.create_connection(address, timeout=2)
     send_frame(s, protocol.encode_request(protocol.Request([], [spec.to_json()], [
         (spec.id, valid_frame(ExpertFunction(spec)))])))
     rep = protocol.decode_reply(recv_frame(s))
     assert rep.loads[0][1] == "" and answer_kind(rep.results[0]) == wire.RESULT
     s.close()
-    server.close()
+    serving.join(timeout=10)  # that connection ended: the host has nothing left to serve
+    assert not serving.is_alive()

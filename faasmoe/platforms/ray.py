@@ -29,6 +29,7 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from faasmoe.metering.meter import Label, note_exit
 from faasmoe.platforms.base import PlatformConfig
@@ -92,14 +93,16 @@ class RayPlatform(LocalPlatform):
     def __init__(self, config: PlatformConfig | None = None, address: str | None = None,
                  test_hooks: dict | None = None):
         super().__init__(config, test_hooks)
+        if self.config.memory_budget is not None:  # its accounting and page-cache drops are this machine's
+            raise ValueError("a memory budget applies to the local platform only")
         self.address = address
-        self._token = secrets.token_bytes(32)
         self._actor_class = None
         self._started_ray = False
         self._cluster_cores = 1
-        self.nodes: dict[int, str] = {}  # host pid -> the Ray node it runs on
-        self._placing: dict[str, str] = {}  # host name -> the node chosen for it, while it starts
-        self._failed_at: dict[str, float] = {}  # node -> when a host there last died, hung or failed to start
+        self._nodes: dict[str, str] = {}  # host name -> the Ray node chosen for it (starting or running)
+        self._failed_at: dict[str, float] = {}  # node -> when a host there last failed to start or was lost
+        self._starts: dict[str, tuple] = {}  # host name -> (actor, its where() reference, token) while starting
+        self._killer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faasmoe-ray-kill")  # off the lock
 
     # -- lifecycle ---------------------------------------------------------------------------
     def _boot(self) -> None:
@@ -108,7 +111,10 @@ class RayPlatform(LocalPlatform):
             import ray
         except ImportError as e:
             raise RuntimeError("the ray platform needs Ray: pip install 'faasmoe[ray]'") from e
-        if not ray.is_initialized():
+        if ray.is_initialized():
+            if self.address:
+                log.warning("Ray is initialised in this process already: using that Ray, not %s", self.address)
+        else:
             kwargs = dict(namespace="faasmoe", log_to_driver=False, configure_logging=False)
             if self.address:
                 ray.init(address=self.address, **kwargs)
@@ -130,6 +136,7 @@ class RayPlatform(LocalPlatform):
     def close(self) -> None:
         ours = self._ray_processes() if self._started_ray else []
         super().close()
+        self._killer.shutdown(wait=True)
         if self._started_ray:
             try:
                 import ray
@@ -157,72 +164,101 @@ class RayPlatform(LocalPlatform):
             return []
 
     # -- hosts -------------------------------------------------------------------------------
-    def _start(self, host: _Host) -> None:
-        """Create the host's actor and wait until it listens (a new worker process: seconds)."""
-        import ray
+    def _launch(self, host: _Host) -> None:
+        """Create the host's actor now, so that the hosts a batch needs start side by side (each takes seconds);
+        a failure here is met again, and reported, by `_start`."""
+        try:
+            self._create_actor(host)
+        except Exception:  # noqa: BLE001 - see above
+            pass
+
+    def _create_actor(self, host: _Host) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         if self._actor_class is None:
             raise InstanceStartError("the platform is not started")
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        node = self._place(host)
-        strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"  # soft: Ray ignored it
-        actor = self._actor_class.options(scheduling_strategy=strategy).remote(
-            host.name, self.config.threads_per_instance, host.warm, self._token, self._hang_on)
         with self._lock:
-            host.actor = actor
+            if host.name in self._starts or host.actor is not None:
+                return
+        node = self._place(host)
+        # hard affinity: with soft=True, and with Ray's SPREAD strategy, Ray was seen putting three hosts on one
+        # of three nodes
+        strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
+        token = secrets.token_bytes(32)  # one per host: a host's token opens no other
+        actor = self._actor_class.options(scheduling_strategy=strategy).remote(
+            host.name, self.config.threads_per_instance, host.warm, token, self._hang_on)
+        with self._lock:
             stopped = host not in self._hosts
+            if not stopped:
+                host.actor = actor
+                self._starts[host.name] = (actor, actor.where.remote(), token)
         if stopped:
-            ray.kill(actor, no_restart=True)
+            self._killer.submit(_kill_actor, actor)
             raise InstanceStartError(f"host {host.name} was stopped while it started")
+
+    def _start(self, host: _Host) -> None:
+        """Wait until the host's actor listens (a new worker process: seconds), creating it if `_launch` did not."""
+        import ray
+
         try:
-            address, pid, node = ray.get(actor.where.remote(), timeout=self.config.cold_start_timeout_s)
+            self._create_actor(host)
+        except InstanceStartError:
+            raise
+        except Exception as e:  # Ray could not be asked (its control store unreachable, ...)
+            raise InstanceStartError(f"host {host.name} could not be created on Ray: {type(e).__name__}: {e}"
+                                     [:500]) from e
+        with self._lock:
+            started = self._starts.get(host.name)
+        if started is None:
+            raise InstanceStartError(f"host {host.name} was stopped while it started")
+        _, where, _ = started
+        left = host.spawned_at + self.config.cold_start_timeout_s - time.perf_counter()
+        try:
+            address, pid, node = ray.get(where, timeout=max(0.1, left))
         except Exception as e:  # the actor's constructor failed, its node died, or it took too long
             raise InstanceStartError(f"host {host.name} did not start on Ray: {type(e).__name__}: {e}"[:500]) from e
         with self._lock:
             host.path, host.pid = address, pid
-            self._placing.pop(host.name, None)
-            self.nodes[pid] = node
+            self._nodes[host.name] = node
 
     def _place(self, host: _Host) -> str | None:
-        """The alive node running fewest of our hosts (started or starting), for a new one, so that the pool
-        spreads over the cluster; nodes where a host failed lately only if no other is left (Ray may list a
-        node as alive for seconds after it died). Ray's SPREAD strategy, and a soft node affinity, were both
-        seen putting three hosts on one of three nodes."""
+        """The alive node (with CPUs, if any has) running fewest of our hosts, started or starting, for a new
+        one: the pool spreads over the cluster. A node where a host failed lately only if no other is left
+        (Ray may list a node as alive for seconds after it died)."""
         import ray
 
-        alive = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        with_cpus = [n["NodeID"] for n in nodes if n.get("Resources", {}).get("CPU", 0) > 0]
+        alive = with_cpus or [n["NodeID"] for n in nodes]
         now = time.monotonic()
         with self._lock:
+            self._cluster_cores = max(1, int(sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)))
             trusted = [n for n in alive if now - self._failed_at.get(n, -AVOID_FAILED_NODE_S) >= AVOID_FAILED_NODE_S]
             candidates = trusted or alive
             if not candidates:
                 return None
             load = {n: 0 for n in candidates}
-            for node in [*self.nodes.values(), *self._placing.values()]:
+            for node in self._nodes.values():
                 if node in load:
                     load[node] += 1
             node = min(candidates, key=lambda n: load[n])
-            self._placing[host.name] = node
+            self._nodes[host.name] = node
         return node
 
-    def _fail(self, req, error: Exception | None) -> None:
-        if error is not None:
-            with self._lock:
-                node = self.nodes.get(req.host.pid) or self._placing.get(req.host.name)
-                if node:
-                    self._failed_at[node] = time.monotonic()
-        super()._fail(req, error)
-
     def _connect(self, host: _Host, deadline: float) -> socket.socket:
+        with self._lock:
+            started = self._starts.pop(host.name, None)
+        if started is None:
+            raise InstanceStartError(f"host {host.name} was stopped while it started")
+        token = started[2]
         ip, port = host.path.rsplit(":", 1)
         try:
-            sock = socket.create_connection((ip, int(port)), timeout=self.config.cold_start_timeout_s)
+            sock = socket.create_connection((ip, int(port)), timeout=max(0.1, deadline - time.perf_counter()))
         except OSError as e:
             raise InstanceStartError(f"host {host.name} at {host.path} refused the connection: {e}") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_frame(sock, self._token)
+            send_frame(sock, token)
             await_ready(sock, host.name, deadline)
         except BaseException:
             sock.close()
@@ -230,20 +266,37 @@ class RayPlatform(LocalPlatform):
         return sock
 
     def _end(self, host: _Host) -> None:
+        """(Caller holds the lock.) Forget the host and have its actor killed, off the lock (a call to Ray's
+        control store)."""
+        if host.pid is not None and not self.address:
+            note_exit(host.pid)  # a local Ray's host: its final CPU counter, for this process's meters
         if host.actor is not None:
-            import ray
-
-            if host.pid is not None and not self.address:
-                note_exit(host.pid)  # a local Ray's host: its final CPU counter, for this process's meters
             try:
-                ray.kill(host.actor, no_restart=True)
-            except Exception:  # an actor Ray has already lost
+                self._killer.submit(_kill_actor, host.actor)
+            except RuntimeError:  # closed: the Ray shutdown that follows ends it
                 pass
             host.actor = None
-        self.nodes.pop(host.pid, None)
-        self._placing.pop(host.name, None)
+        self._nodes.pop(host.name, None)
+        self._starts.pop(host.name, None)
+
+    def _fail(self, req, error: Exception | None) -> None:
+        """As the embedded platform, and a host that could not start or whose connection broke marks its node to
+        be avoided for a while (a call that timed out, on a slow but healthy node, does not)."""
+        lost = isinstance(error, (InstanceStartError, OSError)) and not isinstance(error, TimeoutError)
+        if lost and not self._closed.is_set():
+            with self._lock:
+                node = self._nodes.get(req.host.name)
+                if node:
+                    self._failed_at[node] = time.monotonic()
+        super()._fail(req, error)
 
     # -- introspection -----------------------------------------------------------------------
+    def placement(self) -> dict[str, tuple[int | None, str]]:
+        """Running hosts: name -> (pid on its node, Ray node id)."""
+        with self._lock:
+            return {h.name: (h.pid, self._nodes[h.name]) for h in self._hosts
+                    if h.sock is not None and h.name in self._nodes}
+
     def processes(self) -> dict[int, Label]:
         """Host processes and, for a Ray this platform started, Ray's own (GCS, raylet, workers, ...); on a
         cluster's nodes, pids of this machine would be wrong, so none."""
@@ -254,3 +307,12 @@ class RayPlatform(LocalPlatform):
         for p in self._ray_processes():
             ray_procs[p.pid] = Label("ray")
         return ray_procs | hosts
+
+
+def _kill_actor(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # an actor Ray has already lost, or a Ray already shut down
+        pass

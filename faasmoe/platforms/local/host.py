@@ -103,9 +103,10 @@ def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0) -> None:
 
 
 def serve_connections(sock: socket.socket, host: Host, hang_on_request: int = 0, token: bytes | None = None) -> None:
-    """Answer one connection at a time on a listening socket, until it is closed. With `token` (a socket others
-    can reach: TCP), a connection's first frame must be the token, within TOKEN_WAIT_S, or it is closed
-    unanswered."""
+    """Answer one connection at a time on a listening socket, until it is closed (or shut down). With `token` (a
+    socket others can reach: TCP), a connection's first frame must be the token, within TOKEN_WAIT_S in all, or
+    it is closed unanswered; the first connection admitted is the only one: the listening socket is closed
+    then, and the function returns when that connection ends (the platform connects once per host)."""
     ready = wire.encode_ready(0.0)
     received = 0
     while True:
@@ -117,8 +118,10 @@ def serve_connections(sock: socket.socket, host: Host, hang_on_request: int = 0,
             try:
                 if conn.family != socket.AF_UNIX:
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if token is not None and not _admitted(conn, token):
-                    continue
+                if token is not None:
+                    if not _admitted(conn, token):
+                        continue
+                    sock.close()
                 send_frame(conn, ready)
                 while True:
                     _trim_when_idle(conn)
@@ -139,17 +142,30 @@ def serve_connections(sock: socket.socket, host: Host, hang_on_request: int = 0,
                     pass
             except OSError:
                 pass
+        if token is not None:
+            return
 
 
 def _admitted(conn: socket.socket, token: bytes) -> bool:
-    """Whether the connection's first frame is the token (compared in constant time)."""
-    conn.settimeout(TOKEN_WAIT_S)
+    """Whether the connection's first frame is the token (compared in constant time), all of it within
+    TOKEN_WAIT_S: a client trickling bytes cannot hold the host longer."""
+    want = 4 + len(token)  # the frame's u32 length, then the token
+    got = bytearray()
+    deadline = time.monotonic() + TOKEN_WAIT_S
     try:
-        first = recv_frame(conn, limit=len(token))
-    except (OSError, wire.WireError):
+        while len(got) < want:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            conn.settimeout(left)
+            chunk = conn.recv(want - len(got))
+            if not chunk:
+                return False
+            got += chunk
+        conn.settimeout(None)
+    except OSError:
         return False
-    conn.settimeout(None)
-    return first is not None and hmac.compare_digest(bytes(first), token)
+    return hmac.compare_digest(bytes(got), len(token).to_bytes(4, "little") + token)
 
 
 def _trim_when_idle(conn: socket.socket) -> None:

@@ -275,7 +275,9 @@ class LocalPlatform(Platform):
             req = self._plan(pending, wait, spread)
         if req is not None:
             batch.requests.append(req)
-            if not req.cold:
+            if req.cold:
+                self._launch(req.host)
+            else:
                 self._send(req)
 
     def _plan(self, pending: list[_Call], wait: bool, spread: bool = False) -> _Request | None:
@@ -483,6 +485,11 @@ class LocalPlatform(Platform):
         self._hosts.append(host)
         return host
 
+    def _launch(self, host: _Host) -> None:
+        """(Without the lock.) Begin starting a new host that a request was just planned on, where a start takes
+        long enough that several should overlap (a split batch's hosts); `_await_ready` completes it. Here a
+        fork takes milliseconds and happens in `_start`."""
+
     def _start(self, host: _Host) -> None:
         """Fork the host from the zygote; one stopped meanwhile (`close`) is killed at once."""
         if self._zygote is None:
@@ -598,7 +605,9 @@ class LocalPlatform(Platform):
                 for pool in pools:
                     pool.hosts.add(host)
                 req = _Request(host, [], pools, self._take_unloads(host), cold, prefetch=True)
-            if not cold:
+            if cold:
+                self._launch(host)
+            else:
                 self._send(req)
             self._finish(req)
         except Exception:  # noqa: BLE001 - a hint: the next call loads them the ordinary way
