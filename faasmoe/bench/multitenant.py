@@ -484,7 +484,7 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
         arrivals_at[rate] = schedule(w, tokenizer)
     report = {"machine": machine_info(), "model": str(cfg.model), "workload": workload_json(cfg.workload),
               "tenant_weights": TENANT_WEIGHTS, "rates": cfg.rates, "experts_per_function": cfg.experts_per_function,
-              "keep_alive_s": cfg.keep_alive_s, "runs": [], "failed_runs": []}
+              "keep_alive_s": cfg.keep_alive_s, "platform": cfg.platform, "runs": [], "failed_runs": []}
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=sum(len(arrivals_at[r.rate]) for r in runs), unit="req") as bar:
         for run in runs:
@@ -557,7 +557,8 @@ def markdown(report: dict) -> str:
              f"periods {w['burst_off_s'] or w['burst_on_s']:g} s) for {w['duration_s']:g} s; per-tenant rates "
              f"weighted {report['tenant_weights']} around each mean rate of {report['rates']} req/s; prompts "
              f"{w['prompt_tokens']} tokens of English text, outputs {w['output_tokens']} tokens, seed {w['seed']}; "
-             f"faasmoe at k = {report['experts_per_function']}, keep-alive {report['keep_alive_s']:g} s. Machine: "
+             f"faasmoe at k = {report['experts_per_function']} on the {report.get('platform', 'local')} platform, "
+             f"keep-alive {report['keep_alive_s']:g} s. Machine: "
              f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['date']}.", "",
              "Integrals and averages cover each run's metered window (the load's start to its last completion: the "
              "drain time, first arrival to last completion, plus the wait for the first arrival). Physical memory: PSS "
