@@ -13,12 +13,13 @@ The data path does not go through Ray: once started, the actor listens on a TCP 
 and the platform sends it the same length-prefixed requests as a local host's Unix socket. Measured
 on this machine (scripts/ray-data-paths.py, a 4 KiB request echoed, medians): a direct socket 0.03 ms,
 a Ray actor call 0.8 ms, a Ray Serve handle call to a multiplexed deployment 4 ms. Only the platform
-may talk to a host: each connection must first send the platform's random token.
+may talk to a host: a host admits one connection, the first to send its own random token (given to the
+actor at creation) within 5 s, then closes its listener.
 
 Locally, Ray is started on 127.0.0.1 without a dashboard; with an address the platform joins that
 cluster, whose nodes need faasmoe installed and the checkpoint at the same path. A host's own cold
 start is a new Ray worker process that imports torch (seconds); it is paid once per host, not per
-function.
+function, and the hosts a batch needs are created together (`_launch`), so they start side by side.
 """
 
 from __future__ import annotations
