@@ -99,7 +99,8 @@ class ExpertFunction:
 
     def warm_up(self, max_rows: int = WARM_ROWS) -> None:
         """Run every kernel once for each row count `linear` pads to, up to max_rows, both with every row routed to
-        an expert and with some.
+        an expert and with some. One expert is enough (every expert of a function has its shape), and it maps
+        only that expert's pages: all of them took 5.2 s at k = 60 on real-size layers, one expert 0.1 s.
 
         Kernels are compiled and cached on first use, per shape, and the allocator grows around them. The
         zygote calls this once per function shape before forking, so its instances share one copy of all that
@@ -111,8 +112,8 @@ class ExpertFunction:
         while n <= max_rows:
             for every_row in (True, False):
                 T = n if every_row else 2 * n
-                token = torch.arange(n, dtype=torch.int32).repeat_interleave(len(self.down))
-                expert = torch.tensor(self.spec.experts, dtype=torch.int32).repeat(n)
+                token = torch.arange(n, dtype=torch.int32)  # one expert: its kernels are every expert's
+                expert = torch.full((n,), self.spec.experts[0], dtype=torch.int32)
                 inv = wire.Invocation(self.digest, self.spec.layer, self.spec.block,
                                       torch.zeros(T, H, dtype=self.dtype), token, expert,
                                       torch.ones(token.numel(), dtype=torch.float32))

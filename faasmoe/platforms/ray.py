@@ -43,23 +43,23 @@ log = logging.getLogger(__name__)
 
 
 class HostActor:
-    """A host in a Ray worker process: listens on a TCP socket of its node and answers the platform's requests from
-    a thread (the actor's own methods stay free for Ray).
+    """A host in a Ray worker process: warms the kernels of the function shapes it may load (one expert each, about
+    0.1 s a shape), listens on a TCP socket of its node and answers the platform's requests from a thread (the
+    actor's own methods stay free for Ray)."""
 
-    It does not warm kernels up front as the embedded platform's zygote does: that is for forks to share them
-    copy-on-write, and a Ray worker shares nothing. Measured (2 real-size layers, bf16, k = 60): the zygote's
-    warm-up of one function shape takes 5.2 s plus 1.1 s to map its weights, while a function's first call of a
-    row count costs 1-3 ms more than its second."""
-
-    def __init__(self, name: str, threads: int, token: bytes, hang_on_request: int = 0):
+    def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0):
         import ray
         import torch
 
         from faasmoe.platforms.local import host
+        from faasmoe.platforms.local.zygote import _warm_up
         from faasmoe.proctitle import set_title
 
         set_title("function", "host", name)
         torch.set_num_threads(threads)
+        warmed: set[tuple] = set()
+        for spec in warm:
+            _warm_up(spec, warmed)
         ip = ray.util.get_node_ip_address()
         self.sock = socket.create_server((ip, 0), backlog=16)
         self.address = f"{ip}:{self.sock.getsockname()[1]}"
@@ -186,14 +186,16 @@ class RayPlatform(LocalPlatform):
         strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
         token = secrets.token_bytes(32)  # one per host: a host's token opens no other
         actor = self._actor_class.options(scheduling_strategy=strategy).remote(
-            host.name, self.config.threads_per_instance, token, self._hang_on)
+            host.name, self.config.threads_per_instance, host.warm, token, self._hang_on)
         with self._lock:
             stopped = host not in self._hosts
-            if not stopped:
+            if stopped:
+                self._nodes.pop(host.name, None)  # `_end` ran before `_place` counted it
+            else:
                 host.actor = actor
                 self._starts[host.name] = (actor, actor.where.remote(), token)
         if stopped:
-            self._killer.submit(_kill_actor, actor)
+            self._kill(actor)
             raise InstanceStartError(f"host {host.name} was stopped while it started")
 
     def _start(self, host: _Host) -> None:
@@ -271,13 +273,17 @@ class RayPlatform(LocalPlatform):
         if host.pid is not None and not self.address:
             note_exit(host.pid)  # a local Ray's host: its final CPU counter, for this process's meters
         if host.actor is not None:
-            try:
-                self._killer.submit(_kill_actor, host.actor)
-            except RuntimeError:  # closed: the Ray shutdown that follows ends it
-                pass
+            self._kill(host.actor)
             host.actor = None
         self._nodes.pop(host.name, None)
         self._starts.pop(host.name, None)
+
+    def _kill(self, actor) -> None:
+        """Have the actor killed, off the caller's thread (a call to Ray's control store)."""
+        try:
+            self._killer.submit(_kill_actor, actor)
+        except RuntimeError:  # closed: the Ray shutdown that follows ends it (a cluster's: the driver's exit)
+            _kill_actor(actor)
 
     def _fail(self, req, error: Exception | None) -> None:
         """As the embedded platform, and a host that could not start or whose connection broke marks its node to
