@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 
 class HostActor:
-    """A host in a Ray worker process: warms the kernels of the function shapes it may load (one expert each, about
-    0.1 s a shape), listens on a TCP socket of its node and answers the platform's requests from a thread (the
-    actor's own methods stay free for Ray)."""
+    """A host in a Ray worker process: warms the kernels of the function shapes it may load (one expert of one
+    function per shape, about 0.1 s plus that function's load), listens on a TCP socket of its node and answers
+    the platform's requests from a thread (the actor's own methods stay free for Ray)."""
 
     def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0):
         import ray
