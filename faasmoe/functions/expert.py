@@ -100,8 +100,8 @@ class ExpertFunction:
     def warm_up(self, max_rows: int = WARM_ROWS) -> None:
         """Run every kernel once for each row count `linear` pads to, up to max_rows, both with every row routed to
         an expert and with some. One expert is enough (every expert of a function has its shape): all of them took
-        5.2 s at k = 60 on real-size layers, one expert 0.1 s (plus this function's load, a read of its bytes when
-        the page cache lacks them).
+        5.2 s at k = 60 on real-size layers. On a function made with `paged=True` only that expert's pages are
+        read.
 
         Kernels are compiled and cached on first use, per shape, and the allocator grows around them. The
         zygote calls this once per function shape before forking, so its instances share one copy of all that

@@ -44,8 +44,8 @@ log = logging.getLogger(__name__)
 
 class HostActor:
     """A host in a Ray worker process: warms the kernels of the function shapes it may load (one expert of one
-    function per shape, about 0.1 s plus that function's load), listens on a TCP socket of its node and answers
-    the platform's requests from a thread (the actor's own methods stay free for Ray)."""
+    function per shape, its pages only), listens on a TCP socket of its node and answers the platform's requests
+    from a thread (the actor's own methods stay free for Ray)."""
 
     def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0):
         import ray
@@ -178,6 +178,8 @@ class RayPlatform(LocalPlatform):
         if self._actor_class is None:
             raise InstanceStartError("the platform is not started")
         with self._lock:
+            if host not in self._hosts:
+                raise InstanceStartError(f"host {host.name} was stopped while it started")
             if host.name in self._starts or host.actor is not None:
                 return
         node = self._place(host)
@@ -220,6 +222,8 @@ class RayPlatform(LocalPlatform):
         except Exception as e:  # the actor's constructor failed, its node died, or it took too long
             raise InstanceStartError(f"host {host.name} did not start on Ray: {type(e).__name__}: {e}"[:500]) from e
         with self._lock:
+            if host not in self._hosts:  # stopped meanwhile: `_end` has forgotten it already
+                raise InstanceStartError(f"host {host.name} was stopped while it started")
             host.path, host.pid = address, pid
             self._nodes[host.name] = node
 
@@ -282,8 +286,9 @@ class RayPlatform(LocalPlatform):
         """Have the actor killed, off the caller's thread (a call to Ray's control store)."""
         try:
             self._killer.submit(_kill_actor, actor)
-        except RuntimeError:  # closed: the Ray shutdown that follows ends it (a cluster's: the driver's exit)
-            _kill_actor(actor)
+        except RuntimeError:  # closed: a Ray this platform started is shut down by now, which ended the actor
+            if not self._started_ray:  # a cluster's: kill it (ray.kill would start a Ray if none were running)
+                _kill_actor(actor)
 
     def _fail(self, req, error: Exception | None) -> None:
         """As the embedded platform, and a host that could not start or whose connection broke marks its node to
@@ -318,6 +323,8 @@ class RayPlatform(LocalPlatform):
 def _kill_actor(actor) -> None:
     import ray
 
+    if not ray.is_initialized():  # shut down: its actors are gone (and ray.kill would start a new Ray)
+        return
     try:
         ray.kill(actor, no_restart=True)
     except Exception:  # an actor Ray has already lost, or a Ray already shut down

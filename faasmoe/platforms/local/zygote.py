@@ -135,7 +135,7 @@ def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
         if spec.shape in warmed:
             return
         warmed.add(spec.shape)
-        ExpertFunction(spec).warm_up()
+        ExpertFunction(spec, paged=True).warm_up()  # mapped, not read: only the pages of the expert it runs
     except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
         pass
 
