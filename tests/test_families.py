@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-import torch
 from conftest import FAMILY_VARIANTS
-from helpers import running_server
+from helpers import greedy_reference, running_server
 
 from faasmoe.models import FAMILIES, family_class
 from faasmoe.models.checkpoint import Checkpoint, CheckpointError
@@ -28,9 +27,7 @@ def test_each_family_is_served_through_the_openai_api_exactly(checkpoint, refere
     ids = r.json()["choices"][0]["token_ids"]
     prompt = AutoTokenizer.from_pretrained(path).apply_chat_template(messages, add_generation_prompt=True,
                                                                       tokenize=True, return_dict=False)
-    with torch.no_grad():
-        out = reference(path).generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
-    assert ids == out[0, len(prompt):].tolist()
+    assert ids == greedy_reference(reference(path), prompt, 8)
 
 
 def test_every_family_names_its_transformers_classes():

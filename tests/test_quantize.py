@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import greedy_reference
+
 import faasmoe
 from faasmoe.models import kernels
 from faasmoe.models.checkpoint import Checkpoint, CheckpointError
@@ -93,7 +95,7 @@ def test_an_int8_checkpoint_serves_transformers_model_on_its_dequantized_weights
         ids = engine.encode(PROMPT)
         with torch.no_grad():
             expected = ref(torch.tensor([ids])).logits[0]
-            greedy = ref.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0, len(ids):].tolist()
+        greedy = greedy_reference(ref, ids, 10)
         assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
         assert engine.generate(ids, max_tokens=10).token_ids == greedy
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from faasmoe.metering.meter import Label, note_exit
 from faasmoe.platforms.base import PlatformConfig
-from faasmoe.platforms.local.platform import InstanceStartError, LocalPlatform, _Host, await_ready
+from faasmoe.platforms.local.platform import InstanceStartError, LocalPlatform, _Host
 from faasmoe.platforms.local.transport import send_frame
 
 AVOID_FAILED_NODE_S = 60.0  # a node where a host failed gets new hosts only if no other node is left, this long
@@ -264,8 +264,7 @@ class RayPlatform(LocalPlatform):
             raise InstanceStartError(f"host {host.name} at {host.path} refused the connection: {e}") from e
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            send_frame(sock, token)
-            await_ready(sock, host.name, deadline)
+            send_frame(sock, token)  # the host answers READY only after it
         except BaseException:
             sock.close()
             raise

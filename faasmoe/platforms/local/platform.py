@@ -507,17 +507,26 @@ class LocalPlatform(Platform):
             raise InstanceStartError(f"host {host.name} was stopped while it started")
 
     def _await_ready(self, host: _Host) -> None:
-        """Start a new host and connect to it."""
+        """Start a new host, connect to it and wait for its READY frame."""
         if host.pid is None:
             self._start(host)
         deadline = host.spawned_at + self.config.cold_start_timeout_s
         sock = self._connect(host, deadline)
-        sock.settimeout(self.config.invoke_timeout_s)
+        try:
+            sock.settimeout(max(0.1, deadline - time.perf_counter()))
+            try:
+                wire.decode_ready(recv_frame(sock) or b"")
+            except (OSError, wire.WireError) as e:
+                raise InstanceStartError(f"host {host.name} failed to start (see its stderr): {e}") from e
+            sock.settimeout(self.config.invoke_timeout_s)
+        except BaseException:
+            sock.close()
+            raise
         host.sock = sock
         host.started_at = host.last_used = time.monotonic()
 
     def _connect(self, host: _Host, deadline: float) -> socket.socket:
-        """A connection to the started host, once it has said READY (by `deadline`, a perf_counter time)."""
+        """A connection to the started host (by `deadline`, a perf_counter time), ready to read its READY frame."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             while True:
@@ -531,7 +540,6 @@ class LocalPlatform(Platform):
                         raise InstanceStartError(f"host {host.name} did not start in "
                                                  f"{self.config.cold_start_timeout_s:g} s")
                     time.sleep(CONNECT_POLL_S)
-            await_ready(sock, host.name, deadline)
         except BaseException:
             sock.close()
             raise
@@ -788,15 +796,6 @@ class LocalPlatform(Platform):
         if self._zygote and self._zygote.alive:
             out[self._zygote.pid] = Label("zygote")
         return out
-
-
-def await_ready(sock: socket.socket, name: str, deadline: float) -> None:
-    """Read a host's READY frame from a fresh connection, by `deadline` (perf_counter)."""
-    sock.settimeout(max(0.1, deadline - time.perf_counter()))
-    try:
-        wire.decode_ready(recv_frame(sock) or b"")
-    except (OSError, wire.WireError) as e:
-        raise InstanceStartError(f"host {name} failed to start (see its stderr): {e}") from e
 
 
 def _rows(frame: bytes) -> int:
