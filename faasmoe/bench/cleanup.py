@@ -54,18 +54,27 @@ def session() -> Iterator[None]:
     """The lifetime of a bench command: stop signals unwind it, the janitor covers a SIGKILL, and the
     command exits 128 + signal after it stopped everything."""
 
+    received: list[int] = []
+
     def handler(signum: int, _frame) -> None:
         if _stopping.is_set():  # already unwinding: let the cleanup finish
             return
         _stopping.set()
+        received.append(signum)
         raise Stopped(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
     try:
         yield
-    except Stopped as e:
-        print(f"faasmoe: {e}; stopped everything it started", file=sys.stderr, flush=True)
-        raise SystemExit(128 + e.signum) from None
+    except BaseException as e:
+        # A stop raised inside a library can come out as another exception: anyio, interrupted inside an httpx
+        # request, raised "RuntimeError: Attempted to exit a cancel scope ..." in its place (the bench then
+        # exited 1 after a SIGTERM). Once a stop signal arrived, the command exits as stopped, whatever unwound.
+        if not received:
+            raise
+        print(f"faasmoe: stopped by {signal.Signals(received[0]).name}; stopped everything it started",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + received[0]) from (None if isinstance(e, Stopped) else e)
     finally:
         close_janitor()
         for s, h in previous.items():
