@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import faasmoe
+from faasmoe.control.sequence import greedy_token
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,16 @@ def test_calls_above_the_per_call_token_cap_are_split_and_exact(tiny, monkeypatc
         split = e.generate(prompt, max_tokens=4, ignore_eos=True)
     assert split.token_ids == whole.token_ids
     assert split.stats["invocations"] > whole.stats["invocations"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_token_torch_argmax_picks(dtype):
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1000, generator=g), torch.zeros(1000), torch.full((1000,), -float("inf"))]
+    tie = torch.randn(1000, generator=g)
+    tie[[7, 500]] = tie.max() + 1  # equal maxima: the first
+    nan = torch.randn(1000, generator=g)
+    nan[[300, 900]] = float("nan")  # NaN counts as the largest: the first NaN
+    for row in [*rows, tie, nan]:
+        row = row.to(dtype)
+        assert greedy_token(row) == int(row.argmax())
