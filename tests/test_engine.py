@@ -34,8 +34,11 @@ def test_generate_reports_invocations_cold_starts_and_phase_times(tiny):
 
 def test_control_plane_leaves_half_the_cores_to_functions_on_this_machine(tiny, monkeypatch):
     """Its idle OpenMP threads would otherwise spin on the cores the local functions need; remote functions and
-    the monolithic model get torch's default back (the setting is process-wide); `threads` overrides."""
+    the monolithic model get torch's default back (the setting is process-wide); `threads` overrides. The lm_head,
+    after the last layer's calls, takes every core."""
     from faasmoe.engines import base, distributed
+    from faasmoe.models import control_plane
+    from faasmoe.models.kernels import linear
     from faasmoe.engines.monolithic import MonolithicEngine
     from faasmoe.platforms.local.platform import LocalPlatform
 
@@ -50,11 +53,21 @@ def test_control_plane_leaves_half_the_cores_to_functions_on_this_machine(tiny, 
     try:
         with faasmoe.load(tiny, experts_per_function=4) as e:
             assert torch.get_num_threads() == 3
+            head = e.control_plane.lm_head
+            seen = []  # torch threads during each lm_head product
+
+            def spy(x, w, b=None):
+                if w is head:
+                    seen.append(torch.get_num_threads())
+                return linear(x, w, b)
+
+            monkeypatch.setattr(control_plane, "linear", spy)
             assert e.generate("Hi", max_tokens=2).stats["threads"] == 3
-        with faasmoe.load(tiny, experts_per_function=4, platform=Elsewhere()):
-            assert torch.get_num_threads() == 6
-        with faasmoe.load(tiny, experts_per_function=4, threads=5):
-            assert torch.get_num_threads() == 5
+            assert seen == [6, 6] and torch.get_num_threads() == 3  # the functions are idle by the lm_head
+        with faasmoe.load(tiny, experts_per_function=4, platform=Elsewhere()) as e:
+            assert torch.get_num_threads() == 6 and e.control_plane.head_threads is None
+        with faasmoe.load(tiny, experts_per_function=4, threads=5) as e:
+            assert torch.get_num_threads() == 5 and e.control_plane.head_threads is None
         with MonolithicEngine(tiny):
             assert torch.get_num_threads() == 6
     finally:

@@ -15,7 +15,6 @@ Measured, on the same checkpoint and prompt, interleaved so machine noise hits b
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import statistics
 import tempfile
@@ -27,6 +26,7 @@ import torch
 from faasmoe.bench import cleanup
 from faasmoe.bench.machine import machine_info
 from faasmoe.engines.base import DEFAULT_THREADS
+from faasmoe.models.kernels import torch_threads
 from faasmoe.proctitle import set_title
 
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 3
@@ -56,17 +56,6 @@ def monolithic_decode(model, ids: list[int], tokens: int) -> tuple[float, list[i
             tok = out.logits[0, -1].argmax()
             toks.append(int(tok))
         return 1000 * (time.perf_counter() - t0) / (tokens - 1), toks
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Run a block with `n` torch threads (a process-wide setting, which the engines also make)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def dispatch_cost(engine, reps: int = 30) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import Chunk, KVCache
 from faasmoe.models.checkpoint import Checkpoint
-from faasmoe.models.kernels import linear
+from faasmoe.models.kernels import linear, torch_threads
 from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
 from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy, scale_groups, with_scales
 
@@ -69,14 +69,18 @@ class Layer:
 
 class ControlPlane:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
-                 own_copy: bool = False, prefetch_layers: int = 0):
+                 own_copy: bool = False, prefetch_layers: int = 0, head_threads: int | None = None):
         """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
         `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
         hidden state here) and warm the functions it names that have no instance, so that a cold start runs
-        while the layers in between compute instead of stalling the step; 0: off."""
+        while the layers in between compute instead of stalling the step; 0: off.
+        `head_threads`: torch threads for the lm_head, where the step's other work leaves more cores free than
+        its own setting gives (a control plane next to its functions: they are idle once the last layer is
+        done); None: the process's setting."""
         c = self.config = ckpt.config
         fam = self.family = ckpt.family
         self.prefetch_layers = prefetch_layers
+        self.head_threads = head_threads
         self.dtype = dtype
         self.dispatcher = dispatcher
         # Never the routed experts. An untied embedding is mapped lazily: only the rows of tokens seen are read.
@@ -166,7 +170,11 @@ class ControlPlane:
             ch.cache.length = ch.start + len(ch.tokens)
         if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
             x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
-        return linear(rms_norm(x, self.norm, self.eps), self.lm_head)  # [*, V]
+        x = rms_norm(x, self.norm, self.eps)
+        if self.head_threads is None:
+            return linear(x, self.lm_head)  # [*, V]
+        with torch_threads(self.head_threads):
+            return linear(x, self.lm_head)
 
     def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         """[T, h+2g, d]: queries, keys and values of x [T, H], before the rotary embedding."""

@@ -26,8 +26,10 @@ against F.linear's 115 (it runs a general matrix product for one row).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,17 @@ def native_half_gemm() -> bool:
     except OSError:
         return True
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "avx512_fp16"))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` torch threads (a process-wide setting, which the engines also make)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 MIN_ROWS = 4  # below it the conversion costs more than it saves (1 thread breaks even at 2 rows, 2 threads at 4)
