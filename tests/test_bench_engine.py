@@ -25,3 +25,21 @@ def test_cold_start_is_measured_with_a_warm_and_with_an_evicted_page_cache(tiny,
     h = c["on_running_host"]  # loaded into the host the neighbour kept running: one host throughout
     assert h["samples"] == 2 and h["same_host"] and h["load_in_instance_ms"] > 0 and h["warm_call_ms"] > 0
     assert h["cold_start_ms"] > h["load_in_instance_ms"]  # the caller's wait: the load and the round trip
+
+
+def test_a_peer_is_measured_before_and_after_the_engines_and_ratios_use_the_mean(tiny, tmp_path, monkeypatch):
+    """The machine's speed drifts within a run: a peer measured once would charge or credit the drift to faasmoe."""
+    from faasmoe.bench import engine
+
+    figures = iter([10.0, 30.0])
+    monkeypatch.setattr(engine, "peer_decode", lambda *a: {"ms_per_token": next(figures), "outtype": "bf16",
+                                                           "threads": 1, "depth": 3, "repeat": True, "repack": True})
+    monkeypatch.setattr(engine, "cold_start_cost", lambda *a, **kw: None)
+    monkeypatch.setattr(engine, "_print_cold_start", lambda run: None)
+    report = engine.run_engine_bench(shutil.copytree(tiny, tmp_path / "tiny"), tokens=3, repeats=1, ks=[2],
+                                     peers=["llama.cpp"])
+    p = report["peers"]["llama.cpp"]
+    assert (p["ms_per_token_first"], p["ms_per_token_last"], p["ms_per_token"]) == (10.0, 30.0, 20.0)
+    run = report["runs"]["local/k2"]
+    assert run["vs_llama.cpp"] == run["faasmoe_ms_per_token"] / 20.0
+    assert report["faasmoe_monolithic"]["vs_llama.cpp"] == report["faasmoe_monolithic"]["ms_per_token"] / 20.0

@@ -3,7 +3,8 @@
 Measured, on the same checkpoint and prompt, interleaved so machine noise hits both:
 * warm decode ms/token of faasmoe vs the family's transformers model (and whether greedy tokens match);
 * with `--peer llama.cpp`, llama.cpp's own `llama-bench` decode on the same checkpoint converted to GGUF (same
-  dtype, threads and cached positions), measured first, with nothing else loaded;
+  dtype, threads and cached positions), measured first, with nothing else loaded, and again after the engines
+  (the ratios use the mean of the two: the machine's speed drifts);
 * the cost of one MoE layer dispatch: a layer's calls through the platform vs the same
   calls computed in this process, and the decode gap divided by the MoE layers;
 * an int8 checkpoint (`faasmoe quantize`) is compared with transformers on its weights dequantized and with
@@ -311,6 +312,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
                 first_specs[f"{platform}/k{k}"] = engine.specs[:2]
                 _print_run(run)
                 del engine
+        bracket_peers(report, tokens, repeats)
         # Cold starts last: pages a live process maps stay in the page cache whatever it is advised, and the
         # monolithic model (and the engines' in-process handlers) map parts of the checkpoint.
         del mono
@@ -324,6 +326,27 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
         tempfile.tempdir = previous_tmp
         cleanup.remove_workdir(workdir)
     return report
+
+
+def bracket_peers(report: dict, tokens: int, repeats: int) -> None:
+    """Measure each peer again after the engines, and compare the engines with the mean of its two figures: this
+    machine's memory bandwidth drifts by tens of percent within minutes, and a peer measured only at the start
+    would credit or charge the drift to faasmoe. Both figures stay in the report."""
+    for peer, p in report["peers"].items():
+        set_title("bench-engine", peer, "again")
+        last = peer_decode(peer, Path(report["model"]), tokens, repeats)["ms_per_token"]
+        p["ms_per_token_first"], p["ms_per_token_last"] = p["ms_per_token"], last
+        p["ms_per_token"] = (p["ms_per_token_first"] + last) / 2
+        print(f"{peer} again after the engines: {last:.1f} ms/token (first {p['ms_per_token_first']:.1f}); the "
+              f"ratios use their mean, {p['ms_per_token']:.1f}")
+        for run in report["runs"].values():
+            run[f"vs_{peer}"] = run["faasmoe_ms_per_token"] / p["ms_per_token"]
+        mono = report.get("faasmoe_monolithic")
+        if mono:
+            mono[f"vs_{peer}"] = mono["ms_per_token"] / p["ms_per_token"]
+        print("       x " + peer + ": " + ", ".join(
+            [*(f"{key} {run[f'vs_{peer}']:.2f}x" for key, run in report["runs"].items()),
+             *([f"faasmoe's monolithic model {mono[f'vs_{peer}']:.2f}x"] if mono else [])]))
 
 
 def _measure(engine, mono, tokens: int, repeats: int) -> dict:
