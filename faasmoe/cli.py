@@ -599,7 +599,8 @@ def serve(
                                           show_default="half the cores for a control plane next to local "
                                                        "functions, else one per core",
                                           help="Torch threads of the control plane (of each tenant's, in private "
-                                               "mode) or of the monolithic model."),
+                                               "mode) or of the monolithic model. By default a control plane "
+                                               "next to local functions runs its lm_head on every core."),
     log_level: str = typer.Option("info", metavar="LEVEL", help="uvicorn log level: debug, info, warning, error."),
 ) -> None:
     """Start the OpenAI-compatible server (experts as functions on the embedded FaaS platform by default).

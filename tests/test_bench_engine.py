@@ -28,18 +28,35 @@ def test_cold_start_is_measured_with_a_warm_and_with_an_evicted_page_cache(tiny,
 
 
 def test_a_peer_is_measured_before_and_after_the_engines_and_ratios_use_the_mean(tiny, tmp_path, monkeypatch):
-    """The machine's speed drifts within a run: a peer measured once would charge or credit the drift to faasmoe."""
+    """The machine's speed drifts within a run: a peer measured once would charge or credit the drift to faasmoe.
+    Both measurements run with the same threads (the engines change the process's count in between)."""
+    import torch
+
     from faasmoe.bench import engine
 
     figures = iter([10.0, 30.0])
-    monkeypatch.setattr(engine, "peer_decode", lambda *a: {"ms_per_token": next(figures), "outtype": "bf16",
-                                                           "threads": 1, "depth": 3, "repeat": True, "repack": True})
+    threads = []
+
+    def peer(*args):
+        threads.append(torch.get_num_threads())
+        return {"ms_per_token": next(figures), "outtype": "bf16", "threads": torch.get_num_threads(), "depth": 3,
+                "repeats": 1, "repack": True}
+
+    monkeypatch.setattr(engine, "peer_decode", peer)
     monkeypatch.setattr(engine, "cold_start_cost", lambda *a, **kw: None)
     monkeypatch.setattr(engine, "_print_cold_start", lambda run: None)
-    report = engine.run_engine_bench(shutil.copytree(tiny, tmp_path / "tiny"), tokens=3, repeats=1, ks=[2],
-                                     peers=["llama.cpp"])
+    monkeypatch.setattr(engine, "set_title", lambda *a: None)  # this process's title is not the bench's
+    monkeypatch.setattr(engine, "DEFAULT_THREADS", 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = engine.run_engine_bench(shutil.copytree(tiny, tmp_path / "tiny"), tokens=3, repeats=1, ks=[2],
+                                         peers=["llama.cpp"])
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [2, 2]
     p = report["peers"]["llama.cpp"]
-    assert (p["ms_per_token_first"], p["ms_per_token_last"], p["ms_per_token"]) == (10.0, 30.0, 20.0)
+    assert (p["ms_per_token"], p["ms_per_token_last"], p["ms_per_token_mean"]) == (10.0, 30.0, 20.0)
     run = report["runs"]["local/k2"]
     assert run["vs_llama.cpp"] == run["faasmoe_ms_per_token"] / 20.0
     assert report["faasmoe_monolithic"]["vs_llama.cpp"] == report["faasmoe_monolithic"]["ms_per_token"] / 20.0

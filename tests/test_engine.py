@@ -194,14 +194,15 @@ def test_calls_above_the_per_call_token_cap_are_split_and_exact(tiny, monkeypatc
     assert split.stats["invocations"] > whole.stats["invocations"]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_greedy_picks_the_token_torch_argmax_picks(dtype):
+    V = 151_936  # a real vocabulary: long enough for torch's reduction to split it
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randn(1000, generator=g), torch.zeros(1000), torch.full((1000,), -float("inf"))]
-    tie = torch.randn(1000, generator=g)
-    tie[[7, 500]] = tie.max() + 1  # equal maxima: the first
-    nan = torch.randn(1000, generator=g)
-    nan[[300, 900]] = float("nan")  # NaN counts as the largest: the first NaN
+    rows = [torch.randn(V, generator=g), torch.zeros(V), torch.full((V,), -float("inf"))]
+    tie = torch.randn(V, generator=g)
+    tie[[7, 150_000]] = tie.max() + 1  # equal maxima far apart: the first
+    nan = torch.randn(V, generator=g)
+    nan[[90_000, 150_000]] = float("nan")  # NaN counts as the largest: the first NaN
     for row in [*rows, tie, nan]:
         row = row.to(dtype)
         assert greedy_token(row) == int(row.argmax())

@@ -56,8 +56,12 @@ def native_half_gemm() -> bool:
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with `n` torch threads (a process-wide setting, which the engines also make)."""
+    """Run a block with `n` torch threads (a process-wide setting, which the engines also make); nothing is set
+    where the count is already `n` (the lm_head runs under it at every step)."""
     before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield

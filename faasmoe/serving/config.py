@@ -69,8 +69,9 @@ class ServerConfig(BaseModel):
     dtype: str | None = None
     threads: int | None = Field(None, ge=1, description="torch threads of the control plane, or of the monolithic "
                                                        "model (default: half the cores for a control plane whose "
-                                                       "functions run on this machine, else one per core); in "
-                                                       "private mode, of each tenant's control plane")
+                                                       "functions run on this machine, except for its lm_head, "
+                                                       "which takes every core; else one per core); in private "
+                                                       "mode, of each tenant's control plane")
     max_batch: int = Field(16, ge=1, description="sequences stepped together")
     max_queue: int = Field(64, ge=0, description="requests waiting across all tenants; more get 429")
     max_tokens_limit: int = Field(1024, ge=1, description="largest max_tokens a request may ask for")
