@@ -410,7 +410,7 @@ def _print_cold_start(r: dict) -> None:
         print(f"       {state} ({what}): {s['cold_start_ms']:.1f} ms (weight load {s['load_in_instance_ms']:.1f} ms)"
               f" vs plain read {s['read_ms']:.1f} ms ({s['ratio']:.2f}x){check}")
     h = c.get("on_running_host")
-    if h and h["cold_start_ms"] is not None:
+    if h:
         print(f"       into a running host (weights in the page cache): {h['cold_start_ms']:.1f} ms a call that loads it "
               f"(weight load {h['load_in_instance_ms']:.1f} ms), {h['warm_call_ms']:.2f} ms a warm call "
               f"({h['samples']} samples)")
