@@ -138,6 +138,8 @@ def test_a_one_token_call_adds_its_experts_in_ascending_order_bit_for_bit(tiny, 
             ref.index_add_(0, torch.tensor([0]), gated_mlp(inv.hidden, f.gate_up[j], f.down[j], f.act)
                            * weight.to(f.dtype)[p:p + 1, None])
     assert torch.equal(out, ref)
+    reply = f.handle(wire.encode_invocation(inv))  # the same through the frame path an instance runs
+    assert torch.equal(wire.decode_result(reply, f.dtype, 1, f.spec.hidden_size), ref)
 
 
 def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():

@@ -94,3 +94,29 @@ def test_native_one_row_products_are_matrix_vector_products(monkeypatch):
     assert out.shape == (1, 48) and out.dtype == torch.bfloat16 and strided.shape == (1, 48)
     assert torch.allclose(out.float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=5e-2)
     assert torch.allclose(with_bias.float(), F.linear(x, w, b).float(), rtol=1e-2, atol=1e-2)  # equal on the Xeon
+
+
+@pytest.mark.parametrize("path", ["native", "fp32"])
+def test_a_vector_is_multiplied_as_its_one_row_is(monkeypatch, path):
+    """A one-token call's row as a vector [K] -> [N]: bit for bit the one-row product, in every dtype and with a
+    bias, a strided weight or int8 weights (those take the row path)."""
+    from faasmoe.models.quantize import quantize_int8
+
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", path)
+    kernels.native_half_gemm.cache_clear()
+    try:
+        g = torch.Generator().manual_seed(1)
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            x = torch.randn(64, generator=g).to(dtype)
+            w = torch.randn(48, 64, generator=g).to(dtype)
+            b = torch.randn(48, generator=g).to(dtype)
+            strided = torch.randn(48, 128, generator=g).to(dtype)[:, :64]
+            for weight, bias in ((w, None), (w, b), (strided, None)):
+                out = kernels.linear(x, weight, bias)
+                assert out.shape == (48,) and out.dtype == dtype
+                assert torch.equal(out, kernels.linear(x[None], weight, bias)[0])
+        q = kernels.Int8Weight(*quantize_int8(torch.randn(48, 64, generator=g), torch.bfloat16))
+        x = torch.randn(64, generator=g).to(torch.bfloat16)
+        assert torch.equal(kernels.linear(x, q), kernels.linear(x[None], q)[0])
+    finally:
+        kernels.native_half_gemm.cache_clear()

@@ -81,26 +81,34 @@ class ExpertDispatcher:
         block = self.block_of[e]
         order = np.argsort(block, kind="stable")  # by block, then by token
         block = block[order]
-        token = (order // A).astype(np.int32)
+        token = order // A
         expert = e[order].astype(np.int32)
         weight = weights.to(torch.float32).numpy().reshape(-1)[order]
         xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
         fids = self._function_ids(layer)
-        cuts = (np.flatnonzero(block[1:] != block[:-1]) + 1).tolist()
+        # a pair starts a new row of its call where its block or its token changes (tokens ascend within a
+        # block): every call's rows and each pair's row in its call in a fixed number of array operations
+        first = np.empty(len(order), dtype=bool)
+        first[0] = True
+        np.not_equal(token[1:], token[:-1], out=first[1:])
+        boundary = block[1:] != block[:-1]
+        first[1:] |= boundary
+        row = np.cumsum(first, dtype=np.int32) - 1  # each pair's row, counted over the layer's calls
+        cuts = (np.flatnonzero(boundary) + 1).tolist()
         calls: list[tuple[str, bytes]] = []
         rows_of: list[np.ndarray] = []
         cap = self.max_tokens
         for lo, hi in zip([0, *cuts], [*cuts, len(order)]):  # one call per function hit, never per token
             b = int(block[lo])
-            rows, local = np.unique(token[lo:hi], return_inverse=True)  # rows [n_b] ascending, local [n]
-            local = local.astype(np.int32)
-            bounds = [0, len(local)] if len(rows) <= cap else [
-                *np.searchsorted(local, np.arange(0, len(rows), cap)).tolist(), len(local)]
-            for first, (p0, p1) in zip(range(0, len(rows), cap), zip(bounds, bounds[1:])):
-                r = rows[first:first + cap]
+            rows = token[lo:hi][first[lo:hi]]  # [n_b] ascending: the tokens this function gets
+            local = row[lo:hi] - row[lo]  # [n] each pair's row within the call
+            n = len(rows)
+            bounds = [0, hi - lo] if n <= cap else [*np.searchsorted(local, np.arange(0, n, cap)).tolist(), hi - lo]
+            for start, (p0, p1) in zip(range(0, n, cap), zip(bounds, bounds[1:])):
+                r = rows[start:start + cap]
                 calls.append((fids[b], wire.encode_invocation_raw(
-                    self.digest, layer, b, self.dtype, len(r), H, xb[r], local[p0:p1] - first,
-                    expert[lo + p0:lo + p1], weight[lo + p0:lo + p1])))
+                    self.digest, layer, b, self.dtype, len(r), H, xb if len(r) == T else xb[r],
+                    local[p0:p1] - start, expert[lo + p0:lo + p1], weight[lo + p0:lo + p1])))
                 rows_of.append(r)
         if self.keep_calls:
             self.last_calls[layer] = calls
@@ -115,12 +123,14 @@ class ExpertDispatcher:
         t0 = time.perf_counter()
         replies = self.platform.gather(p.batch)
         self.stats.wait_s += time.perf_counter() - t0
-        out = torch.zeros(p.T, p.H, dtype=self.dtype)
+        out = None
         for rows, reply in zip(p.rows, replies):
             self.stats.bytes_received += len(reply)
             y = wire.decode_result(reply, self.dtype, len(rows), p.H)
-            if len(rows) == p.T:  # every row, in order
-                out.add_(y)
-            else:
-                out.index_add_(0, torch.from_numpy(rows.astype(np.int64)), y)
+            if len(rows) == p.T:  # every row, in order: the first such reply starts the sum (0 + y is y)
+                out = y.clone() if out is None else out.add_(y)
+                continue
+            if out is None:
+                out = torch.zeros(p.T, p.H, dtype=self.dtype)
+            out.index_add_(0, torch.from_numpy(rows), y)
         return out

@@ -58,27 +58,34 @@ class ExpertFunction:
         self.local[list(spec.experts)] = np.arange(len(spec.experts))
 
     def compute(self, inv: wire.Invocation) -> torch.Tensor:
-        """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block.
+        """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block."""
+        return self._compute(inv.hidden, inv.token.numpy(), self.local[inv.expert.numpy()], inv.weight.numpy())
+
+    def _compute(self, x: torch.Tensor, token: np.ndarray, local: np.ndarray, weight: np.ndarray) -> torch.Tensor:
+        """`compute` on hidden states x [T, H] and the pairs' tokens, positions in this block and weights [P].
 
         The bookkeeping is numpy (a microsecond an op on a few pairs, where a torch op costs several); the
         math is torch. A loop over the (at most k) experts of the block, never over tokens, in ascending
         expert order as in transformers."""
-        x = inv.hidden  # [T, H]
         T = x.shape[0]
-        out = torch.zeros_like(x)
-        if not inv.token.numel():
-            return out
-        local = self.local[inv.expert.numpy()]  # [P]
+        if not len(local):
+            return torch.zeros_like(x)
         if T == 1:  # one token (a single sequence's decode step): its experts here, each a matrix-vector product
-            weight = torch.from_numpy(inv.weight.numpy()).to(x.dtype)  # [P]
+            # on the row as a vector, the routing weight applied as a number (the same rounding as a one-element
+            # tensor of the model's dtype: it is rounded to that dtype first, as transformers does) and the
+            # first expert's output taken as the sum's start (0 + y is y): eight torch operations an expert
+            w = torch.tensor(weight).to(x.dtype).tolist()  # [P]
+            x1, out = x[0], None
             for p in np.argsort(local, kind="stable").tolist():
                 j = local[p]
-                out.add_(gated_mlp(x, self.gate_up[j], self.down[j], self.act) * weight[p])
-            return out
+                y = gated_mlp(x1, self.gate_up[j], self.down[j], self.act).mul_(w[p])
+                out = y if out is None else out.add_(y)
+            return out.unsqueeze(0)
+        out = torch.zeros_like(x)
         order = np.argsort(local, kind="stable")
         counts = np.bincount(local, minlength=len(self.down))
-        tok = inv.token.numpy()[order]  # [P], ascending within each expert
-        weight = torch.from_numpy(inv.weight.numpy()[order]).to(x.dtype)[:, None]  # [P, 1]
+        tok = token[order]  # [P], ascending within each expert
+        weight = torch.from_numpy(weight[order]).to(x.dtype)[:, None]  # [P, 1]
         ends = np.cumsum(counts).tolist()
         all_rows = np.arange(T)
         for j in np.flatnonzero(counts).tolist():
@@ -122,39 +129,44 @@ class ExpertFunction:
                     self.compute(inv)
             n *= 2
 
-    def check(self, inv: wire.Invocation) -> None:
-        """The frame is for this function and its pairs name only this block's experts (input values are checked
-        only when the output is not finite: see `diagnose`)."""
+    def check(self, h: wire.Header, expert: np.ndarray) -> np.ndarray:
+        """The frame (header `h`, routing pairs' experts) is for this function and names only this block's experts:
+        their positions in the block [P]. Input values are checked only when the output is not finite (see
+        `diagnose`)."""
         s = self.spec
-        if inv.model != self.digest:
-            raise wire.WireError(f"frame is for model {inv.model.hex()}, this function serves {s.model}")
-        if (inv.layer, inv.block) != (s.layer, s.block):
-            raise wire.WireError(f"frame is for layer {inv.layer} block {inv.block}, this function is "
+        if h.model != self.digest:
+            raise wire.WireError(f"frame is for model {h.model.hex()}, this function serves {s.model}")
+        if (h.layer, h.block) != (s.layer, s.block):
+            raise wire.WireError(f"frame is for layer {h.layer} block {h.block}, this function is "
                                  f"layer {s.layer} block {s.block}")
-        if inv.hidden.dtype != self.dtype or inv.hidden.shape[1] != s.hidden_size:
-            raise wire.WireError(f"hidden states are {inv.hidden.dtype} with H={inv.hidden.shape[1]}, this "
+        if h.dtype != self.dtype or h.H != s.hidden_size:
+            raise wire.WireError(f"hidden states are {h.dtype} with H={h.H}, this "
                                  f"function expects {self.dtype} with H={s.hidden_size}")
-        if inv.expert.numel():
-            e = inv.expert.numpy()
-            if e.min() < 0 or e.max() >= len(self.local) or (self.local[e] < 0).any():
-                raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
+        if not len(expert):
+            return expert.astype(np.int64)
+        if expert.min() < 0 or expert.max() >= len(self.local):
+            raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
+        local = self.local[expert]
+        if local.min() < 0:
+            raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
+        return local
 
     @staticmethod
-    def diagnose(inv: wire.Invocation) -> str:
+    def diagnose(hidden: torch.Tensor, weight: np.ndarray) -> str:
         """Why an output is not finite."""
-        if not (bool(torch.isfinite(inv.hidden).all()) and bool(torch.isfinite(inv.weight).all())):
+        if not (bool(torch.isfinite(hidden).all()) and bool(np.isfinite(weight).all())):
             return "hidden states or routing weights contain NaN or inf"
         return "the experts' output is not finite (inputs out of any sane range)"
 
     def handle(self, frame: bytes | bytearray | memoryview) -> bytes:
         """One invocation: a result frame, or an error frame saying what was wrong with the input."""
         try:
-            inv = wire.decode_invocation(frame)
-            self.check(inv)
+            h, hidden, token, expert, weight = wire.decode_invocation_parts(frame)
+            local = self.check(h, expert)
             with torch.inference_mode():
-                out = self.compute(inv)
+                out = self._compute(hidden, token, local, weight)
             if not _finite(out):  # never send NaN or inf on: say what was wrong instead
-                raise wire.WireError(self.diagnose(inv))
+                raise wire.WireError(self.diagnose(hidden, weight))
             return wire.encode_result(self.digest, self.spec.layer, self.spec.block, out)
         except wire.WireError as e:
             return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.digest, self.spec.layer,

@@ -13,6 +13,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Frames arrive as read-only bytes; decoded tensors are views we only read. torch warns about that, from
@@ -129,23 +130,30 @@ def _tensor(frame, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
     return torch.frombuffer(frame, dtype=dtype, count=count, offset=offset)
 
 
-def decode_invocation(frame: bytes | memoryview) -> Invocation:
+def decode_invocation_parts(frame: bytes | memoryview) -> tuple[Header, torch.Tensor, np.ndarray, np.ndarray,
+                                                                  np.ndarray]:
+    """A checked invocation frame as its header, hidden states [T, H] and routing pairs token, expert (int32) and
+    weight (float32) [P]: views of the frame, the pairs as numpy arrays (a function's hot path does its
+    bookkeeping in numpy; one array for the three, where a tensor each costs several times as much)."""
     h = decode_header(frame)
     if h.kind != INVOKE:
         raise WireError(f"expected an invocation frame, got kind {h.kind}")
-    item = h.dtype.itemsize
     nx = h.T * h.H
-    _expect_size(frame, h, nx * item + h.P * 12)
-    off = HEADER_SIZE
-    hidden = _tensor(frame, off, h.dtype, nx).view(h.T, h.H)
-    off += nx * item
-    token = _tensor(frame, off, torch.int32, h.P)
-    expert = _tensor(frame, off + 4 * h.P, torch.int32, h.P)
-    weight = _tensor(frame, off + 8 * h.P, torch.float32, h.P)
-    tk = token.numpy()
-    if h.P and not (0 <= tk.min() and tk.max() < h.T):
+    off = HEADER_SIZE + nx * h.dtype.itemsize
+    _expect_size(frame, h, off - HEADER_SIZE + h.P * 12)
+    hidden = _tensor(frame, HEADER_SIZE, h.dtype, nx).view(h.T, h.H)
+    pairs = np.frombuffer(frame, dtype=np.int32, count=3 * h.P, offset=off)
+    token, expert, weight = pairs[:h.P], pairs[h.P:2 * h.P], pairs[2 * h.P:].view(np.float32)
+    if h.P and not (0 <= token.min() and token.max() < h.T):
         raise WireError(f"routing pair points at a token outside 0..{h.T - 1}")
-    return Invocation(h.model, h.layer, h.block, hidden, token, expert, weight)
+    return h, hidden, token, expert, weight
+
+
+def decode_invocation(frame: bytes | memoryview) -> Invocation:
+    h, hidden, _, _, _ = decode_invocation_parts(frame)
+    off = HEADER_SIZE + hidden.numel() * h.dtype.itemsize  # the pairs again, as tensors (read-only frames allowed)
+    return Invocation(h.model, h.layer, h.block, hidden, _tensor(frame, off, torch.int32, h.P),
+                      _tensor(frame, off + 4 * h.P, torch.int32, h.P), _tensor(frame, off + 8 * h.P, torch.float32, h.P))
 
 
 def decode_result(frame: bytes | memoryview, dtype: torch.dtype, T: int, H: int) -> torch.Tensor:

@@ -104,7 +104,12 @@ INT8_PACK_ROWS = 4
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype."""
+    """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype; x [K], one row as a vector: [N]."""
+    if x.dim() == 1:  # a one-token call's row: the matrix-vector product without a row dimension to add and drop
+        if (b is None and x.dtype == torch.bfloat16 and not isinstance(w, Int8Weight) and w.is_contiguous()
+                and native_half_gemm()):
+            return torch.mv(w, x)
+        return linear(x[None], w, b)[0]
     M = x.shape[0]
     if isinstance(w, Int8Weight):
         out = _int8(x, w)

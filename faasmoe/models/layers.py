@@ -30,14 +30,14 @@ GateUp = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
 def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act) -> torch.Tensor:
-    """down(act(gate(x)) * up(x)) for x [n, H], gate and up stacked as one [2I, H] matrix (one matmul; a
-    (gate, up) pair where the checkpoint does not store them adjacent), down [H, I]: the MLP of a routed
-    expert, of the shared expert and of a dense layer alike."""
+    """down(act(gate(x)) * up(x)) for x [n, H] (or one row as a vector [H]), gate and up stacked as one [2I, H]
+    matrix (one matmul; a (gate, up) pair where the checkpoint does not store them adjacent), down [H, I]: the
+    MLP of a routed expert, of the shared expert and of a dense layer alike."""
     if isinstance(gate_up, tuple):
         return linear(act(linear(x, gate_up[0])) * linear(x, gate_up[1]), down)
     gu = linear(x, gate_up)  # [n, 2I]
     inter = down.shape[1]
-    return linear(act(gu[:, :inter]) * gu[:, inter:], down)
+    return linear(act(gu[..., :inter]) * gu[..., inter:], down)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

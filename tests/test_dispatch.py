@@ -1,0 +1,57 @@
+"""The dispatcher's side of a MoE layer: every routing pair goes to one call of its expert's function with its
+token's hidden row, and the replies are summed per token in call order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from faasmoe.control.deployment import contiguous_blocks
+from faasmoe.control.dispatch import ExpertDispatcher
+from faasmoe.functions import wire
+
+
+class Answering:
+    """A platform that keeps a layer's calls and answers each with its hidden rows times (block + 1)."""
+
+    def submit(self, calls):
+        self.calls = calls
+        return calls
+
+    def gather(self, calls):
+        out = []
+        for _, frame in calls:
+            inv = wire.decode_invocation(frame)
+            out.append(wire.encode_result(inv.model, inv.layer, inv.block, inv.hidden * (inv.block + 1)))
+        return out
+
+
+@pytest.mark.parametrize("k,cap", [(1, 64), (4, 64), (4, 2), (16, 3), (16, 64)])
+def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
+    E, A, H = 16, 4, 8
+    blocks = contiguous_blocks(E, k)
+    d = ExpertDispatcher(Answering(), "00" * 8, blocks, E, torch.bfloat16, max_tokens=cap)
+    g = torch.Generator().manual_seed(100 * k + cap)
+    for T in (1, 2, 5, 9):
+        x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+        experts = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+        weights = torch.rand(T, A, generator=g).to(torch.bfloat16)
+        pending = d.send(3, x, experts, weights)
+        seen = []
+        for (fid, frame), rows in zip(d.platform.calls, pending.rows):
+            inv = wire.decode_invocation(frame)
+            assert (inv.layer, fid) == (3, d._function_ids(3)[inv.block])
+            assert 0 < len(rows) <= cap and rows.tolist() == sorted(set(rows.tolist()))  # ascending, no repeats
+            assert torch.equal(inv.hidden, x[torch.from_numpy(rows)])
+            for t, e, w in zip(inv.token.tolist(), inv.expert.tolist(), inv.weight.tolist()):
+                assert e in blocks[inv.block]
+                seen.append((int(rows[t]), e, w))
+        want = [(t, int(experts[t, a]), float(weights[t, a])) for t in range(T) for a in range(A)]
+        assert sorted(seen) == sorted(want)  # each pair once, in a call of its own function
+
+        out = d.combine(pending)
+        ref = torch.zeros(T, H, dtype=torch.bfloat16)  # the replies added in call order, as transformers adds experts
+        for (_, frame), rows in zip(d.platform.calls, pending.rows):
+            inv = wire.decode_invocation(frame)
+            ref.index_add_(0, torch.from_numpy(rows), inv.hidden * (inv.block + 1))
+        assert torch.equal(out, ref)
