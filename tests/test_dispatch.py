@@ -12,18 +12,21 @@ from faasmoe.functions import wire
 
 
 class Answering:
-    """A platform that keeps a layer's calls and answers each with its hidden rows times (block + 1)."""
+    """A platform that keeps a layer's calls and answers each with its hidden rows times (block + 1), in writable
+    buffers it keeps (as a platform reading replies into its own buffers would)."""
 
     def submit(self, calls):
         self.calls = calls
         return calls
 
     def gather(self, calls):
-        out = []
+        self.replies = []
         for _, frame in calls:
             inv = wire.decode_invocation(frame)
-            out.append(wire.encode_result(inv.model, inv.layer, inv.block, inv.hidden * (inv.block + 1)))
-        return out
+            self.replies.append(bytearray(wire.encode_result(inv.model, inv.layer, inv.block,
+                                                             inv.hidden * (inv.block + 1))))
+        self.sent = [bytes(r) for r in self.replies]
+        return self.replies
 
 
 @pytest.mark.parametrize("k,cap", [(1, 64), (4, 64), (4, 2), (16, 3), (16, 64)])
@@ -50,6 +53,7 @@ def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
         assert sorted(seen) == sorted(want)  # each pair once, in a call of its own function
 
         out = d.combine(pending)
+        assert d.platform.replies == d.platform.sent  # the sum is its own tensor: no reply written into
         ref = torch.zeros(T, H, dtype=torch.bfloat16)  # the replies added in call order, as transformers adds experts
         for (_, frame), rows in zip(d.platform.calls, pending.rows):
             inv = wire.decode_invocation(frame)

@@ -127,7 +127,8 @@ class ExpertDispatcher:
         for rows, reply in zip(p.rows, replies):
             self.stats.bytes_received += len(reply)
             y = wire.decode_result(reply, self.dtype, len(rows), p.H)
-            if len(rows) == p.T:  # every row, in order: the first such reply starts the sum (0 + y is y)
+            if len(rows) == p.T:  # every row, in order: the first such reply starts the sum (0 + y is y, up to a
+                # zero's sign); a copy, as a reply may be a read-only buffer or one its platform reuses
                 out = y.clone() if out is None else out.add_(y)
                 continue
             if out is None:

@@ -73,7 +73,8 @@ class ExpertFunction:
         if T == 1:  # one token (a single sequence's decode step): its experts here, each a matrix-vector product
             # on the row as a vector, the routing weight applied as a number (the same rounding as a one-element
             # tensor of the model's dtype: it is rounded to that dtype first, as transformers does) and the
-            # first expert's output taken as the sum's start (0 + y is y): eight torch operations an expert
+            # first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): eight torch
+            # operations an expert
             w = torch.tensor(weight).to(x.dtype).tolist()  # [P]
             x1, out = x[0], None
             for p in np.argsort(local, kind="stable").tolist():
