@@ -153,7 +153,8 @@ def decode_invocation(frame: bytes | memoryview) -> Invocation:
     h, hidden, _, _, _ = decode_invocation_parts(frame)
     off = HEADER_SIZE + hidden.numel() * h.dtype.itemsize  # the pairs again, as tensors (read-only frames allowed)
     return Invocation(h.model, h.layer, h.block, hidden, _tensor(frame, off, torch.int32, h.P),
-                      _tensor(frame, off + 4 * h.P, torch.int32, h.P), _tensor(frame, off + 8 * h.P, torch.float32, h.P))
+                      _tensor(frame, off + 4 * h.P, torch.int32, h.P),
+                      _tensor(frame, off + 8 * h.P, torch.float32, h.P))
 
 
 def decode_result(frame: bytes | memoryview, dtype: torch.dtype, T: int, H: int) -> torch.Tensor:
