@@ -145,10 +145,7 @@ class ExpertFunction:
                                  f"function expects {self.dtype} with H={s.hidden_size}")
         if not len(expert):
             return expert.astype(np.int64)
-        if expert.min() < 0 or expert.max() >= len(self.local):
-            raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
-        local = self.local[expert]
-        if local.min() < 0:
+        if expert.min() < 0 or expert.max() >= len(self.local) or (local := self.local[expert]).min() < 0:
             raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
         return local
 

@@ -171,10 +171,8 @@ class ControlPlane:
         if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
             x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
         x = rms_norm(x, self.norm, self.eps)
-        if self.head_threads is None:
+        with torch_threads(self.head_threads or torch.get_num_threads()):  # nothing set where already so
             return linear(x, self.lm_head)  # [*, V]
-        with torch_threads(self.head_threads):
-            return linear(x, self.lm_head)
 
     def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         """[T, h+2g, d]: queries, keys and values of x [T, H], before the rotary embedding."""

@@ -106,16 +106,14 @@ INT8_PACK_ROWS = 4
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype; x [K], one row as a vector: [N]."""
     if x.dim() == 1:  # a one-token call's row: the matrix-vector product without a row dimension to add and drop
-        if (b is None and x.dtype == torch.bfloat16 and not isinstance(w, Int8Weight) and w.is_contiguous()
-                and native_half_gemm()):
-            return torch.mv(w, x)
-        return linear(x[None], w, b)[0]
+        y = _matrix_vector(x, w, b)
+        return y if y is not None else linear(x[None], w, b)[0]
     M = x.shape[0]
     if isinstance(w, Int8Weight):
         out = _int8(x, w)
         return out if b is None else out + b
-    if M == 1 and x.dtype == torch.bfloat16 and w.is_contiguous() and native_half_gemm():  # see the docstring
-        return (torch.mv(w, x[0]) if b is None else torch.addmv(b, w, x[0])).unsqueeze(0)
+    if M == 1 and (y := _matrix_vector(x[0], w, b)) is not None:
+        return y.unsqueeze(0)
     if x.dtype in HALF and M > 1:
         if not native_half_gemm():
             return _via_fp32(x, w, b) if M >= MIN_ROWS else F.linear(x, w, b)
@@ -123,6 +121,14 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None
         if padded != M:  # a bounded set of row counts: see the module's docstring
             return F.linear(torch.cat([x, x.new_zeros(padded - M, x.shape[1])]), w, b)[:M]
     return F.linear(x, w, b)
+
+
+def _matrix_vector(v: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None) -> torch.Tensor | None:
+    """w @ v (+ b) [N] for one bf16 row v [K] where the GEMM is native (see the module's docstring); None elsewhere
+    (int8 weights, strided weights, other dtypes, CPUs without bf16 instructions)."""
+    if v.dtype != torch.bfloat16 or isinstance(w, Int8Weight) or not w.is_contiguous() or not native_half_gemm():
+        return None
+    return torch.mv(w, v) if b is None else torch.addmv(b, w, v)
 
 
 def _via_fp32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
