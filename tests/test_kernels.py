@@ -120,3 +120,71 @@ def test_a_vector_is_multiplied_as_its_one_row_is(monkeypatch, path):
         assert torch.equal(kernels.linear(x, q), kernels.linear(x[None], q)[0])
     finally:
         kernels.native_half_gemm.cache_clear()
+
+
+needs_onednn_bf16 = pytest.mark.skipif(not kernels._onednn_bf16(), reason="this torch or CPU has no oneDNN bf16")
+
+
+@pytest.fixture
+def native_path(monkeypatch):
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", "native")
+    kernels.native_half_gemm.cache_clear()
+    yield
+    kernels.native_half_gemm.cache_clear()
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("shape", [(48, 64), (704, 512), (60, 512)])
+def test_packed_products_equal_f_linear_bit_for_bit(native_path, shape):
+    """The packed layout is what F.linear builds at every call: the same kernel, the same result, for a vector,
+    one row and row counts padded to a power of two, with and without a bias."""
+    g = torch.Generator().manual_seed(2)
+    N, K = shape
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16)
+    packed = kernels.pack(w)
+    assert packed.is_mkldnn and packed.shape == w.shape
+    for rows in (1, 3, 6, 8, 17):
+        x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
+        for bias in (None, b):
+            assert torch.equal(kernels.linear(x, packed, bias), F.linear(x, w, bias))
+    v = torch.randn(K, generator=g).to(torch.bfloat16)
+    assert torch.equal(kernels.linear(v, packed), F.linear(v[None], w)[0])
+
+
+def test_what_cannot_be_packed_is_left_as_it_is(monkeypatch):
+    from faasmoe.models.quantize import quantize_int8
+
+    q = kernels.Int8Weight(*quantize_int8(torch.randn(48, 64), torch.bfloat16))
+    fp32, vector = torch.randn(48, 64), torch.randn(64).to(torch.bfloat16)
+    assert kernels.pack(fp32) is fp32 and kernels.pack(vector) is vector
+    assert kernels.pack_matrix(q) is q and kernels.pack_matrix(None) is None
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", "fp32")  # no bf16 instructions: products go through fp32, unpacked
+    kernels.native_half_gemm.cache_clear()
+    try:
+        bf16 = torch.randn(48, 64).to(torch.bfloat16)
+        assert kernels.pack(bf16) is bf16
+    finally:
+        kernels.native_half_gemm.cache_clear()
+
+
+@needs_onednn_bf16
+def test_a_packed_model_computes_what_f_linear_computes(native_path, tiny, monkeypatch):
+    """A bf16 monolithic model with its matrices packed gives the logits and tokens of the same model with every
+    product F.linear's on the row-major weights."""
+    from faasmoe.engines.monolithic import MonolithicEngine
+
+    def run() -> tuple[torch.Tensor, list[int]]:
+        with MonolithicEngine(tiny, dtype="bfloat16") as m:
+            ids = m.encode("The capital of France is Paris. The capital of Germany is")
+            return m.logits(ids), m.generate(ids, max_tokens=6, ignore_eos=True).token_ids
+
+    with MonolithicEngine(tiny, dtype="bfloat16") as m:
+        cp = m.control_plane
+        assert cp.layers[0].attn.wqkv.is_mkldnn and cp.lm_head.is_mkldnn and cp.layers[0].attn.wo.is_mkldnn
+        assert all(w.is_mkldnn for fn in m.experts.layers.values() for w in (*fn.gate_up, *fn.down))
+    packed = run()
+    monkeypatch.setattr(kernels, "pack", lambda w: w)  # nothing packed
+    monkeypatch.setattr(kernels, "_matrix_vector", lambda v, w, b: None)  # one row: F.linear too
+    plain = run()
+    assert torch.equal(packed[0], plain[0]) and packed[1] == plain[1]

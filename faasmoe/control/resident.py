@@ -17,21 +17,32 @@ from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
 from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.kernels import pack_matrix
 from faasmoe.models.weights import parts, private_copy
+
+
+def _own(w):
+    """A server's own copy of an expert's matrix (or (gate, up) pair): packed for `linear` (`kernels.pack`) where that
+    applies, a private copy where not."""
+    packed = pack_matrix(w)
+    if isinstance(w, tuple):
+        return tuple(p if p is not t else private_copy(t) for p, t in zip(packed, w))
+    return packed if packed is not w else private_copy(w)
 
 
 class ResidentExperts:
     """All routed experts of every MoE layer, loaded at start-up into this process's own memory."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True, paged: bool = False):
-        """`own_copy`: the weights copied into this process (as transformers loads them); `paged` instead: mapped
+        """`own_copy`: the weights copied into this process (as transformers loads them; in oneDNN's layout where
+        `linear` gains from it: `kernels.pack`); `paged` instead: mapped
         from the page cache and read on use, the kernel paging them in and out (a model served through mmap)."""
         self.layers: dict[int, ExpertFunction] = {}
         every_expert = Deployment.plan(ckpt, ckpt.num_experts, dtype)
         for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec, paged=paged)
             if own_copy and not paged:  # a server's own weights (as transformers loads them), not pages shared with others
-                fn.gate_up, fn.down = [private_copy(w) for w in fn.gate_up], [private_copy(w) for w in fn.down]
+                fn.gate_up, fn.down = [_own(w) for w in fn.gate_up], [_own(w) for w in fn.down]
             self.layers[spec.layer] = fn
         self.digest = bytes.fromhex(ckpt.digest)
         self.nbytes = sum(t.numel() * t.element_size() for fn in self.layers.values()

@@ -28,7 +28,8 @@ class MonolithicEngine(BaseEngine):
         self.paged = paged
         self.experts = ResidentExperts(self.checkpoint, self.dtype, own_copy=not paged, paged=paged)
         control_plane = self.checkpoint.family.control_plane_class()
-        self.control_plane = control_plane(self.checkpoint, self.dtype, self.experts, own_copy=not paged)
+        self.control_plane = control_plane(self.checkpoint, self.dtype, self.experts, own_copy=not paged,
+                                          pack=not paged)
         self.load_s = time.perf_counter() - t0
 
     def describe(self) -> dict:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import Chunk, KVCache
 from faasmoe.models.checkpoint import Checkpoint
-from faasmoe.models.kernels import linear, torch_threads
+from faasmoe.models.kernels import linear, pack_matrix, torch_threads
 from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
 from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy, scale_groups, with_scales
 
@@ -69,8 +69,11 @@ class Layer:
 
 class ControlPlane:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
-                 own_copy: bool = False, prefetch_layers: int = 0, head_threads: int | None = None):
+                 own_copy: bool = False, prefetch_layers: int = 0, head_threads: int | None = None, pack: bool = True):
         """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
+        `pack`: hold the matrices the step multiplies in oneDNN's layout (`kernels.pack`: private copies, read at
+        load; a product of several rows costs 0.6x, the lm_head's for six sequences too); off for a model served
+        through mmap, whose pages the kernel must be free to drop.
         `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
         hidden state here) and warm the functions it names that have no instance, so that a cold start runs
         while the layers in between compute instead of stalling the step; 0: off.
@@ -126,6 +129,18 @@ class ControlPlane:
                 layer.router = w[fam.router_name(L)]
                 self.load_moe(L, layer, w)
             self.layers.append(layer)
+        if pack:
+            del w  # own copies are freed one at a time as their packed copies replace them
+            self._pack()
+
+    def _pack(self) -> None:
+        for layer in self.layers:
+            if isinstance(layer.attn, Attention):
+                layer.attn.wqkv, layer.attn.wo = pack_matrix(layer.attn.wqkv), pack_matrix(layer.attn.wo)
+            layer.router = pack_matrix(layer.router)  # fp32 routers (DeepSeek's) stay as they are
+            layer.mlp_gate_up, layer.mlp_down = pack_matrix(layer.mlp_gate_up), pack_matrix(layer.mlp_down)
+        if self.lm_head is not self.embed:  # a tied head is the embedding table, which lookups read by row
+            self.lm_head = pack_matrix(self.lm_head)
 
     def routing_counts(self) -> RoutingCounts:
         with self._counts_lock:
