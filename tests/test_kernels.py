@@ -11,11 +11,24 @@ from faasmoe.models import kernels
 
 
 @pytest.fixture
-def fp32_path(monkeypatch):
-    monkeypatch.setenv("FAASMOE_BF16_GEMM", "fp32")
+def gemm_path(monkeypatch):
+    """gemm_path("native" | "fp32"): FAASMOE_BF16_GEMM for one test (the detection is cached, so cleared)."""
+    def choose(choice: str) -> None:
+        monkeypatch.setenv("FAASMOE_BF16_GEMM", choice)
+        kernels.native_half_gemm.cache_clear()
+
+    yield choose
     kernels.native_half_gemm.cache_clear()
-    yield
-    kernels.native_half_gemm.cache_clear()
+
+
+@pytest.fixture
+def fp32_path(gemm_path):
+    gemm_path("fp32")
+
+
+@pytest.fixture
+def native_path(gemm_path):
+    gemm_path("native")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 16])
@@ -123,14 +136,6 @@ def test_a_vector_is_multiplied_as_its_one_row_is(monkeypatch, path):
 
 
 needs_onednn_bf16 = pytest.mark.skipif(not kernels._onednn_bf16(), reason="this torch or CPU has no oneDNN bf16")
-
-
-@pytest.fixture
-def native_path(monkeypatch):
-    monkeypatch.setenv("FAASMOE_BF16_GEMM", "native")
-    kernels.native_half_gemm.cache_clear()
-    yield
-    kernels.native_half_gemm.cache_clear()
 
 
 @needs_onednn_bf16
