@@ -84,6 +84,17 @@ def test_native_products_pad_rows_to_a_power_of_two_and_answer_the_rows_asked(mo
     assert torch.allclose(out.float(), ref, rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 9])
+def test_a_few_rows_multiply_the_weight_first_as_f_linear_does(native_path, rows):
+    """w @ x.T lets oneDNN read the weight as it lies, where F.linear re-lays it out at every call: the same
+    result bit for bit, contiguous, up to WEIGHT_FIRST_ROWS padded rows (more take F.linear)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 512, generator=g).to(torch.bfloat16)
+    w = torch.randn(704, 512, generator=g).to(torch.bfloat16)
+    out = kernels.linear(x, w)
+    assert out.shape == (rows, 704) and out.is_contiguous() and torch.equal(out, F.linear(x, w))
+
+
 def test_native_one_row_products_are_matrix_vector_products(monkeypatch):
     """Faster than oneDNN's GEMM for one row (which packs the weights at every call), same fp32 accumulation;
     with a bias, the same result as F.linear's."""
