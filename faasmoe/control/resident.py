@@ -3,8 +3,10 @@
 Same interface as `ExpertDispatcher` (`start` / `finish`), so the control plane, the
 step scheduler and the server are the very same code; only the experts are computed
 here, on the tensors (no frames), with the same per-expert math as a function holding
-every expert of its layer. This is the Baseline of the benchmark: a full model that
-batches its running sequences at every step, as vLLM or llama.cpp do.
+every expert of its layer (in bf16 its weights are packed, `kernels.pack`, so a one-row product
+rounds as F.linear's does, where a function's `torch.mv` may differ in the last bit). This is the
+Baseline of the benchmark: a full model that batches its running sequences at every step, as vLLM
+or llama.cpp do.
 
 Shapes: T = tokens, H = hidden, A = experts per token.
 """

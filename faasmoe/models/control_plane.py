@@ -71,9 +71,10 @@ class ControlPlane:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
                  own_copy: bool = False, prefetch_layers: int = 0, head_threads: int | None = None, pack: bool = True):
         """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
-        `pack`: hold the matrices the step multiplies in oneDNN's layout (`kernels.pack`: private copies, read at
-        load; a product of several rows costs 0.6x, the lm_head's for six sequences too); off for a model served
-        through mmap, whose pages the kernel must be free to drop.
+        `pack`: hold the matrices the step multiplies in oneDNN's layout (`kernels.pack`): private copies, read at
+        load, in place of the page cache's mapping even without `own_copy` (a product of several rows costs 0.6x,
+        the lm_head's for six sequences too); off for a model served through mmap, whose pages the kernel must be
+        free to drop. DeepSeek's latent attention and fp32 routers are left as they are.
         `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
         hidden state here) and warm the functions it names that have no instance, so that a cold start runs
         while the layers in between compute instead of stalling the step; 0: off.

@@ -24,16 +24,23 @@ q/k/v projections), torch.addmv: equal to F.linear in 300 of 300 random shapes, 
 against F.linear's 115 (it runs a general matrix product for one row).
 
 A weight the process owns can be `pack`ed once into oneDNN's blocked layout, which F.linear otherwise
-rebuilds from the row-major matrix at every call: the same result as F.linear bit for bit (the same
-kernel), and on this Xeon (one thread, weights streamed from memory) 8 rows through 2816 x 512 cost
-275 us against 461, 1536 x 512 156 against 261, 512 x 512 65 against 102, and the lm_head's 151,936 x 512
-6.9 ms against 11.5 on two threads; one row costs 0.9x torch.mv. The control plane packs its matrices
-(the monolithic model its experts too); a function does not: its weights stay the page cache's, mapped
-in milliseconds at a cold start and shared by every instance. Its products of a few rows take the weight
-as oneDNN's first operand instead, w @ x.T, which it reads as it lies: the same result bit for bit (200 of
-200 random shapes, 2-32 rows), and from memory, with the copy back to rows: 704 x 512 2 rows 105 us against
-138, 8 rows 112 against 147, 2816 x 512 8 rows 377 against 501; at 64 rows and more that copy costs what
-the layout saved (704 x 512, 512 rows: 833 against 551), so more than WEIGHT_FIRST_ROWS take F.linear.
+rebuilds from the row-major matrix at every call (scripts/product-costs.py, docs/bench/eleventh-ab/; one
+thread, weights streamed from memory, this Xeon's speed varies from run to run): 8 rows through 2816 x 512
+cost 285-297 us against 457-482, 704 x 512 92-93 against 133-139, one row 0.83-0.96x torch.mv, and the
+lm_head's 151,936 x 512 on two threads 6.4-6.9 ms against 11.5-12.6 for 8 rows. oneDNN runs it as an inner
+product where F.linear runs a matmul: the results were equal in 199 of 200 random shapes (1-32 rows; the
+other, 2472 x 112 with 8 rows, differed in 2 of 19,776 elements by one rounding step) and in every product
+of the quarter preset checked. The control plane packs its matrices (the monolithic model its experts too);
+a function does not: its weights stay the page cache's, mapped in milliseconds at a cold start and shared
+by every instance.
+
+A product of a few rows with a weight not packed (a function's, a tied lm_head's, a model served through
+mmap) takes the weight as oneDNN's first operand instead, w @ x.T, which it reads as it lies, and copies
+the result back to rows: equal to F.linear's in 200 of 200 random shapes (2-32 rows); from memory, in three
+runs, 704 x 512 2 rows 101-114 us against 130-138, 8 rows 107-135 against 133-147, 2816 x 512 8 rows
+319-356 against 457-501, the lm_head's 8 rows 8.2-10.3 ms against 11.5-12.6 (end to end, a step of six
+sequences 8-9 % faster at k = 4 and 60). From 64 rows on the copy back costs what the layout saved (704 x
+512, 512 rows: 806-833 against 551-761), so more than WEIGHT_FIRST_ROWS take F.linear.
 """
 
 from __future__ import annotations
@@ -58,6 +65,11 @@ def native_half_gemm() -> bool:
         return choice == "native"
     if choice:
         raise ValueError(f"FAASMOE_BF16_GEMM={choice!r}: use native or fp32")
+    return cpu_has_bf16()
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 (or fp16) matrix instructions (/proc/cpuinfo; True where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
@@ -169,7 +181,8 @@ def pack_matrix(w):
 
 
 def _packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """x @ w.T (+ b) for a `pack`ed w: F.linear's result, bit for bit; more than one row padded as in `linear`."""
+    """x @ w.T (+ b) for a `pack`ed w (F.linear's result: see the module's docstring); more than one row padded as in
+    `linear`."""
     if x.dim() == 1 or x.shape[0] == 1:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise(_pad(x), w, b, "none", [], "")[:x.shape[0]]
