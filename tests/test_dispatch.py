@@ -59,3 +59,7 @@ def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
             inv = wire.decode_invocation(frame)
             ref.index_add_(0, torch.from_numpy(rows), inv.hidden * (inv.block + 1))
         assert torch.equal(out, ref)
+
+        shared = torch.randn(T, H, generator=g).to(torch.bfloat16)  # the shared expert's output: added last
+        assert torch.equal(d.combine(pending, shared), ref + shared)
+        assert d.platform.replies == d.platform.sent

@@ -54,6 +54,7 @@ class ExpertDispatcher:
         self.last_calls: dict[int, list[tuple[str, bytes]]] = {}
         self.num_blocks = len(blocks)
         self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
+        self._rows: dict[tuple[int, int], np.ndarray] = {}  # `_pair_rows` by shape
 
     def _function_ids(self, layer: int) -> list[str]:
         fids = self._fids.get(layer)
@@ -79,13 +80,20 @@ class ExpertDispatcher:
         H = x.shape[1]
         e = experts.numpy().reshape(-1)  # [T*A], pair p is token p // A
         block = self.block_of[e]
+        xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
+        weight = weights.to(torch.float32).numpy().reshape(-1)
+        fids = self._function_ids(layer)
+        if T <= self.max_tokens and (block == block[0]).all():  # one function (k = every expert): one call of
+            # every row, the pairs in token order as they come: no grouping to do
+            b = int(block[0])
+            return self._submit(layer, [(fids[b], wire.encode_invocation_raw(
+                self.digest, layer, b, self.dtype, T, H, xb, self._pair_rows(T, A), e.astype(np.int32), weight))],
+                [self._pair_rows(T, 1)], T, H)
         order = np.argsort(block, kind="stable")  # by block, then by token
         block = block[order]
         token = order // A
         expert = e[order].astype(np.int32)
-        weight = weights.to(torch.float32).numpy().reshape(-1)[order]
-        xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
-        fids = self._function_ids(layer)
+        weight = weight[order]
         # a pair starts a new row of its call where its block or its token changes (tokens ascend within a
         # block): every call's rows and each pair's row in its call in a fixed number of array operations
         first = np.empty(len(order), dtype=bool)
@@ -110,6 +118,18 @@ class ExpertDispatcher:
                     self.digest, layer, b, self.dtype, len(r), H, xb if len(r) == T else xb[r],
                     local[p0:p1] - start, expert[lo + p0:lo + p1], weight[lo + p0:lo + p1])))
                 rows_of.append(r)
+        return self._submit(layer, calls, rows_of, T, H)
+
+    def _pair_rows(self, T: int, per_row: int) -> np.ndarray:
+        """[T * per_row] int32: each pair's row when every row has per_row pairs in order (0, 0, .., 1, 1, ..)."""
+        key = (T, per_row)
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = np.repeat(np.arange(T, dtype=np.int32), per_row)  # kept: never written
+        return rows
+
+    def _submit(self, layer: int, calls: list[tuple[str, bytes]], rows_of: list[np.ndarray], T: int,
+                H: int) -> Pending:
         if self.keep_calls:
             self.last_calls[layer] = calls
         st = self.stats
@@ -118,20 +138,30 @@ class ExpertDispatcher:
         st.bytes_sent += sum(len(f) for _, f in calls)
         return Pending(self.platform.submit(calls), rows_of, T, H)
 
-    def combine(self, p: Pending) -> torch.Tensor:
-        """[T, H]: the sum of every function's weighted expert outputs."""
+    def combine(self, p: Pending, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, H]: the sum of every function's weighted expert outputs, in call order, then `shared` (the shared
+        expert's output, where the layer has one) added last, as transformers adds it."""
         t0 = time.perf_counter()
         replies = self.platform.gather(p.batch)
         self.stats.wait_s += time.perf_counter() - t0
-        out = None
+        out, owned = None, False  # a reply is only read, never written: it may be read-only or its platform's
         for rows, reply in zip(p.rows, replies):
             self.stats.bytes_received += len(reply)
             y = wire.decode_result(reply, self.dtype, len(rows), p.H)
             if len(rows) == p.T:  # every row, in order: the first such reply starts the sum (0 + y is y, up to a
-                # zero's sign); a copy, as a reply may be a read-only buffer or one its platform reuses
-                out = y.clone() if out is None else out.add_(y)
+                # zero's sign)
+                if out is None:
+                    out = y
+                elif owned:
+                    out.add_(y)
+                else:
+                    out, owned = out + y, True
                 continue
             if out is None:
-                out = torch.zeros(p.T, p.H, dtype=self.dtype)
+                out, owned = torch.zeros(p.T, p.H, dtype=self.dtype), True
+            elif not owned:
+                out, owned = out.clone(), True
             out.index_add_(0, torch.from_numpy(rows), y)
-        return out
+        if shared is not None:
+            return out.add_(shared) if owned else out + shared
+        return out if owned else out.clone()

@@ -57,8 +57,8 @@ class ResidentExperts:
                               experts.flatten().to(torch.int32), weights.flatten().to(torch.float32))
         return self.layers[layer].compute(inv)
 
-    def combine(self, result: torch.Tensor) -> torch.Tensor:
-        return result
+    def combine(self, result: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+        return result if shared is None else result + shared
 
     def worth_prefetching(self, layer: int) -> bool:
         """Every expert is resident: nothing to warm."""

@@ -270,5 +270,4 @@ class ControlPlane:
                 self.predicted_hits[i] += hits
         pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
         shared = self.shared(layer, x)  # computed meanwhile
-        out = self.dispatcher.combine(pending)
-        return out if shared is None else out + shared
+        return self.dispatcher.combine(pending, shared)
