@@ -52,8 +52,15 @@ def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
         want = [(t, int(experts[t, a]), float(weights[t, a])) for t in range(T) for a in range(A)]
         assert sorted(seen) == sorted(want)  # each pair once, in a call of its own function
 
+        if len(blocks) == 1 and T <= cap:  # one function: a frame of the pairs in token order, as routed
+            (_, frame), = d.platform.calls
+            assert frame == wire.encode_invocation(wire.Invocation(
+                bytes(8), 3, 0, x, torch.arange(T).repeat_interleave(A), experts.flatten(), weights.flatten().float()))
         out = d.combine(pending)
-        assert d.platform.replies == d.platform.sent  # the sum is its own tensor: no reply written into
+        kept = out.clone()
+        out.add_(1)  # the sum is its own tensor: no reply written into by combine, none aliased by the sum
+        assert d.platform.replies == d.platform.sent
+        out = kept
         ref = torch.zeros(T, H, dtype=torch.bfloat16)  # the replies added in call order, as transformers adds experts
         for (_, frame), rows in zip(d.platform.calls, pending.rows):
             inv = wire.decode_invocation(frame)
@@ -63,3 +70,19 @@ def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
         shared = torch.randn(T, H, generator=g).to(torch.bfloat16)  # the shared expert's output: added last
         assert torch.equal(d.combine(pending, shared), ref + shared)
         assert d.platform.replies == d.platform.sent
+
+
+def test_fp32_weights_in_any_layout_make_the_same_frames():
+    """Routing weights that are already fp32 and strided (a column slice) are framed as their values."""
+    E, A, H, T = 8, 2, 8, 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    experts = torch.stack([torch.randperm(E, generator=g)[:A] for _ in range(T)])
+    wide = torch.rand(T, 2 * A, generator=g)
+    for k in (1, E):  # grouped calls, and one function for the layer
+        frames = []
+        for weights in (wide[:, ::2], wide[:, ::2].contiguous()):
+            d = ExpertDispatcher(Answering(), "00" * 8, contiguous_blocks(E, k), E, torch.bfloat16)
+            d.send(0, x, experts, weights)
+            frames.append(d.platform.calls)
+        assert frames[0] == frames[1]

@@ -1,9 +1,9 @@
 """Route → group by function → invoke all at once → sum: the control plane's side of a MoE layer.
 
-`start` sends one invocation per function that has tokens routed to it (split in calls
+`send` sends one invocation per function that has tokens routed to it (split in calls
 of at most `max_tokens_per_call` tokens: a function refuses larger frames) and returns
 at once, so the caller computes the shared expert while the functions run;
-`finish` waits and adds the functions' rows into one [T, H] output.
+`combine` waits and adds the functions' rows (then the shared expert's) into one [T, H] output.
 
 Shapes: T = tokens, H = hidden, A = experts per token, n = tokens sent to one function.
 """
@@ -29,13 +29,13 @@ class DispatchStats:
     tokens_sent: int = 0  # token rows sent, summed over calls
     bytes_sent: int = 0
     bytes_received: int = 0
-    wait_s: float = 0.0  # time the control plane blocked in `finish`
+    wait_s: float = 0.0  # time the control plane blocked in `combine`
 
 
 @dataclass
 class Pending:
     batch: Any  # the platform's handle on the calls in flight
-    rows: list[np.ndarray]  # for each call, the token rows it covers (ascending)
+    rows: list[np.ndarray]  # for each call, the token rows it covers (ascending; read-only: may be shared)
     T: int
     H: int
 
@@ -54,7 +54,7 @@ class ExpertDispatcher:
         self.last_calls: dict[int, list[tuple[str, bytes]]] = {}
         self.num_blocks = len(blocks)
         self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
-        self._rows: dict[tuple[int, int], np.ndarray] = {}  # `_pair_rows` by shape
+        self._rows: dict[tuple[int, type], np.ndarray] = {}  # `_pair_rows`' arrays
 
     def _function_ids(self, layer: int) -> list[str]:
         fids = self._fids.get(layer)
@@ -81,14 +81,14 @@ class ExpertDispatcher:
         e = experts.numpy().reshape(-1)  # [T*A], pair p is token p // A
         block = self.block_of[e]
         xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
-        weight = weights.to(torch.float32).numpy().reshape(-1)
+        weight = np.ascontiguousarray(weights.to(torch.float32).numpy().reshape(-1))  # a frame takes it as bytes
         fids = self._function_ids(layer)
         if T <= self.max_tokens and (block == block[0]).all():  # one function (k = every expert): one call of
             # every row, the pairs in token order as they come: no grouping to do
             b = int(block[0])
             return self._submit(layer, [(fids[b], wire.encode_invocation_raw(
-                self.digest, layer, b, self.dtype, T, H, xb, self._pair_rows(T, A), e.astype(np.int32), weight))],
-                [self._pair_rows(T, 1)], T, H)
+                self.digest, layer, b, self.dtype, T, H, xb, self._pair_rows(T, A, np.int32), e.astype(np.int32),
+                weight))], [self._pair_rows(T, 1, np.int64)], T, H)
         order = np.argsort(block, kind="stable")  # by block, then by token
         block = block[order]
         token = order // A
@@ -120,13 +120,15 @@ class ExpertDispatcher:
                 rows_of.append(r)
         return self._submit(layer, calls, rows_of, T, H)
 
-    def _pair_rows(self, T: int, per_row: int) -> np.ndarray:
-        """[T * per_row] int32: each pair's row when every row has per_row pairs in order (0, 0, .., 1, 1, ..)."""
-        key = (T, per_row)
-        rows = self._rows.get(key)
-        if rows is None:
-            rows = self._rows[key] = np.repeat(np.arange(T, dtype=np.int32), per_row)  # kept: never written
-        return rows
+    def _pair_rows(self, T: int, per_row: int, dtype: type) -> np.ndarray:
+        """[T * per_row]: each pair's row when every row has per_row pairs in order (0, 0, .., 1, 1, ..). A prefix
+        of one array per (per_row, dtype), grown as T grows (never written: frames copy it, `Pending.rows` is
+        only read)."""
+        rows = self._rows.get((per_row, dtype))
+        if rows is None or len(rows) < T * per_row:
+            n = max(T, 2 * len(rows) // per_row if rows is not None else 16)
+            rows = self._rows[(per_row, dtype)] = np.repeat(np.arange(n, dtype=dtype), per_row)
+        return rows[:T * per_row]
 
     def _submit(self, layer: int, calls: list[tuple[str, bytes]], rows_of: list[np.ndarray], T: int,
                 H: int) -> Pending:

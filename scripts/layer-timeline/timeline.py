@@ -1,13 +1,14 @@
 """A timeline of one MoE layer across the control plane and its host: the median time of each phase after the
 control plane starts the layer's send (docs/benchmarks.md, section 5, "Tenth session").
 
-    PYTHONPATH=scripts/layer-timeline .venv/bin/python scripts/layer-timeline/timeline.py MODEL K [STEPS]
+    PYTHONPATH=scripts/layer-timeline .venv/bin/python scripts/layer-timeline/timeline.py MODEL K [STEPS] [--fine]
 
 The control plane's phases are stamped here (wrapping the dispatcher, the shared expert and the platform's
 socket calls), the host's by the `sitecustomize` next to this file, which the zygote and its hosts load through
 PYTHONPATH. One request, greedy, STEPS decode steps (default 16) after two warm ones; the first of each
 phase in a layer counts (at k = 1 a host runs several calls a layer: their later phases are not shown).
-Stamps cost 3-5 us each; compare phases, not the step time, with untraced runs."""
+Stamps cost 3-5 us each; compare phases, not the step time, with untraced runs. --fine stamps the control plane's
+side in more detail too (the platform's grouping, planning, sending and accounting, the wire's frames)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import time
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     hook = getattr(sys.modules.get("sitecustomize"), "__file__", "") or ""
+    fine = "--fine" in sys.argv
+    sys.argv = [a for a in sys.argv if a != "--fine"]
     if os.path.dirname(os.path.abspath(hook)) != here or len(sys.argv) < 3:
         sys.exit(__doc__)
     own_directory = "FAASMOE_TIMELINE_DIR" not in os.environ  # else the caller's, kept
@@ -52,6 +55,16 @@ if __name__ == "__main__":
     around(platform_module, "recv_frame", "cp_recv")
     around(engine.control_plane.dispatcher, "send", "send")
     around(engine.control_plane, "shared", "shared")
+    if fine:
+        import faasmoe.control.dispatch as dispatch_module
+        import faasmoe.platforms.local.protocol as protocol_module
+
+        for name in ("_groups", "_dispatch", "_plan", "_send", "_finish", "gather"):
+            around(engine.platform, name, "p" + name)
+        around(protocol_module, "encode_request", "encode_request")
+        around(protocol_module, "decode_reply", "decode_reply")
+        around(dispatch_module.wire, "encode_invocation_raw", "encode_frame")
+        around(dispatch_module.wire, "decode_result", "decode_result")
     around(engine.control_plane.dispatcher, "combine", "combine")
     try:
         seq = engine.new_sequence(engine.encode("The quick brown fox jumps over the lazy dog and keeps running"),
