@@ -100,6 +100,9 @@ def test_a_few_rows_multiply_the_weight_first_as_f_linear_does(native_path, monk
     out = kernels.linear(x, w)
     assert seen == (["mm"] if rows <= kernels.WEIGHT_FIRST_ROWS else ["linear"])
     assert out.shape == (rows, 704) and out.is_contiguous() and torch.equal(out, ref)
+    seen.clear()
+    kernels.linear(x, torch.randn(704, 1024, generator=g).to(torch.bfloat16)[:, :512])  # a strided weight
+    assert seen == ["linear"]
 
 
 def test_native_one_row_products_are_matrix_vector_products(monkeypatch):

@@ -125,7 +125,7 @@ class Int8Weight:
 
 
 INT8_PACK_ROWS = 4
-WEIGHT_FIRST_ROWS = 8  # up to this many (padded) rows, a bf16 product of a row-major weight is w @ x.T
+WEIGHT_FIRST_ROWS = 8  # up to this many (padded) rows, a bf16 product of a contiguous row-major weight is w @ x.T
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +145,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None
         if not native_half_gemm():
             return _via_fp32(x, w, b) if M >= MIN_ROWS else F.linear(x, w, b)
         x = _pad(x)
-        if b is None and x.dtype == torch.bfloat16 and x.shape[0] <= WEIGHT_FIRST_ROWS:
+        if b is None and x.dtype == torch.bfloat16 and x.shape[0] <= WEIGHT_FIRST_ROWS and w.is_contiguous():
             return torch.mm(w, x.t()).t()[:M].contiguous()  # see the module's docstring
         return F.linear(x, w, b)[:M]
     return F.linear(x, w, b)
