@@ -19,16 +19,16 @@ from faasmoe.control.deployment import Deployment
 from faasmoe.functions import wire
 from faasmoe.functions.expert import ExpertFunction
 from faasmoe.models.checkpoint import Checkpoint
-from faasmoe.models.kernels import pack_matrix
+from faasmoe.models.kernels import pack
 from faasmoe.models.weights import parts, private_copy
 
 
 def _own(w):
     """A server's own copy of an expert's matrix (or (gate, up) pair): packed for `linear` (`kernels.pack`) where that
     applies, a private copy where not."""
-    packed = pack_matrix(w)
     if isinstance(w, tuple):
-        return tuple(p if p is not t else private_copy(t) for p, t in zip(packed, w))
+        return tuple(_own(t) for t in w)
+    packed = pack(w)
     return packed if packed is not w else private_copy(w)
 
 

@@ -159,7 +159,7 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
     return x if padded == M else torch.cat([x, x.new_zeros(padded - M, x.shape[1])])
 
 
-def pack(w: torch.Tensor) -> torch.Tensor:
+def pack(w: torch.Tensor | Int8Weight | None) -> torch.Tensor | Int8Weight | None:
     """`w` in oneDNN's blocked layout, for `linear` (a private copy: read once now); w itself where that does not
     apply (not a bf16 matrix, a CPU without bf16 instructions, a torch without oneDNN). See the module's docstring."""
     if (not isinstance(w, torch.Tensor) or w.dtype != torch.bfloat16 or w.dim() != 2 or not native_half_gemm()
@@ -173,11 +173,9 @@ def _onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_matrix(w):
+def pack_matrix(w: torch.Tensor | Int8Weight | tuple | None) -> torch.Tensor | Int8Weight | tuple | None:
     """`pack` for a weight as the models hold it: a matrix, a (gate, up) pair, None, or an `Int8Weight` (kept)."""
-    if isinstance(w, tuple):
-        return tuple(pack(t) for t in w)
-    return pack(w) if isinstance(w, torch.Tensor) else w
+    return tuple(pack(t) for t in w) if isinstance(w, tuple) else pack(w)
 
 
 def _packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -220,9 +218,8 @@ def _int8(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
             x = x.clone(memory_format=torch.contiguous_format)
         return torch.ops.aten._weight_int8pack_mm(x, w.q, w.scale)
     dtype = x.dtype if x.dtype not in HALF or native_half_gemm() else torch.float32  # as `linear` decides
-    padded = 1 << (M - 1).bit_length() if dtype in HALF else M  # a bounded set of row counts, as in `linear`
-    xt = (x if padded == M else torch.cat([x, x.new_zeros(padded - M, K)])).to(dtype).t()  # [K, padded]
-    out = torch.empty(N, padded, dtype=dtype)  # each slice of weight rows fills contiguous rows
+    xt = (_pad(x) if dtype in HALF else x).to(dtype).t()  # [K, padded]: a bounded set of row counts, as in `linear`
+    out = torch.empty(N, xt.shape[1], dtype=dtype)  # each slice of weight rows fills contiguous rows
     step = max(1, CHUNK // K)
     for a in range(0, N, step):  # each slice converted while in cache
         torch.mm(w.q[a:a + step].to(dtype), xt, out=out[a:a + step])
