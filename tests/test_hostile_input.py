@@ -119,7 +119,7 @@ def test_one_token_experts_add_exactly_what_the_gathered_path_adds(tiny, dtype):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_a_one_token_call_adds_its_experts_in_ascending_order_bit_for_bit(tiny, dtype):
     """A single sequence's decode step: one token routed to several experts of the block, listed in any order."""
     from faasmoe.models.layers import gated_mlp
@@ -142,13 +142,34 @@ def test_a_one_token_call_adds_its_experts_in_ascending_order_bit_for_bit(tiny, 
     assert torch.equal(wire.decode_result(reply, f.dtype, 1, f.spec.hidden_size), ref)
 
 
+def test_routing_weights_round_to_bf16_as_torch_rounds_them():
+    """A one-token call rounds its weights in plain Python: the same bf16 values as torch's conversion, ties to
+    even, subnormals, the largest finite values (to inf), inf and NaN included."""
+    import math
+
+    from faasmoe.functions.expert import _bf16
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(20000, generator=g) * torch.pow(10.0, torch.randint(-40, 39, (20000,), generator=g).float())
+    ties = (torch.arange(-512, 512, dtype=torch.int32) << 16 | 0x8000).view(torch.float32)  # halfway between two
+    edge = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-39, 3.3895e38, 3.4e38, -3.4e38, float("inf"), -float("inf")])
+    values = torch.cat([spread, ties, edge])
+    values = values[torch.isfinite(values) | torch.isinf(values)]
+    ref = values.to(torch.bfloat16).float().tolist()
+    got = [_bf16(v) for v in values.tolist()]
+    assert [math.copysign(1, a) for a in got] == [math.copysign(1, b) for b in ref] and got == ref
+    assert math.isnan(_bf16(float("nan")))
+
+
 def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():
-    """Its fast path sums the output: a sum that overflows must not turn finite values into an error."""
+    """The test reads exponent bits: the largest finite values of each dtype pass, NaN and inf of either sign
+    anywhere do not."""
     from faasmoe.functions.expert import _finite
 
     big = torch.full((2, 4), 3e38)
     assert _finite(big) and _finite(big.to(torch.bfloat16)) and _finite(torch.zeros(0, 4))
-    assert _finite(torch.full((4,), 6e4).half())  # fp16: the sum would overflow at 65504
+    assert _finite(torch.full((4,), 6e4).half()) and _finite(torch.full((3,), -65504.0).half())
+    assert _finite(torch.full((3,), -3.38e38).to(torch.bfloat16))
     for bad in (float("nan"), float("inf"), -float("inf")):
         t = big.clone()
         t[1, 2] = bad

@@ -10,7 +10,7 @@ intermediate size, P = routing pairs, k = experts in the block.
 
 from __future__ import annotations
 
-import math
+import struct
 
 import numpy as np
 import torch
@@ -24,10 +24,36 @@ from faasmoe.models.weights import map_stacked, scale_groups, torch_dtype, with_
 WARM_ROWS = 512  # row counts warmed up before forking (larger calls are rare: long prompts' prefill)
 
 
+# per dtype: the integer type of its bits, the mask without the sign, and the exponent that NaN and inf have
+_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF, 0x7F800000), torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+         torch.float16: (torch.int16, 0x7FFF, 0x7C00)}
+_F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """The elements' bits as integers (a view: what a result frame carries)."""
+    return (t if t.is_contiguous() else t.contiguous()).view(_BITS[t.dtype][0]).numpy()
+
+
+def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether every element is finite: none has its exponent bits all ones (NaN and inf do). Two numpy operations
+    on the bits the frame carries anyway, where a tensor reduction costs several times as much in a host."""
+    _, magnitude, exponent = _BITS[dtype]
+    return not bits.size or int((bits & magnitude).max()) < exponent
+
+
 def _finite(t: torch.Tensor) -> bool:
-    """Whether every element is finite: one reduction, and the exact test only when the sum is not finite (a NaN
-    or inf anywhere makes it so; finite values whose sum overflows are then found fine)."""
-    return math.isfinite(t.sum(dtype=torch.float32).item()) or bool(torch.isfinite(t).all())
+    return _finite_bits(_bits(t), t.dtype)
+
+
+def _bf16(x: float) -> float:
+    """x (a float32 value) rounded to the nearest bf16, ties to even, as torch's conversion rounds it: the routing
+    weight as transformers applies it. Plain Python: for the few pairs of a one-token call, several times cheaper
+    than a tensor's conversion."""
+    (u,) = _U32.unpack(_F32.pack(x))
+    if u & 0x7F800000 == 0x7F800000:  # inf and NaN stay as they are
+        return x
+    return _F32.unpack(_U32.pack((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000))[0]
 
 
 class ExpertFunction:
@@ -59,10 +85,12 @@ class ExpertFunction:
 
     def compute(self, inv: wire.Invocation) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block."""
-        return self._compute(inv.hidden, inv.token.numpy(), self.local[inv.expert.numpy()], inv.weight.numpy())
+        out = self._compute(inv.hidden, inv.token.numpy(), self.local[inv.expert.numpy()], inv.weight.numpy())
+        return out.view(inv.hidden.shape)
 
     def _compute(self, x: torch.Tensor, token: np.ndarray, local: np.ndarray, weight: np.ndarray) -> torch.Tensor:
-        """`compute` on hidden states x [T, H] and the pairs' tokens, positions in this block and weights [P].
+        """`compute` on hidden states x [T, H] and the pairs' tokens, positions in this block and weights [P]; one
+        token's output is a vector [H] (its bytes are the frame's: no dimension added to be dropped).
 
         The bookkeeping is numpy (a microsecond an op on a few pairs, where a torch op costs several); the
         math is torch. A loop over the (at most k) experts of the block, never over tokens, in ascending
@@ -71,17 +99,17 @@ class ExpertFunction:
         if not len(local):
             return torch.zeros_like(x)
         if T == 1:  # one token (a single sequence's decode step): its experts here, each a matrix-vector product
-            # on the row as a vector, the routing weight applied as a number (the same rounding as a one-element
-            # tensor of the model's dtype: it is rounded to that dtype first, as transformers does) and the
-            # first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): eight torch
-            # operations an expert
-            w = torch.tensor(weight).to(x.dtype).tolist()  # [P]
+            # on the row as a vector, the routing weight applied as a number rounded to the model's dtype first, as
+            # transformers applies it (bf16 in plain Python, fp16 through a tensor), and the first expert's output
+            # taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch operations an expert
+            w = ([_bf16(v) for v in weight.tolist()] if x.dtype == torch.bfloat16 else weight.tolist()
+                 if x.dtype == torch.float32 else torch.tensor(weight).to(x.dtype).tolist())  # [P]
             x1, out = x[0], None
             for p in np.argsort(local, kind="stable").tolist():
                 j = local[p]
                 y = gated_mlp(x1, self.gate_up[j], self.down[j], self.act).mul_(w[p])
                 out = y if out is None else out.add_(y)
-            return out.unsqueeze(0)
+            return out
         out = torch.zeros_like(x)
         order = np.argsort(local, kind="stable")
         counts = np.bincount(local, minlength=len(self.down))
@@ -163,9 +191,10 @@ class ExpertFunction:
             local = self.check(h, expert)
             with torch.inference_mode():
                 out = self._compute(hidden, token, local, weight)
-            if not _finite(out):  # never send NaN or inf on: say what was wrong instead
+            bits = _bits(out)
+            if not _finite_bits(bits, out.dtype):  # never send NaN or inf on: say what was wrong instead
                 raise wire.WireError(self.diagnose(hidden, weight))
-            return wire.encode_result(self.digest, self.spec.layer, self.spec.block, out)
+            return wire.encode_result_raw(self.digest, self.spec.layer, self.spec.block, out.dtype, h.T, h.H, bits)
         except wire.WireError as e:
             return wire.encode_error(f"{self.spec.id}: bad invocation: {e}", self.digest, self.spec.layer,
                                      self.spec.block)

@@ -80,7 +80,12 @@ def encode_invocation_raw(model: bytes, layer: int, block: int, dtype: torch.dty
 
 def encode_result(model: bytes, layer: int, block: int, out: torch.Tensor) -> bytes:
     T, H = out.shape
-    return b"".join((_header(RESULT, DTYPE_CODES[out.dtype], model, layer, block, T, H, 0), _raw(out)))
+    return encode_result_raw(model, layer, block, out.dtype, T, H, _raw(out))
+
+
+def encode_result_raw(model: bytes, layer: int, block: int, dtype: torch.dtype, T: int, H: int, data) -> bytes:
+    """The same frame from the output's contiguous bytes (any buffer: a numpy view of its bits)."""
+    return b"".join((_header(RESULT, DTYPE_CODES[dtype], model, layer, block, T, H, 0), data))
 
 
 def encode_error(message: str, model: bytes = b"\0" * 8, layer: int = 0, block: int = 0) -> bytes:

@@ -51,8 +51,8 @@ if _DIR:
         _around(expert.wire, "decode_invocation_parts", "host_decode")
         _around(expert.ExpertFunction, "check", "host_check")
         _around(expert.ExpertFunction, "_compute", "host_compute")
-        _around(expert, "_finite", "host_finite")
-        _around(expert.wire, "encode_result", "host_encode")
+        _around(expert, "_finite_bits", "host_finite")
+        _around(expert.wire, "encode_result_raw", "host_encode")
         return True
 
     def _importing(name, *args, **kwargs):
