@@ -216,3 +216,20 @@ def test_a_packed_model_computes_what_f_linear_computes(native_path, tiny, monke
     monkeypatch.setattr(kernels, "WEIGHT_FIRST_ROWS", 0)  # and a few rows
     plain = run()
     assert torch.equal(packed[0], plain[0]) and packed[1] == plain[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_is_transformers_rms_norm_bit_for_bit(dtype):
+    """torch's rms_norm on a 16-bit input (normalised in fp32, rounded back) and the weight applied after: what
+    transformers' module computes, rounding included, over rows of very different scales."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeRMSNorm
+
+    from faasmoe.models.layers import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    ref = Qwen2MoeRMSNorm(512, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(512, generator=g) * 2)
+        for rows in (1, 3, 17):
+            x = (torch.randn(rows, 512, generator=g) * 10.0 ** torch.randint(-3, 3, (rows, 1), generator=g)).to(dtype)
+            assert torch.equal(rms_norm(x, ref.weight, 1e-6), ref(x))

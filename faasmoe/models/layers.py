@@ -35,14 +35,15 @@ def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act) -> torc
     MLP of a routed expert, of the shared expert and of a dense layer alike."""
     if isinstance(gate_up, tuple):
         return linear(act(linear(x, gate_up[0])) * linear(x, gate_up[1]), down)
-    gu = linear(x, gate_up)  # [n, 2I]
-    inter = down.shape[1]
-    return linear(act(gu[..., :inter]) * gu[..., inter:], down)
+    gate, up = linear(x, gate_up).split(down.shape[1], dim=-1)  # [n, I] each
+    return linear(act(gate) * up, down)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm (normalise in fp32, scale in the model dtype) in torch's fused kernel."""
-    return w * F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps).to(x.dtype)
+    """transformers' RMSNorm: normalise in fp32, round to the model dtype, then scale by the weight. torch's
+    rms_norm computes a 16-bit input in fp32 and rounds its result back itself (two conversions fewer than doing
+    so around it); given the weight it would scale before rounding, which is not transformers' bf16 result."""
+    return w * F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
