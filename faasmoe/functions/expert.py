@@ -98,18 +98,8 @@ class ExpertFunction:
         T = x.shape[0]
         if not len(local):
             return torch.zeros_like(x)
-        if T == 1:  # one token (a single sequence's decode step): its experts here, each a matrix-vector product
-            # on the row as a vector, the routing weight applied as a number rounded to the model's dtype first, as
-            # transformers applies it (bf16 in plain Python, fp16 through a tensor), and the first expert's output
-            # taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch operations an expert
-            w = ([_bf16(v) for v in weight.tolist()] if x.dtype == torch.bfloat16 else weight.tolist()
-                 if x.dtype == torch.float32 else torch.tensor(weight).to(x.dtype).tolist())  # [P]
-            x1, out = x[0], None
-            for p in np.argsort(local, kind="stable").tolist():
-                j = local[p]
-                y = gated_mlp(x1, self.gate_up[j], self.down[j], self.act).mul_(w[p])
-                out = y if out is None else out.add_(y)
-            return out
+        if T == 1:
+            return self._one_token(x[0], local, weight)
         out = torch.zeros_like(x)
         order = np.argsort(local, kind="stable")
         counts = np.bincount(local, minlength=len(self.down))
@@ -131,6 +121,21 @@ class ExpertFunction:
                 out.add_(y)
             else:
                 out.index_add_(0, rows, y)
+        return out
+
+    def _one_token(self, x: torch.Tensor, local: np.ndarray, weight: np.ndarray) -> torch.Tensor:
+        """[H]: `_compute` for one token x [H] (a single sequence's decode step) and its P >= 1 pairs here: each
+        expert a matrix-vector product on the row as a vector, the routing weight applied as a number rounded to
+        the model's dtype first, as transformers applies it (bf16 in plain Python, fp16 through a tensor), and the
+        first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch
+        operations an expert."""
+        w = ([_bf16(v) for v in weight.tolist()] if x.dtype == torch.bfloat16 else weight.tolist()
+             if x.dtype == torch.float32 else torch.tensor(weight).to(x.dtype).tolist())  # [P]
+        out = None
+        for p in [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist():
+            j = local[p]
+            y = gated_mlp(x, self.gate_up[j], self.down[j], self.act).mul_(w[p])
+            out = y if out is None else out.add_(y)
         return out
 
     def warm_up(self, max_rows: int = WARM_ROWS) -> None:
@@ -173,7 +178,8 @@ class ExpertFunction:
                                  f"function expects {self.dtype} with H={s.hidden_size}")
         if not len(expert):
             return expert.astype(np.int64)
-        if expert.min() < 0 or expert.max() >= len(self.local) or (local := self.local[expert]).min() < 0:
+        lo, hi = wire.span(expert)
+        if lo < 0 or hi >= len(self.local) or wire.span(local := self.local[expert])[0] < 0:
             raise wire.WireError(f"routing pair names an expert outside this block {list(s.experts)}")
         return local
 
@@ -190,7 +196,8 @@ class ExpertFunction:
             h, hidden, token, expert, weight = wire.decode_invocation_parts(frame)
             local = self.check(h, expert)
             with torch.inference_mode():
-                out = self._compute(hidden, token, local, weight)
+                out = (self._one_token(hidden, local, weight) if h.T == 1 and len(local) else
+                       self._compute(hidden.view(h.T, h.H), token, local, weight))
             bits = _bits(out)
             if not _finite_bits(bits, out.dtype):  # never send NaN or inf on: say what was wrong instead
                 raise wire.WireError(self.diagnose(hidden, weight))

@@ -135,27 +135,38 @@ def _tensor(frame, offset: int, dtype: torch.dtype, count: int) -> torch.Tensor:
     return torch.frombuffer(frame, dtype=dtype, count=count, offset=offset)
 
 
+def span(a: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a non-empty integer array: through a list for a few elements, where each numpy reduction
+    costs more than the whole list."""
+    if len(a) <= 16:
+        values = a.tolist()
+        return min(values), max(values)
+    return int(a.min()), int(a.max())
+
+
 def decode_invocation_parts(frame: bytes | memoryview) -> tuple[Header, torch.Tensor, np.ndarray, np.ndarray,
                                                                   np.ndarray]:
-    """A checked invocation frame as its header, hidden states [T, H] and routing pairs token, expert (int32) and
-    weight (float32) [P]: views of the frame, the pairs as numpy arrays (a function's hot path does its
-    bookkeeping in numpy; one array for the three, where a tensor each costs several times as much)."""
+    """A checked invocation frame as its header, hidden states [T * H] (the rows back to back: one token's row is
+    this vector; view more as [T, H]) and routing pairs token, expert (int32) and weight (float32) [P]: views of the
+    frame, the pairs as numpy arrays (a function's hot path does its bookkeeping in numpy; one array for the three,
+    where a tensor each costs several times as much)."""
     h = decode_header(frame)
     if h.kind != INVOKE:
         raise WireError(f"expected an invocation frame, got kind {h.kind}")
     nx = h.T * h.H
     off = HEADER_SIZE + nx * h.dtype.itemsize
     _expect_size(frame, h, off - HEADER_SIZE + h.P * 12)
-    hidden = _tensor(frame, HEADER_SIZE, h.dtype, nx).view(h.T, h.H)
+    hidden = _tensor(frame, HEADER_SIZE, h.dtype, nx)
     pairs = np.frombuffer(frame, dtype=np.int32, count=3 * h.P, offset=off)
     token, expert, weight = pairs[:h.P], pairs[h.P:2 * h.P], pairs[2 * h.P:].view(np.float32)
-    if h.P and not (0 <= token.min() and token.max() < h.T):
+    if h.P and not (0 <= (bounds := span(token))[0] and bounds[1] < h.T):
         raise WireError(f"routing pair points at a token outside 0..{h.T - 1}")
     return h, hidden, token, expert, weight
 
 
 def decode_invocation(frame: bytes | memoryview) -> Invocation:
     h, hidden, _, _, _ = decode_invocation_parts(frame)
+    hidden = hidden.view(h.T, h.H)
     off = HEADER_SIZE + hidden.numel() * h.dtype.itemsize  # the pairs again, as tensors (read-only frames allowed)
     return Invocation(h.model, h.layer, h.block, hidden, _tensor(frame, off, torch.int32, h.P),
                       _tensor(frame, off + 4 * h.P, torch.int32, h.P),

@@ -51,6 +51,7 @@ if _DIR:
         _around(expert.wire, "decode_invocation_parts", "host_decode")
         _around(expert.ExpertFunction, "check", "host_check")
         _around(expert.ExpertFunction, "_compute", "host_compute")
+        _around(expert.ExpertFunction, "_one_token", "host_compute")  # what a one-token call runs instead
         _around(expert, "_finite_bits", "host_finite")
         _around(expert.wire, "encode_result_raw", "host_encode")
         return True
