@@ -67,18 +67,28 @@ def test_mutated_valid_frames_get_a_result_or_an_error_never_an_exception(fn, da
         assert torch.isfinite(wire.decode_result(reply, h.dtype, h.T, h.H)).all()
 
 
-@pytest.mark.parametrize("case", ["nan", "inf", "wrong dtype", "wrong hidden size", "expert of another block",
-                                  "other model"])
-def test_well_formed_but_wrong_frames_are_refused(fn, case):
+@pytest.mark.parametrize("T", [1, 2])  # one token takes its own path
+@pytest.mark.parametrize("case", ["nan", "inf", "nan weight", "wrong dtype", "wrong hidden size",
+                                  "expert of another block", "negative expert", "expert past the last",
+                                  "token past the last", "other model"])
+def test_well_formed_but_wrong_frames_are_refused(fn, case, T):
     s = fn.spec
-    T = 2
     hidden = torch.ones(T, s.hidden_size)
     expert = torch.tensor([s.experts[0]] * T, dtype=torch.int32)
+    token, weight = torch.arange(T, dtype=torch.int32), torch.full((T,), 0.5)
     model = bytes.fromhex(s.model)
     if case == "nan":
         hidden[0, 0] = float("nan")
     elif case == "inf":
-        hidden[1, 3] = float("inf")
+        hidden[T - 1, 3] = float("inf")
+    elif case == "nan weight":
+        weight[T - 1] = float("nan")
+    elif case == "negative expert":
+        expert[0] = -1
+    elif case == "expert past the last":
+        expert[T - 1] = 1 << 20
+    elif case == "token past the last":
+        token[T - 1] = T
     elif case == "wrong dtype":
         hidden = hidden.to(torch.bfloat16)
     elif case == "wrong hidden size":
@@ -87,8 +97,7 @@ def test_well_formed_but_wrong_frames_are_refused(fn, case):
         expert = torch.tensor([7] * T, dtype=torch.int32)
     else:
         model = b"\x00" * 8
-    frame = wire.encode_invocation(wire.Invocation(model, s.layer, s.block, hidden, torch.arange(T, dtype=torch.int32),
-                                                   expert, torch.full((T,), 0.5)))
+    frame = wire.encode_invocation(wire.Invocation(model, s.layer, s.block, hidden, token, expert, weight))
     reply = fn.handle(frame)
     assert answer_kind(reply) == wire.ERROR and s.id in wire.error_message(reply)
 
