@@ -52,6 +52,13 @@ def test_every_pair_goes_to_one_call_of_its_function_with_its_row(k, cap):
         want = [(t, int(experts[t, a]), float(weights[t, a])) for t in range(T) for a in range(A)]
         assert sorted(seen) == sorted(want)  # each pair once, in a call of its own function
 
+        if T == 1:  # one token: a frame per function hit, by block, each with the token's pairs in routing order
+            by_block = {}
+            for a in range(A):
+                by_block.setdefault(int(experts[0, a]) // k, []).append(a)
+            assert d.platform.calls == [(d._function_ids(3)[b], wire.encode_invocation(wire.Invocation(
+                bytes(8), 3, b, x, torch.zeros(len(ps), dtype=torch.int32), experts[0, ps], weights[0, ps].float())))
+                for b, ps in sorted(by_block.items())]
         if len(blocks) == 1 and T <= cap:  # one function: a frame of the pairs in token order, as routed
             (_, frame), = d.platform.calls
             assert frame == wire.encode_invocation(wire.Invocation(

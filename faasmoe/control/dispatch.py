@@ -83,6 +83,16 @@ class ExpertDispatcher:
         xb = x.contiguous().view(torch.uint8).numpy()  # [T, H * itemsize]: rows copied as raw bytes
         weight = np.ascontiguousarray(weights.to(torch.float32).numpy().reshape(-1))  # a frame takes it as bytes
         fids = self._function_ids(layer)
+        if T == 1:  # one token (a single sequence's decode step): its A pairs grouped by block in a loop, as the
+            # paths below would (blocks ascending, pairs in routing order), without their array operations
+            by_block: dict[int, list[int]] = {}
+            for p, b in enumerate(block.tolist()):
+                by_block.setdefault(b, []).append(p)
+            expert = e.astype(np.int32)
+            zeros, row = self._pair_rows(1, A, np.int32), self._pair_rows(1, 1, np.int64)
+            calls = [(fids[b], wire.encode_invocation_raw(self.digest, layer, b, self.dtype, 1, H, xb, zeros[:len(ps)],
+                                                          expert[ps], weight[ps])) for b, ps in sorted(by_block.items())]
+            return self._submit(layer, calls, [row] * len(calls), T, H)
         if T <= self.max_tokens and (block == block[0]).all():  # one function (k = every expert): one call of
             # every row, the pairs in token order as they come: no grouping to do
             b = int(block[0])
