@@ -67,7 +67,7 @@ def test_mutated_valid_frames_get_a_result_or_an_error_never_an_exception(fn, da
         assert torch.isfinite(wire.decode_result(reply, h.dtype, h.T, h.H)).all()
 
 
-@pytest.mark.parametrize("T", [1, 2])  # one token takes its own path
+@pytest.mark.parametrize("T", [1, 2])  # one token takes its own path (the frames that pass the checks: NaN, inf)
 @pytest.mark.parametrize("case", ["nan", "inf", "nan weight", "wrong dtype", "wrong hidden size",
                                   "expert of another block", "negative expert", "expert past the last",
                                   "token past the last", "other model"])
@@ -168,6 +168,19 @@ def test_routing_weights_round_to_bf16_as_torch_rounds_them():
     got = [_bf16(v) for v in values.tolist()]
     assert [math.copysign(1, a) for a in got] == [math.copysign(1, b) for b in ref] and got == ref
     assert math.isnan(_bf16(float("nan")))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_bf16_one_token_call_with_a_non_finite_weight_is_refused(tiny, bad):
+    """A bf16 function rounds a one-token call's weights in plain Python: NaN and inf stay what they are, so the
+    output is not finite and the call gets an error frame saying why."""
+    f = ExpertFunction(Deployment.plan(Checkpoint(tiny), 4, "bfloat16").specs[0])
+    e = f.spec.experts
+    weight = torch.tensor([0.5, bad, 0.25])
+    inv = wire.Invocation(f.digest, f.spec.layer, f.spec.block, torch.ones(1, f.spec.hidden_size, dtype=f.dtype),
+                          torch.zeros(3, dtype=torch.int32), torch.tensor(e[:3], dtype=torch.int32), weight)
+    reply = f.handle(wire.encode_invocation(inv))
+    assert answer_kind(reply) == wire.ERROR and "routing weights contain NaN or inf" in wire.error_message(reply)
 
 
 def test_large_finite_outputs_pass_the_finiteness_test_and_nan_or_inf_do_not():

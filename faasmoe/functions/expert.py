@@ -31,7 +31,7 @@ _F32, _U32 = struct.Struct("<f"), struct.Struct("<I")
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:
-    """The elements' bits as integers (a view: what a result frame carries)."""
+    """The elements' bits as integers, what a result frame carries (a view of a contiguous tensor)."""
     return (t if t.is_contiguous() else t.contiguous()).view(_BITS[t.dtype][0]).numpy()
 
 
@@ -43,6 +43,7 @@ def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
 
 
 def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of t is finite (`_finite_bits` on its bits)."""
     return _finite_bits(_bits(t), t.dtype)
 
 
@@ -89,8 +90,8 @@ class ExpertFunction:
         return out.view(inv.hidden.shape)
 
     def _compute(self, x: torch.Tensor, token: np.ndarray, local: np.ndarray, weight: np.ndarray) -> torch.Tensor:
-        """`compute` on hidden states x [T, H] and the pairs' tokens, positions in this block and weights [P]; one
-        token's output is a vector [H] (its bytes are the frame's: no dimension added to be dropped).
+        """`compute` on hidden states x [T, H] and the pairs' tokens, positions in this block and weights [P]; for one
+        token with pairs here, a vector [H] (`_one_token`'s: no dimension added to be dropped).
 
         The bookkeeping is numpy (a microsecond an op on a few pairs, where a torch op costs several); the
         math is torch. A loop over the (at most k) experts of the block, never over tokens, in ascending
