@@ -42,11 +42,6 @@ def _finite_bits(bits: np.ndarray, dtype: torch.dtype) -> bool:
     return not bits.size or int((bits & magnitude).max()) < exponent
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """Whether every element of t is finite (`_finite_bits` on its bits)."""
-    return _finite_bits(_bits(t), t.dtype)
-
-
 def _bf16(x: float) -> float:
     """x (a float32 value) rounded to the nearest bf16, ties to even, as torch's conversion rounds it: the routing
     weight as transformers applies it. Plain Python: for the few pairs of a one-token call, several times cheaper
