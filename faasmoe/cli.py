@@ -330,7 +330,10 @@ def bench(
                                      help="Mean requests/s per tenant, repeatable: every strategy runs at each "
                                           "(tenants' own rates are weighted 1.5 : 1 : 0.5 around it)."),
     arrival: str = typer.Option("bursty", metavar="KIND",
-                                help="bursty (on periods at 3x the rate, then silent off periods) or poisson."),
+                                help="bursty (on periods at 3x the rate, then silent off periods), poisson, or "
+                                     "concurrent: every tenant at once, sending its --max-requests (default 1) "
+                                     "one after another (a closed loop: --rate, --duration and the burst options "
+                                     "do not apply)."),
     burst_on: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("burst_on_s"),
                                              help="Mean length of an on period."),
     burst_off: Optional[float] = typer.Option(None, metavar="SECONDS", show_default=describe("burst_off_s"),
@@ -400,8 +403,11 @@ def bench(
     for s_ in [*strategy, *sweep_strategy]:
         if s_ not in KNOWN:
             _fail(f"unknown strategy {s_!r}; choose from {', '.join(KNOWN)}")
-    if arrival not in ("poisson", "bursty"):
-        _fail("--arrival is poisson or bursty")
+    if arrival not in ("poisson", "bursty", "concurrent"):
+        _fail("--arrival is poisson, bursty or concurrent")
+    if arrival == "concurrent" and rate:
+        _fail("--rate does not apply to --arrival concurrent (a closed loop: each tenant's next request follows "
+              "its previous one)")
     cfg = make_config(
         quick, model=model, tenants=tenants, rates=rate, arrival=arrival, burst_on_s=burst_on, burst_off_s=burst_off,
         duration_s=duration, max_requests=max_requests,

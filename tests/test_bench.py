@@ -113,3 +113,77 @@ def test_results_name_the_commit_that_ran():
     if head.returncode:
         pytest.skip("not a git checkout")
     assert machine_info()["code"].startswith(head.stdout.strip())
+
+
+def test_concurrent_arrivals_are_a_closed_loop_of_every_tenant_at_once():
+    arrivals = schedule(Workload(tenants=3, arrival="concurrent", max_requests=2, rates=[0.01], duration_s=1))
+    assert len(arrivals) == 6 and all(a.at == 0 for a in arrivals)
+    for t in range(3):
+        assert [a.after_previous for a in arrivals if a.tenant == t] == [False, True]
+    assert len(schedule(Workload(tenants=4, arrival="concurrent"))) == 4  # one request each unless told
+
+
+def _stub_completions_server():
+    """A streaming /v1/completions stub that answers each request after 20 ms: a server for the client's side."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            time.sleep(0.02)
+            chunks = [{"choices": [{"text": "a", "token_ids": [7]}]} for _ in range(body["max_tokens"])]
+            chunks.append({"choices": [], "usage": {"completion_tokens": body["max_tokens"], "prompt_tokens": 3}})
+            data = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_closed_loop_tenant_sends_its_next_request_when_the_previous_has_ended():
+    import asyncio
+
+    from faasmoe.bench.load import Target, run_load
+
+    server = _stub_completions_server()
+    try:
+        arrivals = schedule(Workload(tenants=2, arrival="concurrent", max_requests=3, output_tokens=(2, 4)))
+        target = Target(f"http://127.0.0.1:{server.server_address[1]}", "sk-test", "m")
+        results = asyncio.run(run_load(arrivals, {0: target, 1: target}))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r.tenant for r in results] == [a.tenant for a in arrivals] and all(r.ok for r in results)
+    for t in range(2):
+        mine = [r for r in results if r.tenant == t]
+        for before, after in zip(mine, mine[1:]):
+            assert after.end_s - after.latency_s >= before.end_s  # it started once its previous one had ended
+
+
+def test_bench_runs_a_closed_loop_and_reports_its_throughput(tiny, tmp_path):
+    out = tmp_path / "bench"
+    base = [sys.executable, "-m", "faasmoe", "bench", "--model", tiny, "--out", str(out), "--tenants", "2",
+            "--arrival", "concurrent", "--prompt-tokens", "8:8", "--output-tokens", "6:6", "--no-sweep",
+            "--strategy", "shared-monolithic"]
+    refused = subprocess.run([*base, "--rate", "1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "--rate does not apply" in refused.stdout + refused.stderr
+    r = subprocess.run([*base, "--max-requests", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    (run,) = report["runs"]
+    assert run["requests"] == 4 and run["errors"] == 0 and run["generated_tokens"] == 24
+    assert run["arrival_window_s"] == 0 and run["sustained"] is None
+    assert run["throughput_tokens_per_s"] == pytest.approx(24 / run["drain_s"])
+    assert "(a closed loop)" in (out / "results.md").read_text()

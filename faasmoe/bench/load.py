@@ -1,7 +1,9 @@
 """A multi-tenant load generator for any OpenAI-compatible server.
 
 Each tenant has its own arrival process (Poisson at its own rate, or bursty: on periods
-at 3x its rate, then silent off periods), prompt and output lengths drawn from uniform
+at 3x its rate, then silent off periods; or concurrent: a closed loop, every tenant sending
+its requests one after another from the start, so that as many requests as tenants are in
+flight at once), prompt and output lengths drawn from uniform
 ranges, all from one seed: every strategy of a benchmark receives exactly the same
 requests at the same offsets. Prompts are English text cut from a shipped corpus (so the
 routing is a real text's, see `corpus`) when a tokenizer is given, else random token ids;
@@ -17,7 +19,7 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import httpx
@@ -27,11 +29,11 @@ import httpx
 class Workload:
     tenants: int = 6
     rates: list[float] = field(default_factory=lambda: [0.5])  # requests/s per tenant (cycled over tenants)
-    arrival: Literal["poisson", "bursty"] = "poisson"
+    arrival: Literal["poisson", "bursty", "concurrent"] = "poisson"
     burst_on_s: float = 5.0  # bursty: mean length of an on period (3x the rate)
     burst_off_s: float | None = None  # bursty: mean length of a silent off period (default: burst_on_s)
     duration_s: float = 60.0  # requests arrive during this window
-    max_requests: int | None = None  # per tenant
+    max_requests: int | None = None  # per tenant (concurrent: 1 unless given)
     prompt_tokens: tuple[int, int] = (16, 64)
     output_tokens: tuple[int, int] = (16, 32)
     seed: int = 0
@@ -46,6 +48,7 @@ class Arrival:
     tenant: int
     prompt: tuple[int, ...] | str  # token ids, or text
     max_tokens: int
+    after_previous: bool = False  # closed loop: sent when the tenant's previous request has ended (`at` is 0)
 
 
 def schedule(w: Workload, tokenizer=None) -> list[Arrival]:
@@ -53,11 +56,18 @@ def schedule(w: Workload, tokenizer=None) -> list[Arrival]:
 
     Poisson: exponential gaps at the tenant's rate over the whole window. Bursty: on and off
     periods (exponential, means `burst_on_s` and `burst_off_s`) with Poisson arrivals at 3x the
-    rate while on. With a tokenizer, prompts are corpus text of the drawn token length.
+    rate while on. Concurrent: `max_requests` (default 1) per tenant, each after the tenant's previous one,
+    rates and window ignored. With a tokenizer, prompts are corpus text of the drawn token length.
     """
     out: list[Arrival] = []
     for t in range(w.tenants):
         rng = random.Random(f"{w.seed}:{t}")
+        if w.arrival == "concurrent":
+            for n in range(w.max_requests or 1):
+                plen = rng.randint(*w.prompt_tokens)
+                prompt = tuple(rng.randint(1000, 30000) for _ in range(plen))
+                out.append(Arrival(0.0, t, prompt, rng.randint(*w.output_tokens), after_previous=n > 0))
+            continue
         if w.arrival == "bursty":
             windows, start = [], 0.0
             while start < w.duration_s:
@@ -81,7 +91,7 @@ def schedule(w: Workload, tokenizer=None) -> list[Arrival]:
     from faasmoe.bench.corpus import prompt_texts
 
     texts = prompt_texts(len(out), tokenizer, *w.prompt_tokens, seed=w.seed)
-    return [Arrival(a.at, a.tenant, text, a.max_tokens) for a, text in zip(out, texts)]
+    return [replace(a, prompt=text) for a, text in zip(out, texts)]
 
 
 @dataclass
@@ -161,18 +171,26 @@ async def _one(client: httpx.AsyncClient, a: Arrival, target: Target, t0: float)
 
 async def run_load(arrivals: list[Arrival], targets: dict[int, Target], timeout_s: float = 600.0,
                    progress=None) -> list[Result]:
-    """Send every arrival at its time to its tenant's target; one Result each."""
+    """Send every arrival at its time to its tenant's target (one `after_previous` once the tenant's previous
+    arrival has ended); one Result each, in the order of `arrivals`."""
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
 
-        async def tracked(a: Arrival) -> Result:
+        async def tracked(a: Arrival, before: asyncio.Task | None) -> Result:
+            if before is not None:
+                await before
             r = await _one(client, a, targets[a.tenant], t0)
             if progress is not None:
                 progress(r)
             return r
 
-        return list(await asyncio.gather(*(tracked(a) for a in arrivals)))
+        tasks: list[asyncio.Task] = []
+        last: dict[int, asyncio.Task] = {}  # each tenant's latest request
+        for a in arrivals:
+            tasks.append(task := asyncio.ensure_future(tracked(a, last.get(a.tenant) if a.after_previous else None)))
+            last[a.tenant] = task
+        return list(await asyncio.gather(*tasks))
 
 
 def percentile(values: list[float], q: float) -> float | None:

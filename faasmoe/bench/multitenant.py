@@ -105,7 +105,9 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                         burst_off_s=pick(burst_off_s, "burst_off_s"), duration_s=pick(duration_s, "duration_s"),
                         max_requests=max_requests, prompt_tokens=pick(prompt_tokens, "prompt_tokens"),
                         output_tokens=pick(output_tokens, "output_tokens"), seed=seed)
-    return BenchConfig(model=Path(pick(model, "model")).resolve(), workload=workload, rates=pick(rates, "rates"),
+    closed = arrival == "concurrent"  # one load however many rates: every tenant at once, back to back
+    return BenchConfig(model=Path(pick(model, "model")).resolve(), workload=workload,
+                       rates=[0.0] if closed else pick(rates, "rates"),
                        experts_per_function=pick(experts_per_function, "experts_per_function"),
                        keep_alive_s=pick(keep_alive_s, "keep_alive_s"),
                        keep_alive_sweep=pick(keep_alive_sweep, "keep_alive_sweep") if sweeps else [],
@@ -435,7 +437,8 @@ def report_run(run: RunSpec, tenants: int, experts: int, meter: Meter, metered_s
         "strategy": run.strategy, "rate_per_tenant": run.rate, "experts_per_function": run.k,
         "keep_alive_s": run.keep_alive_s, "purpose": run.purpose,
         "requests": load["requests"], "errors": load["errors"], "error_examples": load["error_examples"],
-        "arrival_window_s": window, "drain_s": drain, "sustained": drain <= SUSTAINED * window,
+        "arrival_window_s": window, "drain_s": drain,
+        "sustained": drain <= SUSTAINED * window if window > 0 else None,  # None: no window (a closed loop)
         "generated_tokens": load["completion_tokens"], "prompt_tokens": sum(r.prompt_tokens for r in results if r.ok),
         "metered_s": metered_s, "throughput_tokens_per_s": load["completion_tokens"] / max(drain, 1e-9),
         "cpu_seconds": total["cpu_seconds"], "cpu_seconds_per_token": total["cpu_seconds"] / tokens,
@@ -515,7 +518,7 @@ def headline(runs: list[dict]) -> dict:
     out: dict = {"rate_per_tenant": rate, "baseline_sustained": bool(sustained), "baseline_run": bool(base),
                  "versus": {}}
     keys = ("avg_mem_gb_physical", "avg_mem_gb_billed", "avg_cpu_percent", "cpu_seconds_per_token",
-            "gb_seconds_per_token_physical", "ttft_p50_s", "tpot_p50_ms")
+            "gb_seconds_per_token_physical", "ttft_p50_s", "tpot_p50_ms", "throughput_tokens_per_s")
     for name, r in at.items():
         for ref in WITHOUT_FUNCTIONS:  # the baselines and the peer engines
             if name == ref or ref not in at:
@@ -552,10 +555,14 @@ def _f(v, fmt: str = ".2f") -> str:
 
 def markdown(report: dict) -> str:
     w, m = report["workload"], report["machine"]
+    closed = w["arrival"] == "concurrent"
+    load = (f"{w['tenants']} tenants at once, each sending {w['max_requests'] or 1} request(s) one after another "
+            "(a closed loop)" if closed else
+            f"{w['tenants']} tenants, {w['arrival']} arrivals (on periods {w['burst_on_s']:g} s at 3x the rate, off "
+            f"periods {w['burst_off_s'] or w['burst_on_s']:g} s) for {w['duration_s']:g} s; per-tenant rates "
+            f"weighted {report['tenant_weights']} around each mean rate of {report['rates']} req/s")
     lines = [f"# faasmoe bench: {report['model']}", "",
-             f"{w['tenants']} tenants, {w['arrival']} arrivals (on periods {w['burst_on_s']:g} s at 3x the rate, off "
-             f"periods {w['burst_off_s'] or w['burst_on_s']:g} s) for {w['duration_s']:g} s; per-tenant rates "
-             f"weighted {report['tenant_weights']} around each mean rate of {report['rates']} req/s; prompts "
+             f"{load}; prompts "
              f"{w['prompt_tokens']} tokens of English text, outputs {w['output_tokens']} tokens, seed {w['seed']}; "
              f"faasmoe at k = {report['experts_per_function']} on the {report.get('platform', 'local')} platform, "
              f"keep-alive {report['keep_alive_s']:g} s. Machine: "
@@ -566,19 +573,21 @@ def markdown(report: dict) -> str:
              "instance). Page cache: the checkpoint's pages resident in the page cache, mapped or not.", ""]
     h = report.get("headline") or {}
     if h.get("rate_per_tenant") is not None:
-        lines += [f"## Headline: {h['rate_per_tenant']:g} req/s per tenant "
-                  f"({_headline_rate(h)})",
+        title = ("the closed loop (one load)" if closed
+                 else f"{h['rate_per_tenant']:g} req/s per tenant ({_headline_rate(h)})")
+        lines += [f"## Headline: {title}",
                   "", "| strategy | vs | avg mem physical | avg mem billed | avg CPU % | CPU-s/token | GB-s/token "
-                  "| TTFT p50 | TPOT p50 |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| TTFT p50 | TPOT p50 | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
         for name, refs in h["versus"].items():
             for ref, v in refs.items():
                 lines.append(f"| {name} | {ref} | " + " | ".join(
-                    _f(v[k], ".3f") for k in ("avg_mem_gb_physical", "avg_mem_gb_billed", "avg_cpu_percent",
-                                              "cpu_seconds_per_token", "gb_seconds_per_token_physical",
-                                              "ttft_p50_s", "tpot_p50_ms")) + " |")
+                    _f(v.get(k), ".3f") for k in ("avg_mem_gb_physical", "avg_mem_gb_billed", "avg_cpu_percent",
+                                                  "cpu_seconds_per_token", "gb_seconds_per_token_physical",
+                                                  "ttft_p50_s", "tpot_p50_ms", "throughput_tokens_per_s")) + " |")
         lines += ["", "Goals: " + ", ".join(f"{k.replace('_', ' ')}: {'met' if v else 'MISSED'}"
                                              for k, v in h["goals"].items()), ""]
-    cols = ("requests", "errors", "arrival_window_s", "drain_s", "generated_tokens", "avg_mem_gb_physical",
+    cols = ("requests", "errors", "arrival_window_s", "drain_s", "generated_tokens", "throughput_tokens_per_s",
+            "avg_mem_gb_physical",
             "peak_mem_gb_physical", "avg_mem_gb_billed", "page_cache_gb_avg", "avg_cpu_percent",
             "cpu_seconds_per_token", "gb_seconds_per_token_physical", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms",
             "tpot_p99_ms", "cold_starts", "load_read_gb_per_s", "evictions", "ttft_cold_prefill_p50_s", "ttft_warm_prefill_p50_s",
@@ -601,7 +610,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|" + "---|" * len(cols)]
         for r in rows:
             cells = [_f(r.get(c), ".3f") if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
-            lines.append(f"| {r['strategy']} | {r['rate_per_tenant']:g} | {r['experts_per_function'] or '-'} "
+            lines.append(f"| {r['strategy']} | {'-' if closed else format(r['rate_per_tenant'], 'g')} "
+                         f"| {r['experts_per_function'] or '-'} "
                          f"| {_f(r['keep_alive_s'], 'g')} | " + " | ".join(cells) + " |")
         lines.append("")
     if report.get("failed_runs"):
