@@ -173,7 +173,9 @@ async def run_load(arrivals: list[Arrival], targets: dict[int, Target], timeout_
                    progress=None) -> list[Result]:
     """Send every arrival at its time to its tenant's target (one `after_previous` once the tenant's previous
     arrival has ended); one Result each, in the order of `arrivals`."""
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    # a fresh connection per request: with pooled keep-alive connections, 3 of llama-server's 12 requests in a
+    # closed loop failed with "Server disconnected without sending a response" (a reused connection it had closed)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
         t0 = time.perf_counter()
 
