@@ -15,6 +15,9 @@ class Answering:
     """A platform that keeps a layer's calls and answers each with its hidden rows times (block + 1), in writable
     buffers it keeps (as a platform reading replies into its own buffers would)."""
 
+    def concurrent_batches(self):
+        return 1
+
     def submit(self, calls):
         self.calls = calls
         return calls

@@ -99,3 +99,83 @@ def test_the_monolithic_baseline_equals_transformers_and_batches(checkpoint, ref
         while not all(s.finished for s in seqs):
             engine.step(seqs)  # one forward for the three sequences
         assert [s.output_ids for s in seqs] == alone
+
+
+def _decode_together(engine, prompts: list[str], steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Step the prompts' sequences together; (their tokens, the logits of every step)."""
+    from faasmoe.control.sequence import SamplingParams
+
+    cp, logits = engine.control_plane, []
+    forward = cp.forward
+
+    def recording(chunks, all_logits=False):
+        out = forward(chunks, all_logits)
+        logits.append(out.clone())
+        return out
+
+    cp.forward = recording
+    try:
+        seqs = [engine.new_sequence(engine.encode(p), SamplingParams(max_tokens=steps, ignore_eos=True))
+                for p in prompts]
+        while not all(s.finished for s in seqs):
+            engine.step(seqs)
+    finally:
+        cp.forward = forward
+    return [s.output_ids for s in seqs], logits
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tied-mlponly-window", *FAMILY_VARIANTS])
+def test_a_decode_step_in_two_halves_equals_the_whole_batch(checkpoint, variant, monkeypatch):
+    """Decode steps of several sequences run in two halves, one half's expert calls in flight during the other's
+    attention: the same logits as the whole batch at once (dense layers, latent attention and sliding windows
+    included)."""
+    from faasmoe.models.control_plane import ControlPlane
+
+    prompts = ["Hello there", PROMPT, "1 2 3", "A much longer prompt about mixture of experts models", "x"]
+    with faasmoe.load(checkpoint(variant), experts_per_function=2) as engine:
+        engine.dispatcher.two_batches = True  # whatever this machine's cores: the platform has hosts to spare
+        halves = []
+        spy = ControlPlane._layers_in_halves
+        monkeypatch.setattr(ControlPlane, "_layers_in_halves", lambda self, *a: halves.append(1) or spy(self, *a))
+        split_ids, split_logits = _decode_together(engine, prompts, 6)
+        assert len(halves) == 5  # every step but the prefill
+        engine.dispatcher.two_batches = False
+        whole_ids, whole_logits = _decode_together(engine, prompts, 6)
+        assert len(halves) == 5
+    assert split_ids == whole_ids
+    assert all((a - b).abs().max().item() < 1e-5 for a, b in zip(split_logits, whole_logits, strict=True))
+
+
+def test_a_step_that_fails_in_one_half_leaves_no_calls_behind(tiny, monkeypatch):
+    """When one half's calls fail, the other half's still in flight are gathered (their hosts released): the
+    step fails with that error and the engine serves the next request as before."""
+    from faasmoe.control.dispatch import ExpertDispatcher
+    from faasmoe.models.control_plane import ControlPlane
+
+    with faasmoe.load(tiny, experts_per_function=2) as engine:
+        engine.dispatcher.two_batches = True
+        clean = engine.generate("Hello there", max_tokens=4, ignore_eos=True).token_ids
+        combine, discard, discarded = ExpertDispatcher.combine, ExpertDispatcher.discard, []
+        spy, state = ControlPlane._layers_in_halves, {"halves": False, "combines": 0}
+
+        def halves(self, *args):
+            state["halves"] = True
+            return spy(self, *args)
+
+        def failing(self, pending, shared=None):
+            out = combine(self, pending, shared)  # its calls gathered, as a failing gather's are
+            if state["halves"]:
+                state["combines"] += 1
+                if state["combines"] == 2:  # the second half's, at layer 1: the first half's layer 1 in flight
+                    raise RuntimeError("one half's functions failed")
+            return out
+
+        monkeypatch.setattr(ControlPlane, "_layers_in_halves", halves)
+        monkeypatch.setattr(ExpertDispatcher, "combine", failing)
+        monkeypatch.setattr(ExpertDispatcher, "discard", lambda self, p: discarded.append(p) or discard(self, p))
+        with pytest.raises(RuntimeError, match="one half"):
+            _decode_together(engine, ["Hello there", "1 2 3"], 3)
+        assert len(discarded) == 1  # the other half's layer, in flight when its twin failed
+        monkeypatch.setattr(ExpertDispatcher, "combine", combine)
+        assert all(not h.busy for h in engine.platform._hosts)
+        assert engine.generate("Hello there", max_tokens=4, ignore_eos=True).token_ids == clean

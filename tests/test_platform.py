@@ -416,3 +416,24 @@ def test_a_function_that_cannot_load_fails_clearly_and_stops_counting(specs):
             p.invoke(broken.id, frame_for(s)[0])
         assert p.log.stats[broken.id].retries == 1
         _wait_for(lambda: p.memory()["resident_bytes"] == 0)  # its bytes were counted while it loaded, not after
+
+
+def test_two_batches_in_flight_only_where_neither_can_wait_for_the_other(monkeypatch):
+    """A batch holds its host until gathered: a second batch of the same caller needs a host of its own (so
+    at most max_instances, and no more than the cores, are worth it); under a memory budget it could wait for
+    room the first batch's functions hold, so one."""
+    import faasmoe.platforms.local.platform as local
+
+    def batches(**config) -> int:
+        p = LocalPlatform(PlatformConfig(**config))
+        try:
+            return p.concurrent_batches()
+        finally:
+            p.close()
+
+    monkeypatch.setattr(local, "_CORES", 2)
+    assert batches() == 2
+    assert batches(max_instances=1) == 1
+    assert batches(memory_budget="1GiB") == 1
+    monkeypatch.setattr(local, "_CORES", 1)
+    assert batches() == 1

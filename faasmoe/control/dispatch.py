@@ -55,6 +55,8 @@ class ExpertDispatcher:
         self.num_blocks = len(blocks)
         self._fids: dict[int, list[str]] = {}  # per layer, the function id of each block
         self._rows: dict[tuple[int, type], np.ndarray] = {}  # `_pair_rows`' arrays
+        # whether a control plane may keep two layers' calls in flight (`ControlPlane._layers_in_halves`)
+        self.two_batches = platform.concurrent_batches() >= 2
 
     def _function_ids(self, layer: int) -> list[str]:
         fids = self._fids.get(layer)
@@ -149,6 +151,14 @@ class ExpertDispatcher:
         st.tokens_sent += sum(len(r) for r in rows_of)
         st.bytes_sent += sum(len(f) for _, f in calls)
         return Pending(self.platform.submit(calls), rows_of, T, H)
+
+    def discard(self, p: Pending) -> None:
+        """Wait for calls whose results are no longer wanted (a step that failed), so that what they hold is
+        released; their errors are not this caller's."""
+        try:
+            self.platform.gather(p.batch)
+        except Exception:  # noqa: BLE001 - the step has already failed with its own error
+            pass
 
     def combine(self, p: Pending, shared: torch.Tensor | None = None) -> torch.Tensor:
         """[T, H]: the sum of every function's weighted expert outputs, in call order, then `shared` (the shared

@@ -50,6 +50,8 @@ class ResidentExperts:
         self.nbytes = sum(t.numel() * t.element_size() for fn in self.layers.values()
                           for w in (*fn.gate_up, *fn.down) for t in parts(w))
 
+    two_batches = False  # the experts run inside `send`: nothing would compute while the control plane does
+
     def send(self, layer: int, x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], experts/weights [T, A] -> [T, H], computed now (there is nothing to overlap with)."""
         T, A = experts.shape
@@ -59,6 +61,9 @@ class ResidentExperts:
 
     def combine(self, result: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
         return result if shared is None else result + shared
+
+    def discard(self, result: torch.Tensor) -> None:
+        """Nothing is in flight."""
 
     def worth_prefetching(self, layer: int) -> bool:
         """Every expert is resident: nothing to warm."""

@@ -172,6 +172,20 @@ class ControlPlane:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]  # [T, 1, d]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)[:, None, :]
+        if self._in_halves(chunks):
+            x = self._layers_in_halves(x, chunks, cos, sin)
+        else:
+            x = self._layers(x, chunks, cos, sin)
+        for ch in chunks:
+            ch.cache.length = ch.start + len(ch.tokens)
+        if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
+            x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
+        x = rms_norm(x, self.norm, self.eps)
+        with torch_threads(self.head_threads or torch.get_num_threads()):  # nothing set where already so
+            return linear(x, self.lm_head)  # [*, V]
+
+    def _layers(self, x: torch.Tensor, chunks: list[Chunk], cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every layer over the whole batch: x [T, H] -> [T, H]."""
         ahead = self.prefetch_layers
         self._prediction.clear()
         for j in range(min(ahead, len(self.layers))):  # the first layers, predicted from the embeddings
@@ -182,13 +196,49 @@ class ControlPlane:
                 self.prefetch(i + ahead, x)
             m = rms_norm(x, layer.ln2, self.eps)
             x = x + (self.moe(i, layer, m) if layer.router is not None else self.mlp(layer, m))
-        for ch in chunks:
-            ch.cache.length = ch.start + len(ch.tokens)
-        if not all_logits:  # lm_head only where a token will be sampled: it is the costliest matmul
-            x = x[torch.tensor([len(ch.tokens) for ch in chunks]).cumsum(0) - 1]
-        x = rms_norm(x, self.norm, self.eps)
-        with torch_threads(self.head_threads or torch.get_num_threads()):  # nothing set where already so
-            return linear(x, self.lm_head)  # [*, V]
+        return x
+
+    def _in_halves(self, chunks: list[Chunk]) -> bool:
+        """Whether to run the step in two halves (`_layers_in_halves`): a decode step of several sequences, with
+        functions that may run two batches at once (and no prefetching, which predicts from the whole batch)."""
+        return (len(chunks) >= 2 and self.dispatcher.two_batches and not self.prefetch_layers
+                and all(len(ch.tokens) == 1 for ch in chunks))
+
+    def _layers_in_halves(self, x: torch.Tensor, chunks: list[Chunk], cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+        """Every layer over two halves of the batch in turn: one half's expert calls run while the control plane
+        computes the other half's attention, where the whole batch would leave the functions idle during the
+        attention and the control plane idle during the calls. Attention is per sequence and products are row
+        by row, so the logits are `_layers`' (fp32: equal within rounding, tested); in bf16 a product of fewer
+        rows may take another kernel (`kernels.linear`) and round a row's last bit differently, as a different
+        mix of requests in a batch may."""
+        cut = len(chunks) // 2  # decode steps: a token per chunk
+        halves = [(chunks[:cut], slice(0, cut)), (chunks[cut:], slice(cut, len(chunks)))]
+        xs = [x[:cut], x[cut:]]
+        pending: list[tuple[Any, torch.Tensor | None] | None] = [None, None]
+        try:
+            for i, layer in enumerate(self.layers):
+                for h, (part, rows) in enumerate(halves):
+                    xh = xs[h]
+                    if pending[h] is not None:  # its previous layer's experts, computed meanwhile
+                        p, pending[h] = pending[h], None  # a combine that fails has gathered its own calls
+                        xh = xh + self.dispatcher.combine(*p)
+                    xh = xh + self.attention(i, layer, rms_norm(xh, layer.ln1, self.eps), part, cos[rows], sin[rows])
+                    m = rms_norm(xh, layer.ln2, self.eps)
+                    if layer.router is None:
+                        xh = xh + self.mlp(layer, m)
+                    else:
+                        pending[h] = self.send_moe(i, layer, m)
+                    xs[h] = xh
+            for h in range(2):
+                if pending[h] is not None:
+                    p, pending[h] = pending[h], None
+                    xs[h] = xs[h] + self.dispatcher.combine(*p)
+        finally:
+            for p in pending:  # a failed step: the other half's calls are still owed their replies
+                if p is not None:
+                    self.dispatcher.discard(p[0])
+        return torch.cat(xs)
 
     def qkv(self, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         """[T, h+2g, d]: queries, keys and values of x [T, H], before the rotary embedding."""
@@ -259,6 +309,11 @@ class ControlPlane:
         return out if layer.shared_gate is None else torch.sigmoid(linear(x, layer.shared_gate)) * out
 
     def moe(self, i: int, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+        return self.dispatcher.combine(*self.send_moe(i, layer, x))
+
+    def send_moe(self, i: int, layer: Layer, x: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+        """Route x [T, H] and send it to its experts; (what `dispatcher.combine` waits for, the shared expert's
+        output, computed while the experts run)."""
         experts, weights = self.route(layer, x)
         counts = torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
         predicted = self._prediction.pop(i, None)
@@ -269,5 +324,4 @@ class ControlPlane:
                 self.predicted[i] += predicted.numel()
                 self.predicted_hits[i] += hits
         pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
-        shared = self.shared(layer, x)  # computed meanwhile
-        return self.dispatcher.combine(pending, shared)
+        return pending, self.shared(layer, x)  # computed meanwhile

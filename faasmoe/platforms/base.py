@@ -206,6 +206,11 @@ class Platform(ABC):
         """Whether the functions run on this machine's cores, next to the control plane."""
         return False
 
+    def concurrent_batches(self) -> int:
+        """How many batches of one caller may be in flight at once, each answered without waiting for the others
+        to be gathered (1: a second batch may wait for the first's `gather`)."""
+        return 1
+
     @abstractmethod
     def deploy(self, spec: FunctionSpec) -> None:
         """Register a function; no instance starts until it is invoked (scale from zero)."""

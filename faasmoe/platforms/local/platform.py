@@ -152,6 +152,11 @@ class LocalPlatform(Platform):
     def shares_host_cores(self) -> bool:
         return True
 
+    def concurrent_batches(self) -> int:
+        """A batch holds its host until it is gathered, so a second one needs another host (up to `max_instances`);
+        under a memory budget it could wait for room the first one holds: one."""
+        return 1 if self._budget is not None else min(self._cores(), self.config.max_instances)
+
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         self._boot()
