@@ -179,3 +179,21 @@ def test_a_step_that_fails_in_one_half_leaves_no_calls_behind(tiny, monkeypatch)
         monkeypatch.setattr(ExpertDispatcher, "combine", combine)
         assert all(not h.busy for h in engine.platform._hosts)
         assert engine.generate("Hello there", max_tokens=4, ignore_eos=True).token_ids == clean
+
+
+def test_halves_whose_calls_spread_over_hosts_take_one_more_host(tiny, monkeypatch):
+    """A half of 16 or more token rows spreads over the cores' hosts; the other half, in flight at the same
+    time, then needs a host beyond them: it starts one (max_instances above the cores) and the step ends with
+    the whole batch's tokens, where with every host held by the first half it would wait for ever."""
+    import faasmoe.platforms.local.platform as local
+    from faasmoe.platforms import PlatformConfig
+
+    monkeypatch.setattr(local, "_CORES", 2)
+    prompts = [f"Sequence number {i} of many" for i in range(16)]  # 8 a half, top-2: 16 rows a half
+    with faasmoe.load(tiny, experts_per_function=1, platform_config=PlatformConfig(max_instances=3)) as engine:
+        assert engine.dispatcher.two_batches
+        split_ids, _ = _decode_together(engine, prompts, 4)
+        assert len(engine.platform.hosts()) == 3
+        engine.dispatcher.two_batches = False
+        whole_ids, _ = _decode_together(engine, prompts, 4)
+    assert split_ids == whole_ids

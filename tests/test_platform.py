@@ -419,9 +419,10 @@ def test_a_function_that_cannot_load_fails_clearly_and_stops_counting(specs):
 
 
 def test_two_batches_in_flight_only_where_neither_can_wait_for_the_other(monkeypatch):
-    """A batch holds its host until gathered: a second batch of the same caller needs a host of its own (so
-    at most max_instances, and no more than the cores, are worth it); under a memory budget it could wait for
-    room the first batch's functions hold, so one."""
+    """A batch holds its hosts until gathered, and a large one spreads over min(cores, max_instances) of them:
+    a caller's second batch is sure of a host only with fewer cores than max_instances (else the first could
+    hold every host and the second wait for ever); under a memory budget it could wait for room the first
+    batch's functions hold; on one core it would have nothing to run on."""
     import faasmoe.platforms.local.platform as local
 
     def batches(**config) -> int:
@@ -432,8 +433,12 @@ def test_two_batches_in_flight_only_where_neither_can_wait_for_the_other(monkeyp
             p.close()
 
     monkeypatch.setattr(local, "_CORES", 2)
-    assert batches() == 2
-    assert batches(max_instances=1) == 1
+    assert batches() == 2  # max_instances 4
+    assert batches(max_instances=3) == 2
+    assert batches(max_instances=2) == 1
     assert batches(memory_budget="1GiB") == 1
+    monkeypatch.setattr(local, "_CORES", 4)
+    assert batches() == 1
+    assert batches(max_instances=5) == 2
     monkeypatch.setattr(local, "_CORES", 1)
     assert batches() == 1

@@ -324,4 +324,8 @@ class ControlPlane:
                 self.predicted[i] += predicted.numel()
                 self.predicted_hits[i] += hits
         pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
-        return pending, self.shared(layer, x)  # computed meanwhile
+        try:
+            return pending, self.shared(layer, x)  # computed meanwhile
+        except BaseException:
+            self.dispatcher.discard(pending)  # nobody will combine these calls: release what they hold
+            raise

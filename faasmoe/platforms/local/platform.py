@@ -153,9 +153,14 @@ class LocalPlatform(Platform):
         return True
 
     def concurrent_batches(self) -> int:
-        """A batch holds its host until it is gathered, so a second one needs another host (up to `max_instances`);
-        under a memory budget it could wait for room the first one holds: one."""
-        return 1 if self._budget is not None else min(self._cores(), self.config.max_instances)
+        """Two where a caller's second batch always gets a host while its first holds theirs until gathered: a
+        batch spreads over at most `min(cores, max_instances)` hosts (`_groups`), so with fewer cores than
+        `max_instances` one more host can always be started; and two cores at least, or the second batch has
+        nothing to run on while the caller computes. Under a memory budget the second batch could wait for room
+        the first one's functions hold: one. (Per caller: several callers each holding a batch could hold
+        every host; the private mode's orchestrators come through the gateway, which says one.)"""
+        cores = self._cores()
+        return 2 if self._budget is None and 2 <= cores < self.config.max_instances else 1
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
