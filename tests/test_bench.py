@@ -187,3 +187,4 @@ def test_bench_runs_a_closed_loop_and_reports_its_throughput(tiny, tmp_path):
     assert run["arrival_window_s"] == 0 and run["sustained"] is None
     assert run["throughput_tokens_per_s"] == pytest.approx(24 / run["drain_s"])
     assert "(a closed loop)" in (out / "results.md").read_text()
+    assert (out / "memory.png").exists() and not (out / "rates.png").exists()  # a closed loop has no rates

@@ -616,9 +616,13 @@ def markdown(report: dict) -> str:
         lines.append("")
     if report.get("failed_runs"):
         lines += ["## Runs that did not start", ""]
-        lines += [f"* {r['strategy']} at {r['rate_per_tenant']:g} req/s: {r['failed'].splitlines()[0]} (memory limit "
+        def where(r: dict) -> str:
+            return "in the closed loop" if closed else f"at {r['rate_per_tenant']:g} req/s"
+
+        lines += [f"* {r['strategy']} {where(r)}: {r['failed'].splitlines()[0]} (memory limit "
                   f"{r.get('memory_limit_bytes', 0) / 2**30:.1f} GiB, peak {r.get('cgroup_peak_bytes', 0) / 2**30:.1f} "
                   f"GiB, {r.get('oom_kills', 0)} processes killed)" for r in report["failed_runs"]]
         lines.append("")
-    lines += ["Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by rate).", ""]
+    lines += ["Plots: memory.png, cpu.png (over time, the closed loop)." if closed else
+              "Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by rate).", ""]
     return "\n".join(lines)

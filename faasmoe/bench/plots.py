@@ -11,8 +11,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_all(report: dict, out: Path) -> list[Path]:
-    return [_over_time(report, out, "pss_gb", "physical memory (PSS, GB)", "Memory", "memory.png"),
-            _over_time(report, out, "cpu_percent", "CPU (%)", "CPU", "cpu.png"), _by_rate(report, out)]
+    """memory.png and cpu.png over time, and rates.png by rate (not for a closed loop: it has no rates)."""
+    paths = [_over_time(report, out, "pss_gb", "physical memory (PSS, GB)", "Memory", "memory.png"),
+             _over_time(report, out, "cpu_percent", "CPU (%)", "CPU", "cpu.png")]
+    if _closed(report):
+        (out / "rates.png").unlink(missing_ok=True)  # an earlier run's, in the same folder, would be taken for this one's
+        return paths
+    return [*paths, _by_rate(report, out)]
+
+
+def _closed(report: dict) -> bool:
+    return report["workload"]["arrival"] == "concurrent"
 
 
 def _headline_runs(report: dict) -> list[dict]:
@@ -26,7 +35,8 @@ def _over_time(report: dict, out: Path, key: str, ylabel: str, what: str, name: 
         ax.plot([s["t"] for s in r["timeline"]], [s[key] for s in r["timeline"]], label=r["strategy"])
     ax.set_xlabel("time since the load started (s)")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{what} of all processes, {report['workload']['tenants']} tenants, headline rate")
+    load = "closed loop" if _closed(report) else "headline rate"
+    ax.set_title(f"{what} of all processes, {report['workload']['tenants']} tenants, {load}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
