@@ -624,5 +624,6 @@ def markdown(report: dict) -> str:
                   f"GiB, {r.get('oom_kills', 0)} processes killed)" for r in report["failed_runs"]]
         lines.append("")
     lines += ["Plots: memory.png, cpu.png (over time, the closed loop)." if closed else
-              "Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by rate).", ""]
+              "Plots: memory.png, cpu.png (over time, headline rate), rates.png (memory and CPU per token by "
+              "rate).", ""]
     return "\n".join(lines)

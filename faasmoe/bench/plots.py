@@ -15,7 +15,7 @@ def plot_all(report: dict, out: Path) -> list[Path]:
     paths = [_over_time(report, out, "pss_gb", "physical memory (PSS, GB)", "Memory", "memory.png"),
              _over_time(report, out, "cpu_percent", "CPU (%)", "CPU", "cpu.png")]
     if _closed(report):
-        (out / "rates.png").unlink(missing_ok=True)  # an earlier run's, in the same folder, would be taken for this one's
+        (out / "rates.png").unlink(missing_ok=True)  # an earlier run's in this folder would pass for this one's
         return paths
     return [*paths, _by_rate(report, out)]
 
