@@ -6,8 +6,9 @@ Each round starts SEQUENCES greedy sequences (ignore_eos), runs their prefill, t
 of all of them together; it prints each round's ms a step and a hash of the generated ids (equal hashes:
 the same tokens). Without PROMPT_TOKENS the prompts are one sentence differing in a number (their sequences
 route alike: few distinct experts a layer); with it, each sequence's prompt is that many token ids drawn at
-random (seeded), so that the sequences route as different requests do. The thread count is process-wide, so compare versions in separate processes, alternating
-them (the machine's speed drifts: see docs/benchmarks.md, section 5).
+random (seeded), so that the sequences route as different requests do. The thread count is process-wide, so
+compare versions in separate processes, alternating them (the machine's speed drifts: see
+docs/benchmarks.md, section 5).
 """
 
 from __future__ import annotations
