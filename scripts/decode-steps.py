@@ -8,11 +8,13 @@ the same tokens). Without PROMPT_TOKENS the prompts are one sentence differing i
 route alike: few distinct experts a layer); with it, each sequence's prompt is that many token ids drawn at
 random (seeded), so that the sequences route as different requests do. The thread count is process-wide, so
 compare versions in separate processes, alternating them (the machine's speed drifts: see
-docs/benchmarks.md, section 5).
+docs/benchmarks.md, section 5). FAASMOE_COMPILE_EXPERTS=1: the functions compute their experts through
+torch.compile (`compile_experts`).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -21,10 +23,16 @@ import torch
 import faasmoe
 from faasmoe.control.sequence import SamplingParams
 from faasmoe.engines.monolithic import MonolithicEngine
+from faasmoe.platforms import PlatformConfig
 
 
 def main(model: str, k: int, sequences: int, steps: int, rounds: int, prompt_tokens: int = 0) -> None:
-    engine = MonolithicEngine(model) if k == 0 else faasmoe.load(model, experts_per_function=k, prewarm=True)
+    compiled = os.environ.get("FAASMOE_COMPILE_EXPERTS") == "1"
+    t = time.perf_counter()
+    engine = (MonolithicEngine(model) if k == 0 else
+              faasmoe.load(model, experts_per_function=k, prewarm=True,
+                           platform_config=PlatformConfig(compile_experts=compiled)))
+    print(f"loaded in {time.perf_counter() - t:.1f} s (compile_experts: {compiled})", flush=True)
     try:
         if prompt_tokens:
             vocab = engine.config.vocab_size

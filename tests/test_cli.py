@@ -66,7 +66,7 @@ def test_help_reads_like_a_cli(command):
 
 
 BOOLEAN_FLAGS = {"--json", "--chat", "--prewarm", "--quick", "--no-sweep", "--chaos", "--reference-weights", "--help",
-                 "--int8", "--compare"}
+                 "--int8", "--compare", "--compile-experts"}
 
 
 def test_serve_help_shows_defaults_and_the_random_weights():

@@ -262,7 +262,7 @@ def own_monolithic_decode(model: Path, tokens: int, repeats: int) -> dict:
 
 def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: int = 3,
                      ks: list[int] = (1, 4), platforms: list[str] = ("local",), peers: list[str] = (),
-                     preset: str = "qwen1.5-moe-a2.7b") -> dict:
+                     preset: str = "qwen1.5-moe-a2.7b", compile_experts: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
     import faasmoe
@@ -274,7 +274,7 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
     set_title("bench-engine")
     ensure_model(Path(model), layers, preset)
     report = {"machine": machine_info(), "model": str(model), "tokens": tokens, "repeats": repeats, "runs": {},
-              "peers": {}}
+              "peers": {}, "compile_experts": compile_experts}
     # The platforms' temporary folders (instance sockets) go in one the janitor removes even after a SIGKILL.
     workdir, previous_tmp = cleanup.make_workdir("faasmoe-bench-engine-"), tempfile.tempdir
     tempfile.tempdir = str(workdir)
@@ -301,7 +301,8 @@ def run_engine_bench(model: Path, layers: int = 2, tokens: int = 32, repeats: in
             for platform in platforms:
                 set_title("bench-engine", platform, f"k={k}")
                 with faasmoe.load(model, experts_per_function=k, platform=platform, prewarm=True,
-                                  platform_config=PlatformConfig(keep_alive_s=3600)) as engine:
+                                  platform_config=PlatformConfig(keep_alive_s=3600,
+                                                                 compile_experts=compile_experts)) as engine:
                     run = _measure(engine, mono, tokens, repeats)
                 run["platform"] = platform
                 run.update(_vs_peers(report, run["faasmoe_ms_per_token"]))

@@ -84,6 +84,7 @@ class BenchConfig:
     memory_budget: int | None = None  # bytes: faasmoe's servers' expert memory budget
     memory_limit: int | None = None  # bytes: every run's processes in a memory cgroup with this hard limit
     prefetch_layers: int = 0  # faasmoe's servers: warm the functions predicted this many layers ahead
+    compile_experts: bool = False  # faasmoe's servers: serve --compile-experts
 
 
 def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rates: list[float] | None = None,
@@ -94,7 +95,8 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                 keep_alive_sweep: list[float] | None = None, keep_alive_ks: tuple[int, ...] = (1, 4),
                 sweeps: bool = True, sweep: list[int] | None = None, sweep_strategies: tuple[str, ...] = (),
                 strategies: tuple[str, ...] = (), platform: str = "local", memory_budget: int | None = None,
-                memory_limit: int | None = None, prefetch_layers: int = 0) -> BenchConfig:
+                memory_limit: int | None = None, prefetch_layers: int = 0, compile_experts: bool = False
+                ) -> BenchConfig:
     """A bench from what the user gave (None or empty: the default of a full or a --quick bench)."""
     d = DEFAULTS[quick]
 
@@ -114,7 +116,7 @@ def make_config(quick: bool, *, model: Path | None = None, tenants: int = 6, rat
                        keep_alive_ks=keep_alive_ks, sweep=(sweep or []) if sweeps else [],
                        sweep_strategies=sweep_strategies or FAASMOE, strategies=strategies or STRATEGIES,
                        platform=platform, memory_budget=memory_budget, memory_limit=memory_limit,
-                       prefetch_layers=prefetch_layers)
+                       prefetch_layers=prefetch_layers, compile_experts=compile_experts)
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ def _start_server(cfg: BenchConfig, mode: str, tenants: list[str], k: int, workd
             lines.append(f"memory_budget = {cfg.memory_budget}")
         if cfg.prefetch_layers:
             lines.append(f"prefetch_layers = {cfg.prefetch_layers}")
+        if cfg.compile_experts:
+            lines.append("compile_experts = true")
     lines += extra
     for t in tenants:
         lines += ["[[tenants]]", f'name = "{t}"', f'key = "{_key(t)}"', "max_concurrency = 1024",
@@ -487,7 +491,8 @@ def run_bench(cfg: BenchConfig, out: Path) -> dict:
         arrivals_at[rate] = schedule(w, tokenizer)
     report = {"machine": machine_info(), "model": str(cfg.model), "workload": workload_json(cfg.workload),
               "tenant_weights": TENANT_WEIGHTS, "rates": cfg.rates, "experts_per_function": cfg.experts_per_function,
-              "keep_alive_s": cfg.keep_alive_s, "platform": cfg.platform, "runs": [], "failed_runs": []}
+              "keep_alive_s": cfg.keep_alive_s, "platform": cfg.platform, "compile_experts": cfg.compile_experts,
+              "runs": [], "failed_runs": []}
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=sum(len(arrivals_at[r.rate]) for r in runs), unit="req") as bar:
         for run in runs:

@@ -10,6 +10,7 @@ intermediate size, P = routing pairs, k = experts in the block.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -53,9 +54,11 @@ def _bf16(x: float) -> float:
 
 
 class ExpertFunction:
-    def __init__(self, spec: FunctionSpec, paged: bool = False):
+    def __init__(self, spec: FunctionSpec, paged: bool = False, compiled: bool = False):
         """`paged`: map the weights without reading them (pages read on use and dropped under memory pressure
-        by the kernel: a monolithic model served through mmap), instead of loading them now."""
+        by the kernel: a monolithic model served through mmap), instead of loading them now.
+        `compiled`: a one-token call's experts through torch.compile (`faasmoe.models.compiled.one_row_mlp`; not
+        for int8 weights): compiled on its first call, which the zygote makes before forking hosts."""
         self.spec = spec
         self.dtype = torch_dtype(spec.dtype)
         self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
@@ -75,6 +78,12 @@ class ExpertFunction:
         w = with_scales(map_stacked(groups, self.dtype, concatenate=False, paged=paged))
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
+        if compiled and isinstance(self.down[0], torch.Tensor):  # int8 weights (`Int8Weight`) stay eager
+            from faasmoe.models.compiled import one_row_mlp
+
+            self._one_row = one_row_mlp(self.act)
+        else:
+            self._one_row = functools.partial(gated_mlp, act=self.act)
         # expert id -> position in this block, -1 for experts of other blocks
         self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)
         self.local[list(spec.experts)] = np.arange(len(spec.experts))
@@ -107,7 +116,7 @@ class ExpertFunction:
             lo, hi = ends[j] - counts[j], ends[j]
             if hi - lo == 1:  # one token (most of a decode step's pairs): a view in, one row added out
                 r = int(tok[lo])
-                out[r:r + 1].add_(gated_mlp(x[r:r + 1], self.gate_up[j], self.down[j], self.act) * weight[lo:hi])
+                out[r].add_(self._one_row(x[r], self.gate_up[j], self.down[j]) * weight[lo])
                 continue
             every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
@@ -130,7 +139,7 @@ class ExpertFunction:
         out = None
         for p in [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist():
             j = local[p]
-            y = gated_mlp(x, self.gate_up[j], self.down[j], self.act).mul_(w[p])
+            y = self._one_row(x, self.gate_up[j], self.down[j]).mul_(w[p])
             out = y if out is None else out.add_(y)
         return out
 

@@ -47,7 +47,8 @@ class HostActor:
     function per shape, its pages only), listens on a TCP socket of its node and answers the platform's requests
     from a thread (the actor's own methods stay free for Ray)."""
 
-    def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0):
+    def __init__(self, name: str, threads: int, warm: list[dict], token: bytes, hang_on_request: int = 0,
+                 compiled: bool = False):
         import ray
         import torch
 
@@ -59,11 +60,11 @@ class HostActor:
         torch.set_num_threads(threads)
         warmed: set[tuple] = set()
         for spec in warm:
-            _warm_up(spec, warmed)
+            _warm_up(spec, warmed, compiled)
         ip = ray.util.get_node_ip_address()
         self.sock = socket.create_server((ip, 0), backlog=16)
         self.address = f"{ip}:{self.sock.getsockname()[1]}"
-        threading.Thread(target=host.serve_connections, args=(self.sock, host.Host(), hang_on_request, token),
+        threading.Thread(target=host.serve_connections, args=(self.sock, host.Host(compiled), hang_on_request, token),
                          name="faasmoe-host", daemon=True).start()
 
     def where(self) -> tuple[str, int, str]:
@@ -188,7 +189,7 @@ class RayPlatform(LocalPlatform):
         strategy = NodeAffinitySchedulingStrategy(node, soft=False) if node else "DEFAULT"
         token = secrets.token_bytes(32)  # one per host: a host's token opens no other
         actor = self._actor_class.options(scheduling_strategy=strategy).remote(
-            host.name, self.config.threads_per_instance, host.warm, token, self._hang_on)
+            host.name, self.config.threads_per_instance, host.warm, token, self._hang_on, self.config.compile_experts)
         with self._lock:
             stopped = host not in self._hosts
             if stopped:

@@ -50,8 +50,10 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 class Host:
     """The functions one process holds, and the handling of one request."""
 
-    def __init__(self):
+    def __init__(self, compiled: bool = False):
+        """`compiled`: the functions it loads compute one-token calls through torch.compile (`ExpertFunction`)."""
         self.functions: dict[str, tuple[ExpertFunction, int]] = {}  # id -> (function, its largest legal frame)
+        self.compiled = compiled
 
     def handle(self, req: protocol.Request) -> protocol.Reply:
         rep = protocol.Reply()
@@ -75,7 +77,7 @@ class Host:
         try:
             spec = FunctionSpec.from_json(spec_json)
             if spec.id not in self.functions:
-                self.functions[spec.id] = (ExpertFunction(spec), max_frame_bytes(spec))
+                self.functions[spec.id] = (ExpertFunction(spec, compiled=self.compiled), max_frame_bytes(spec))
         except Exception as e:  # noqa: BLE001 - the platform retries elsewhere and reports why
             return time.perf_counter() - t0, f"{type(e).__name__}: {e}"
         return time.perf_counter() - t0, ""
@@ -92,14 +94,14 @@ class Host:
             drop_from_page_cache([spec])
 
 
-def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0) -> None:
+def serve(socket_path: str, threads: int = 1, hang_on_request: int = 0, compiled: bool = False) -> None:
     """A forked host: answer connections on a Unix socket (in the platform's private folder) until killed."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     torch.set_num_threads(threads)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(socket_path)
     sock.listen(16)
-    serve_connections(sock, Host(), hang_on_request)
+    serve_connections(sock, Host(compiled), hang_on_request)
 
 
 def serve_connections(sock: socket.socket, host: Host, hang_on_request: int = 0, token: bytes | None = None) -> None:
@@ -183,11 +185,11 @@ def _hang() -> None:
         signal.pause()
 
 
-def main(socket_path: str, threads: int, hang_on_request: int = 0) -> None:
+def main(socket_path: str, threads: int, hang_on_request: int = 0, compiled: bool = False) -> None:
     """Entry point in a freshly forked child of the zygote."""
     die_with_parent()
     try:
-        serve(socket_path, threads, hang_on_request)
+        serve(socket_path, threads, hang_on_request, compiled)
     except BaseException as e:  # noqa: BLE001 - report why the host could not start, then exit
         print(f"faasmoe host {socket_path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -506,7 +506,8 @@ class LocalPlatform(Platform):
         if self._zygote is None:
             raise InstanceStartError("the platform is not started")
         try:
-            pid = self._zygote.fork(host.path, self.config.threads_per_instance, host.warm, self._hang_on)
+            pid = self._zygote.fork(host.path, self.config.threads_per_instance, host.warm, self._hang_on,
+                                    self.config.compile_experts)
         except ZygoteError as e:
             raise InstanceStartError(str(e)) from e
         with self._lock:

@@ -3,7 +3,7 @@
 A host's start then costs a fork, not a new interpreter and a torch import (about 2 s
 here). One zygote serves every platform of a process (`Zygote.shared()`). Protocol on its
 stdin/stdout, JSON lines: first `{"ready": true}` once imported, then `{"socket": path,
-"threads": n, "warm": [spec, ...], "hang_on_request": n}` -> `{"pid": n}` per host. It exits
+"threads": n, "warm": [spec, ...], "hang_on_request": n, "compiled": bool}` -> `{"pid": n}` per host. It exits
 when its stdin closes (its parent process is gone); its children die with it.
 """
 
@@ -65,11 +65,13 @@ class Zygote:
     def pid(self) -> int:
         return self._proc.pid
 
-    def fork(self, socket_path: str, threads: int, warm: list[dict] = (), hang_on_request: int = 0) -> int:
+    def fork(self, socket_path: str, threads: int, warm: list[dict] = (), hang_on_request: int = 0,
+             compiled: bool = False) -> int:
         """A new host process serving `socket_path`; returns its pid. `warm`: specs of the functions it may load,
-        whose kernels the zygote runs first (once per shape) so that hosts share them (see `_warm_up`)."""
+        whose kernels the zygote runs first (once per shape) so that hosts share them (see `_warm_up`);
+        `compiled`: its functions' one-token calls through torch.compile, compiled here first the same way."""
         req = json.dumps({"socket": socket_path, "threads": threads, "warm": list(warm),
-                          "hang_on_request": hang_on_request})
+                          "hang_on_request": hang_on_request, "compiled": compiled})
         self.wait_ready()
         with self._lock:
             if not self.alive:
@@ -107,9 +109,9 @@ def run() -> None:
     warmed: set[tuple] = set()
     for line in sys.stdin:
         req = json.loads(line)
-        threads = int(req.get("threads", 1))
+        threads, compiled = int(req.get("threads", 1)), bool(req.get("compiled", False))
         for spec in req.get("warm", []):
-            _warm_up(spec, warmed)
+            _warm_up(spec, warmed, compiled)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -117,13 +119,13 @@ def run() -> None:
             os.dup2(devnull, 0)  # the platform's pipes belong to the zygote alone
             os.dup2(devnull, 1)
             set_title("function", "host", os.path.basename(req["socket"]).removesuffix(".sock"))
-            host.main(req["socket"], threads, int(req.get("hang_on_request", 0)))
+            host.main(req["socket"], threads, int(req.get("hang_on_request", 0)), compiled)
         out.write(json.dumps({"pid": pid}) + "\n")
         out.flush()
     os._exit(0)  # stdin closed: our parent is gone or done; skip the interpreter's slow teardown (torch)
 
 
-def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
+def _warm_up(spec_json: dict, warmed: set[tuple], compiled: bool = False) -> None:
     """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
     copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
     unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
@@ -132,10 +134,10 @@ def _warm_up(spec_json: dict, warmed: set[tuple]) -> None:
 
     try:
         spec = FunctionSpec.from_json(spec_json)
-        if spec.shape in warmed:
+        if (spec.shape, compiled) in warmed:
             return
-        warmed.add(spec.shape)
-        ExpertFunction(spec, paged=True).warm_up()  # mapped, not read: only the pages of the expert it runs
+        warmed.add((spec.shape, compiled))
+        ExpertFunction(spec, paged=True, compiled=compiled).warm_up()  # mapped, not read: only the pages of the expert it runs
     except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
         pass
 

@@ -1,0 +1,66 @@
+"""Experts computed through torch.compile (`compile_experts`): the same answers as eager, and eager when the
+compiler cannot run."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import faasmoe
+from faasmoe.control.deployment import Deployment
+from faasmoe.functions import wire
+from faasmoe.functions.expert import ExpertFunction
+from faasmoe.models import compiled
+from faasmoe.models.checkpoint import Checkpoint
+from faasmoe.models.layers import gated_mlp
+from faasmoe.platforms import PlatformConfig
+from helpers import greedy_reference
+
+
+def test_compiled_experts_on_the_local_platform_equal_transformers(tiny, reference):
+    """The zygote compiles, its forked hosts serve: logits within 1e-4 of transformers', the same greedy tokens."""
+    ref = reference(tiny)
+    with faasmoe.load(tiny, experts_per_function=2, platform_config=PlatformConfig(compile_experts=True)) as engine:
+        ids = engine.encode("The capital of France is Paris. The capital of Germany is")
+        with torch.no_grad():
+            expected = ref(torch.tensor([ids])).logits[0]
+        assert (engine.logits(ids) - expected).abs().max().item() < 1e-4
+        result = engine.generate(ids, max_tokens=12)
+        assert result.token_ids == greedy_reference(ref, ids, 12)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "mixtral"])  # gate and up stacked, and a (w1, w3) pair
+def test_compiled_one_token_calls_equal_eager_bit_for_bit_in_bf16(checkpoint, variant):
+    """A single sequence's call (one token, several experts) and a batch's call whose experts each get one token."""
+    spec = Deployment.plan(Checkpoint(checkpoint(variant)), 4, "bfloat16").specs[0]
+    eager, fast = ExpertFunction(spec), ExpertFunction(spec, compiled=True)
+    e = spec.experts
+    g = torch.Generator().manual_seed(7)
+    calls = [(1, [0, 0, 0], [e[2], e[0], e[1]]), (3, [0, 1, 2, 2], [e[0], e[1], e[1], e[3]])]
+    for T, token, expert in calls:
+        inv = wire.Invocation(eager.digest, spec.layer, spec.block,
+                              (torch.randn(T, spec.hidden_size, generator=g) * 4).to(torch.bfloat16),
+                              torch.tensor(token, dtype=torch.int32), torch.tensor(expert, dtype=torch.int32),
+                              torch.rand(len(token), generator=g))
+        frame = wire.encode_invocation(inv)
+        got, want = (wire.decode_result(f.handle(frame), torch.bfloat16, T, spec.hidden_size) for f in (fast, eager))
+        assert got.equal(want)
+
+
+def test_a_compiler_that_fails_leaves_the_experts_eager(monkeypatch, caplog):
+    def broken(fn, **_):
+        def call(*args):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    mlp = compiled.one_row_mlp.__wrapped__(F.silu)  # not the cached one
+    x, gate_up, down = torch.randn(8), torch.randn(12, 8), torch.randn(8, 6)
+    with caplog.at_level(logging.WARNING, logger="faasmoe.models.compiled"):
+        assert mlp(x, gate_up, down).equal(gated_mlp(x, gate_up, down, F.silu))
+        assert mlp(x, gate_up, down).equal(gated_mlp(x, gate_up, down, F.silu))
+    assert [r.message for r in caplog.records].count(
+        "torch.compile of the experts failed, computing them eagerly: RuntimeError: no C++ compiler") == 1
