@@ -186,8 +186,16 @@ class LocalPlatform(Platform):
                 self.log.deployed(spec.id, spec.nbytes)  # listed (with zeros) from deployment on
 
     def finish_deploy(self) -> None:
-        """With a memory budget, start from a page cache that holds none of the functions' bytes (writing or
+        """With `compile_experts`, compile the functions' kernels in the zygote now (seconds), not in the first
+        call. With a memory budget, start from a page cache that holds none of the functions' bytes (writing or
         reading the checkpoint leaves them there), so that what is resident is what the platform counts."""
+        if self.config.compile_experts and self._zygote is not None:
+            with self._lock:
+                shapes = {p.spec.shape: p.spec.to_json() for p in self._pools.values()}
+            try:
+                self._zygote.warm(list(shapes.values()), compiled=True)
+            except ZygoteError as e:
+                raise InstanceStartError(str(e)) from e
         if self._budget is None:
             return
         with self._lock:

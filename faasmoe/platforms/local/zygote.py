@@ -3,7 +3,8 @@
 A host's start then costs a fork, not a new interpreter and a torch import (about 2 s
 here). One zygote serves every platform of a process (`Zygote.shared()`). Protocol on its
 stdin/stdout, JSON lines: first `{"ready": true}` once imported, then `{"socket": path,
-"threads": n, "warm": [spec, ...], "hang_on_request": n, "compiled": bool}` -> `{"pid": n}` per host. It exits
+"threads": n, "warm": [spec, ...], "hang_on_request": n, "compiled": bool}` -> `{"pid": n}` per host, or
+`{"warm": [spec, ...], "compiled": bool}` alone -> `{"warmed": true}` (kernels warmed, no host). It exits
 when its stdin closes (its parent process is gone); its children die with it.
 """
 
@@ -86,6 +87,22 @@ class Zygote:
             raise ZygoteError("the zygote process died")
         return int(json.loads(line)["pid"])
 
+    def warm(self, warm: list[dict], compiled: bool) -> None:
+        """Warm (and with `compiled`, compile) these functions' kernels now, as the first fork would: a platform
+        that compiles its experts does so while it starts instead of in its first call."""
+        self.wait_ready()
+        with self._lock:
+            if not self.alive:
+                raise ZygoteError("the zygote process is not running")
+            try:
+                self._proc.stdin.write(json.dumps({"warm": list(warm), "compiled": compiled}) + "\n")
+                self._proc.stdin.flush()
+                line = self._proc.stdout.readline()
+            except OSError as e:
+                raise ZygoteError(f"the zygote process died: {e}") from e
+        if not line:
+            raise ZygoteError("the zygote process died")
+
     def close(self) -> None:
         if self.alive:
             self._proc.stdin.close()  # the zygote exits; any instance still alive dies with it
@@ -112,6 +129,10 @@ def run() -> None:
         threads, compiled = int(req.get("threads", 1)), bool(req.get("compiled", False))
         for spec in req.get("warm", []):
             _warm_up(spec, warmed, compiled)
+        if "socket" not in req:  # a warm-up alone
+            out.write(json.dumps({"warmed": True}) + "\n")
+            out.flush()
+            continue
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
