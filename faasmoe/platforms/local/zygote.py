@@ -158,7 +158,8 @@ def _warm_up(spec_json: dict, warmed: set[tuple], compiled: bool = False) -> Non
         if (spec.shape, compiled) in warmed:
             return
         warmed.add((spec.shape, compiled))
-        ExpertFunction(spec, paged=True, compiled=compiled).warm_up()  # mapped, not read: only the pages of the expert it runs
+        # mapped, not read: only the pages of the expert it runs
+        ExpertFunction(spec, paged=True, compiled=compiled).warm_up()
     except Exception:  # noqa: BLE001 - the instance will meet the same problem and report it
         pass
 
