@@ -515,7 +515,9 @@ def _banner(cfg: ServerConfig, port: int, key_source: dict[str, str], admin_sour
     lines = ["=" * 78, f"faasmoe is serving {cfg.served_model_name!r} at {base}/v1 (OpenAI API; Ctrl-C stops it)",
              f"  model      {cfg.model}",
              f"  mode       {cfg.mode}; experts on the {cfg.platform} platform, {cfg.experts_per_function} per "
-             f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"]
+             f"function, keep-alive {cfg.scaling.keep_alive_s:g} s"
+             + (", compiled (--compile-experts)" if cfg.scaling.compile_experts and cfg.mode != "monolithic"
+                and cfg.platform in ("local", "ray") else "")]
     if unaligned := unaligned_tensors(cfg.model):
         lines += [f"  layout     {unaligned} tensors are not 64-byte aligned: decode is ~10-15 % slower than it could be;",
                   f"             stop the server and run `faasmoe align {cfg.model}` once (then rebuild any",

@@ -122,6 +122,14 @@ def test_serve_prints_the_banner_last_with_the_generated_key_and_random_weights(
     assert "WARNING" not in r.output and "faasmoe align" not in r.output  # init-model writes aligned tensors
 
 
+def test_serve_compile_experts_reaches_the_platform_config_and_the_banner(served, tiny):
+    r, cfg = served("--model", tiny)
+    assert r.exit_code == 0 and not cfg.scaling.compile_experts and "compiled" not in r.output
+    r, cfg = served("--model", tiny, "--compile-experts")
+    assert r.exit_code == 0, r.output
+    assert cfg.scaling.compile_experts and "1 per function, keep-alive 30 s, compiled (--compile-experts)" in r.output
+
+
 def test_serve_says_how_to_align_a_checkpoint_written_by_safetensors(served, tiny, tmp_path):
     path = unaligned_copy(tiny, tmp_path / "unaligned")
     r, _ = served("--model", str(path))
