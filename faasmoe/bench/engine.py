@@ -69,7 +69,7 @@ def dispatch_cost(engine, reps: int = 30) -> dict:
     specs = {s.id: s for s in engine.specs}
     layers = {}
     for layer, calls in engine.dispatcher.last_calls.items():
-        fns = [ExpertFunction(specs[fid]) for fid, _ in calls]
+        fns = [ExpertFunction(specs[fid], compiled=engine.platform.config.compile_experts) for fid, _ in calls]
         rt = _median_ms(lambda: engine.platform.invoke_many(calls), reps)
         with torch_threads(engine.platform.config.threads_per_instance):
             local = _median_ms(lambda: [f.handle(frame) for f, (_, frame) in zip(fns, calls)], reps)

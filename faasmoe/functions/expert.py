@@ -57,8 +57,9 @@ class ExpertFunction:
     def __init__(self, spec: FunctionSpec, paged: bool = False, compiled: bool = False):
         """`paged`: map the weights without reading them (pages read on use and dropped under memory pressure
         by the kernel: a monolithic model served through mmap), instead of loading them now.
-        `compiled`: a one-token call's experts through torch.compile (`faasmoe.models.compiled.one_row_mlp`; not
-        for int8 weights): compiled on its first call, which the zygote makes before forking hosts."""
+        `compiled`: the experts that get one token through torch.compile (`faasmoe.models.compiled`; not for int8
+        weights), compiled in this process on their first call (the local platform's zygote makes it before
+        forking hosts)."""
         self.spec = spec
         self.dtype = torch_dtype(spec.dtype)
         self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
@@ -133,7 +134,7 @@ class ExpertFunction:
         expert a matrix-vector product on the row as a vector, the routing weight applied as a number rounded to
         the model's dtype first, as transformers applies it (bf16 in plain Python, fp16 through a tensor), and the
         first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch
-        operations an expert."""
+        operations an expert (compiled: one call and two)."""
         w = ([_bf16(v) for v in weight.tolist()] if x.dtype == torch.bfloat16 else weight.tolist()
              if x.dtype == torch.float32 else torch.tensor(weight).to(x.dtype).tolist())  # [P]
         out = None

@@ -33,28 +33,37 @@ log = logging.getLogger(__name__)
 CACHE_DIR = Path.home() / ".cache" / "faasmoe" / "inductor"  # kept across reboots and TMPDIRs (the bench's)
 
 
-@functools.cache
-def one_row_mlp(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`gated_mlp(x, gate_up, down)` with activation `act`, compiled, for one row x [H] (eager if compiling
-    fails)."""
-    import torch._inductor.config as inductor_config
+class OneRowMLP:
+    """`gated_mlp(x, gate_up, down)` with activation `act` for one row x [H], compiled; eager from the first call
+    the compiled code fails and eager does not (a compiler that cannot run), with a warning."""
 
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
-    inductor_config.emulate_precision_casts = True  # round fused bf16 intermediates as eager does
-    inductor_config.compile_threads = 1  # no pool of compiler processes: the zygote compiles, then forks
-    eager = functools.partial(gated_mlp, act=act)
-    compiled = torch.compile(eager, fullgraph=True)
-    chosen = [compiled]
-
-    def mlp(x: torch.Tensor, gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-            down: torch.Tensor) -> torch.Tensor:
+    def __init__(self, act: Callable[[torch.Tensor], torch.Tensor]):
+        self.eager = functools.partial(gated_mlp, act=act)
+        self.compiled: Callable[..., torch.Tensor] | None = None
         try:
-            return chosen[0](x, gate_up, down)
-        except Exception as e:  # noqa: BLE001 - the compiler failed: eager from now on (eager's own errors raise)
-            if chosen[0] is eager:
-                raise
-            log.warning("torch.compile of the experts failed, computing them eagerly: %s: %s", type(e).__name__, e)
-            chosen[0] = eager
-            return eager(x, gate_up, down)
+            import torch._inductor.config as inductor_config
 
-    return mlp
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+            inductor_config.emulate_precision_casts = True  # round fused bf16 intermediates as eager does
+            inductor_config.compile_threads = 1  # no pool of compiler processes: the zygote compiles, then forks
+            self.compiled = torch.compile(self.eager, fullgraph=True)
+        except Exception as e:  # noqa: BLE001 - no compiler here: eager
+            log.warning("torch.compile is not available, computing the experts eagerly: %s: %s", type(e).__name__, e)
+
+    def __call__(self, x: torch.Tensor, gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                 down: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.eager(x, gate_up, down)
+        try:
+            return self.compiled(x, gate_up, down)
+        except Exception as e:  # noqa: BLE001 - eager's own errors raise from the line below, compiled stays on
+            y = self.eager(x, gate_up, down)
+            log.warning("torch.compile of the experts failed, computing them eagerly: %s: %s", type(e).__name__, e)
+            self.compiled = None
+            return y
+
+
+@functools.cache
+def one_row_mlp(act: Callable[[torch.Tensor], torch.Tensor]) -> OneRowMLP:
+    """The process's `OneRowMLP` for activation `act` (one compilation per weight shape, shared by its functions)."""
+    return OneRowMLP(act)

@@ -11,6 +11,7 @@ when its stdin closes (its parent process is gone); its children die with it.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import signal
@@ -71,37 +72,32 @@ class Zygote:
         """A new host process serving `socket_path`; returns its pid. `warm`: specs of the functions it may load,
         whose kernels the zygote runs first (once per shape) so that hosts share them (see `_warm_up`);
         `compiled`: its functions' one-token calls through torch.compile, compiled here first the same way."""
-        req = json.dumps({"socket": socket_path, "threads": threads, "warm": list(warm),
-                          "hang_on_request": hang_on_request, "compiled": compiled})
-        self.wait_ready()
-        with self._lock:
-            if not self.alive:
-                raise ZygoteError("the zygote process is not running")
-            try:
-                self._proc.stdin.write(req + "\n")
-                self._proc.stdin.flush()
-                line = self._proc.stdout.readline()
-            except OSError as e:
-                raise ZygoteError(f"the zygote process died: {e}") from e
-        if not line:
-            raise ZygoteError("the zygote process died")
-        return int(json.loads(line)["pid"])
+        return int(self._request({"socket": socket_path, "threads": threads, "warm": list(warm),
+                                  "hang_on_request": hang_on_request, "compiled": compiled}, "pid"))
 
     def warm(self, warm: list[dict], compiled: bool) -> None:
         """Warm (and with `compiled`, compile) these functions' kernels now, as the first fork would: a platform
         that compiles its experts does so while it starts instead of in its first call."""
+        self._request({"warm": list(warm), "compiled": compiled}, "warmed")
+
+    def _request(self, req: dict, answer: str):
+        """Send one request line; the reply's `answer` field."""
         self.wait_ready()
         with self._lock:
             if not self.alive:
                 raise ZygoteError("the zygote process is not running")
             try:
-                self._proc.stdin.write(json.dumps({"warm": list(warm), "compiled": compiled}) + "\n")
+                self._proc.stdin.write(json.dumps(req) + "\n")
                 self._proc.stdin.flush()
                 line = self._proc.stdout.readline()
             except OSError as e:
                 raise ZygoteError(f"the zygote process died: {e}") from e
         if not line:
             raise ZygoteError("the zygote process died")
+        try:
+            return json.loads(line)[answer]
+        except (ValueError, KeyError):
+            raise ZygoteError(f"the zygote answered {line.strip()[:200]!r}, not {answer}") from None
 
     def close(self) -> None:
         if self.alive:
@@ -120,7 +116,10 @@ def run() -> None:
     set_title("zygote")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the server, which then closes our stdin
-    out = sys.stdout
+    # the protocol gets its own descriptor; anything else written to stdout (a compiler's output) goes to stderr
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
     warmed: set[tuple] = set()
@@ -133,12 +132,14 @@ def run() -> None:
             out.write(json.dumps({"warmed": True}) + "\n")
             out.flush()
             continue
+        gc.freeze()  # what the zygote built stays out of the hosts' collections: pages they share, not copy
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, 0)  # the platform's pipes belong to the zygote alone
             os.dup2(devnull, 1)
+            os.close(out.fileno())
             set_title("function", "host", os.path.basename(req["socket"]).removesuffix(".sock"))
             host.main(req["socket"], threads, int(req.get("hang_on_request", 0)), compiled)
         out.write(json.dumps({"pid": pid}) + "\n")
@@ -147,9 +148,10 @@ def run() -> None:
 
 
 def _warm_up(spec_json: dict, warmed: set[tuple], compiled: bool = False) -> None:
-    """Run a function shape's kernels here once, before forking hosts, so that every host inherits them
-    copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The weights mapped for it are
-    unmapped again; a spec that cannot be warmed is left to fail in the host that loads it, which reports why."""
+    """Run a function shape's kernels here once (`compiled`: its experts compiled), before forking hosts, so that
+    every host inherits them copy-on-write instead of compiling its own (see `ExpertFunction.warm_up`). The
+    weights mapped for it are unmapped again; a spec that cannot be warmed is left to fail in the host that loads
+    it, which reports why."""
     from faasmoe.functions.expert import ExpertFunction
     from faasmoe.functions.spec import FunctionSpec
 
