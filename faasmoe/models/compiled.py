@@ -6,15 +6,15 @@ per host), with a few elementwise operations between. Eager torch runs those pro
 on a 2-core Zen 4 EPYC (AVX512-BF16), one thread, weights from memory, 704 x 512 bf16 took 188 us through
 torch.mv and 110 through torch.mm, where a oneDNN-packed copy took 73. Inductor generates its own
 matrix-vector loops, as fast as the packed copy over the row-major weights, and fuses the activation with
-the product it feeds: a quarter-preset expert for one token, from the mapped checkpoint, 94-113 us against
+the product it feeds: a quarter-preset expert for one token, from the mapped checkpoint, 93-113 us against
 eager's 336-408 (`torch.mv`), bit-equal. The control plane's own products already use packed weights; its
 layer steps compiled the same way measured no faster and changed bf16 roundings, so they stay eager.
 
 Compilation costs seconds per weight shape (6-10 s here with inductor's cache warm, 19 s cold), once per
-process: the local platform's zygote compiles before it forks hosts, which inherit the compiled code; a Ray
-host compiles in its actor. Inductor keeps fused intermediates in fp32 unless asked to round them as eager
+process: the local platform's zygote compiles while the platform starts, and the hosts it forks inherit the
+compiled code; a Ray host compiles in its actor. Inductor keeps fused intermediates in fp32 unless asked to round them as eager
 does (`emulate_precision_casts`, set here). Where the compiler cannot run (no C++ compiler), the expert
-falls back to eager once, with a warning.
+falls back to eager, with one warning.
 """
 
 from __future__ import annotations

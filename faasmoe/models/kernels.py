@@ -156,12 +156,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None
 def _traced(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """The product inside compiled code (`faasmoe.models.compiled`): one row as a matrix-vector product, which
     inductor generates as its own loop (one thread, bf16, weights from memory, on a Zen 4 EPYC: 1536 x 512 in
-    157 us against eager torch.mv's 363 and a packed weight's 140); more rows through F.linear. Plain tensors only
-    (compiled code never sees packed or int8 weights), whatever FAASMOE_BF16_GEMM says."""
-    if x.dim() == 1 or x.shape[0] == 1:
-        v = x.reshape(-1)
-        y = torch.mv(w, v) if b is None else torch.addmv(b, w, v)
-        return y if x.dim() == 1 else y[None]
+    157 us against eager torch.mv's 363 and a packed weight's 140); rows of a matrix through F.linear. Plain
+    tensors only (compiled code never sees packed or int8 weights), whatever FAASMOE_BF16_GEMM says."""
+    if x.dim() == 1:
+        return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
     return F.linear(x, w, b)
 
 

@@ -191,9 +191,9 @@ class LocalPlatform(Platform):
         reading the checkpoint leaves them there), so that what is resident is what the platform counts."""
         if self.config.compile_experts and self._zygote is not None:
             with self._lock:
-                shapes = {p.spec.shape: p.spec.to_json() for p in self._pools.values()}
+                shapes = self._one_spec_per_shape()
             try:
-                self._zygote.warm(list(shapes.values()), compiled=True)
+                self._zygote.warm(shapes, compiled=True)
             except ZygoteError as e:
                 raise InstanceStartError(str(e)) from e
         if self._budget is None:
@@ -496,13 +496,16 @@ class LocalPlatform(Platform):
         """(Caller holds the lock.) The record of a host to start: `_await_ready` forks it, outside the lock (a
         fork, and the zygote's first warm-up of each function shape, must not stall every other call)."""
         name = f"host{next(self._seq)}"
-        shapes = {}
-        for pool in self._pools.values():  # one spec per shape: the zygote warms their kernels once
-            shapes.setdefault(pool.spec.shape, pool.spec)
-        host = _Host(name, None, os.path.join(self._dir, f"{name}.sock"),
-                     warm=[s.to_json() for s in shapes.values()])
+        host = _Host(name, None, os.path.join(self._dir, f"{name}.sock"), warm=self._one_spec_per_shape())
         self._hosts.append(host)
         return host
+
+    def _one_spec_per_shape(self) -> list[dict]:
+        """(Caller holds the lock.) A deployed spec of each function shape: the zygote warms their kernels once."""
+        shapes = {}
+        for pool in self._pools.values():
+            shapes.setdefault(pool.spec.shape, pool.spec)
+        return [s.to_json() for s in shapes.values()]
 
     def _launch(self, host: _Host) -> None:
         """(Without the lock.) Begin starting a new host that a request was just planned on, where a start takes
