@@ -54,32 +54,47 @@ def test_compiled_one_token_calls_equal_eager_in_bf16(checkpoint, variant):
             assert got.equal(want)
         else:
             torch.testing.assert_close(got, want, rtol=2 ** -7, atol=2 ** -7)
-    assert fast._one_row.compiled is not None  # it ran compiled code, not the eager fallback
+    assert fast._compiled.on and fast._compiled.graphs  # it ran compiled code, not the eager fallback
 
 
 def test_a_compiler_that_fails_leaves_the_experts_eager(monkeypatch, caplog):
-    def broken(fn, **_):
-        def call(*args):
-            raise RuntimeError("no C++ compiler")
-        return call
+    def broken(gm, example_inputs, options=None):
+        raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(torch, "compile", broken)
-    mlp = compiled.OneRowMLP(F.silu)  # not the process's cached one
-    x, gate_up, down = torch.randn(8), torch.randn(12, 8), torch.randn(8, 6)
+    monkeypatch.setattr(torch._inductor, "compile", broken)
+    expert = compiled.CompiledExpert(F.silu)  # not the process's cached one
+    x, gate_up, down, w = torch.randn(8), torch.randn(12, 8), torch.randn(8, 6), torch.tensor(0.5)
+    want = gated_mlp(x, gate_up, down, F.silu) * w
     with caplog.at_level(logging.WARNING, logger="faasmoe.models.compiled"):
-        assert mlp(x, gate_up, down).equal(gated_mlp(x, gate_up, down, F.silu))
-        assert mlp(x, gate_up, down).equal(gated_mlp(x, gate_up, down, F.silu))
-    assert mlp.compiled is None
+        assert expert(x, gate_up, down, w).equal(want)
+        assert expert(x, gate_up, down, w, want).equal(want + want)
+    assert not expert.on and not expert.graphs
     assert [r.message for r in caplog.records].count(
-        "torch.compile of the experts failed, computing them eagerly: RuntimeError: no C++ compiler") == 1
+        "compiling the experts failed, computing them eagerly: RuntimeError: no C++ compiler") == 1
 
 
-def test_an_input_error_is_raised_and_leaves_compiled_code_on(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)  # "compiled" code that is eager's, to raise alike
-    mlp = compiled.OneRowMLP(F.silu)
+def test_an_input_error_is_raised_and_leaves_compiled_code_on():
+    expert = compiled.CompiledExpert(F.silu)
     with pytest.raises(RuntimeError):
-        mlp(torch.randn(8), torch.randn(12, 9), torch.randn(8, 6))  # shapes that do not multiply
-    assert mlp.compiled is not None
+        expert(torch.randn(8), torch.randn(12, 9), torch.randn(8, 6), torch.tensor(0.5))  # shapes that do not multiply
+    assert expert.on
+
+
+def test_each_input_layout_gets_its_own_graph():
+    """Compiled graphs have no guards: a graph serves only the layout it was traced with, so each layout (shapes,
+    strides, a pair of gate and up, a sum to add to) gets its own, and each equals eager."""
+    expert = compiled.CompiledExpert(F.silu)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(8, generator=g), torch.tensor(0.25)
+    gate_up, down = torch.randn(12, 8, generator=g), torch.randn(8, 6, generator=g)
+    wide = (torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g))
+    pair = (gate_up[:6], gate_up[6:])
+    strided = torch.randn(12, 16, generator=g)[:, ::2]
+    with torch.inference_mode():
+        for args in [(x, gate_up, down, w), (x, *wide, w), (x, pair, down, w), (x, strided, down, w),
+                     (x, gate_up, down, w, x)]:
+            torch.testing.assert_close(expert(*args), expert.eager(*args), rtol=1e-5, atol=1e-6)
+    assert expert.on and len(expert.graphs) == 5
 
 
 def test_compiled_experts_need_one_thread_per_instance():

@@ -10,7 +10,6 @@ intermediate size, P = routing pairs, k = experts in the block.
 
 from __future__ import annotations
 
-import functools
 import struct
 
 import numpy as np
@@ -79,12 +78,11 @@ class ExpertFunction:
         w = with_scales(map_stacked(groups, self.dtype, concatenate=False, paged=paged))
         self.gate_up = [w[f"{e}.gate_up"] for e in spec.experts]  # k x [2I, H] (or k x (gate, up) [I, H])
         self.down = [w[f"{e}.down"] for e in spec.experts]  # k x [H, I]
-        if compiled and isinstance(self.down[0], torch.Tensor):  # int8 weights (`Int8Weight`) stay eager
-            from faasmoe.models.compiled import one_row_mlp
+        self._compiled = None  # one-token experts through `faasmoe.models.compiled` (int8 weights stay eager)
+        if compiled and isinstance(self.down[0], torch.Tensor):
+            from faasmoe.models.compiled import compiled_expert
 
-            self._one_row = one_row_mlp(self.act)
-        else:
-            self._one_row = functools.partial(gated_mlp, act=self.act)
+            self._compiled = compiled_expert(self.act)
         # expert id -> position in this block, -1 for experts of other blocks
         self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)
         self.local[list(spec.experts)] = np.arange(len(spec.experts))
@@ -117,7 +115,10 @@ class ExpertFunction:
             lo, hi = ends[j] - counts[j], ends[j]
             if hi - lo == 1:  # one token (most of a decode step's pairs): a view in, one row added out
                 r = int(tok[lo])
-                out[r].add_(self._one_row(x[r], self.gate_up[j], self.down[j]) * weight[lo])
+                if self._compiled is not None:
+                    out[r].add_(self._compiled(x[r], self.gate_up[j], self.down[j], weight[lo, 0]))
+                else:
+                    out[r].add_(gated_mlp(x[r], self.gate_up[j], self.down[j], self.act) * weight[lo])
                 continue
             every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
@@ -134,13 +135,21 @@ class ExpertFunction:
         expert a matrix-vector product on the row as a vector, the routing weight applied as a number rounded to
         the model's dtype first, as transformers applies it (bf16 in plain Python, fp16 through a tensor), and the
         first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch
-        operations an expert (compiled: one call and two)."""
+        operations an expert (compiled: one call, which weights and sums too, the weights rounded by one conversion)."""
+        order = [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist()
+        if self._compiled is not None:
+            ws = torch.tensor(weight).to(x.dtype).unbind()  # 0-d each (the frame's array is read-only)
+            out = None
+            for p in order:
+                j = local[p]
+                out = self._compiled(x, self.gate_up[j], self.down[j], ws[p], out)
+            return out
         w = ([_bf16(v) for v in weight.tolist()] if x.dtype == torch.bfloat16 else weight.tolist()
              if x.dtype == torch.float32 else torch.tensor(weight).to(x.dtype).tolist())  # [P]
         out = None
-        for p in [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist():
+        for p in order:
             j = local[p]
-            y = self._one_row(x, self.gate_up[j], self.down[j]).mul_(w[p])
+            y = gated_mlp(x, self.gate_up[j], self.down[j], self.act).mul_(w[p])
             out = y if out is None else out.add_(y)
         return out
 
@@ -168,6 +177,12 @@ class ExpertFunction:
                 with torch.inference_mode():
                     self.compute(inv)
             n *= 2
+        if len(self.spec.experts) > 1:  # one token to two experts: compiled, the second adds to the first's output
+            inv = wire.Invocation(self.digest, self.spec.layer, self.spec.block, torch.zeros(1, H, dtype=self.dtype),
+                                  torch.zeros(2, dtype=torch.int32), torch.tensor(self.spec.experts[:2], dtype=torch.int32),
+                                  torch.ones(2, dtype=torch.float32))
+            with torch.inference_mode():
+                self.compute(inv)
 
     def check(self, h: wire.Header, expert: np.ndarray) -> np.ndarray:
         """The frame (header `h`, routing pairs' experts) is for this function and names only this block's experts:

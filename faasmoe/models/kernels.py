@@ -130,8 +130,6 @@ WEIGHT_FIRST_ROWS = 8  # up to this many (padded) rows, a bf16 product of a cont
 
 def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype; x [K], one row as a vector: [N]."""
-    if torch.compiler.is_compiling():
-        return _traced(x, w, b)
     if isinstance(w, torch.Tensor) and w.is_mkldnn:
         return _packed(x, w, b)
     if x.dim() == 1:  # a one-token call's row: the matrix-vector product without a row dimension to add and drop
@@ -150,16 +148,6 @@ def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None
         if b is None and x.dtype == torch.bfloat16 and x.shape[0] <= WEIGHT_FIRST_ROWS and w.is_contiguous():
             return torch.mm(w, x.t()).t()[:M].contiguous()  # see the module's docstring
         return F.linear(x, w, b)[:M]
-    return F.linear(x, w, b)
-
-
-def _traced(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """The product inside compiled code (`faasmoe.models.compiled`): one row as a matrix-vector product, which
-    inductor generates as its own loop (one thread, bf16, weights from memory, on a Zen 4 EPYC: 1536 x 512 in
-    157 us against eager torch.mv's 363 and a packed weight's 140); rows of a matrix through F.linear. Plain
-    tensors only (compiled code never sees packed or int8 weights), whatever FAASMOE_BF16_GEMM says."""
-    if x.dim() == 1:
-        return torch.mv(w, x) if b is None else torch.addmv(b, w, x)
     return F.linear(x, w, b)
 
 

@@ -63,8 +63,8 @@ class PlatformConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_thread_to_compile(self) -> "PlatformConfig":
-        # the compiled code is guarded by the thread count it was compiled under (the zygote's one): a host
-        # with more would compile its own, seconds into its first call
+        # the compiled code is generated for the thread count it was compiled under (the zygote's one): a host
+        # with more threads would still compute its experts on one
         if self.compile_experts and self.threads_per_instance != 1:
             raise ValueError("compile_experts needs threads_per_instance = 1")
         return self
