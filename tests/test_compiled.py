@@ -57,6 +57,23 @@ def test_compiled_one_token_calls_equal_eager_in_bf16(checkpoint, variant):
     assert fast._compiled.on and fast._compiled.graphs  # it ran compiled code, not the eager fallback
 
 
+def test_warm_up_compiles_every_graph_a_decode_call_uses(checkpoint):
+    """The zygote warms a function before forking its hosts: afterwards no decode call (one token to one or
+    several experts, a batch's one-token experts) compiles anything, which would stall a step for seconds."""
+    spec = Deployment.plan(Checkpoint(checkpoint("tiny")), 4, "bfloat16").specs[0]
+    fn = ExpertFunction(spec, compiled=True)
+    fn._compiled = compiled.CompiledExpert(fn.act)  # its own graphs, not the process's (other tests fill those)
+    fn.warm_up(max_rows=4)
+    graphs = dict(fn._compiled.graphs)
+    e = spec.experts
+    for T, token, expert in [(1, [0], [e[1]]), (1, [0, 0, 0], [e[2], e[0], e[3]]), (2, [0, 1, 1], [e[0], e[1], e[2]])]:
+        inv = wire.Invocation(fn.digest, spec.layer, spec.block, torch.randn(T, spec.hidden_size).to(torch.bfloat16),
+                              torch.tensor(token, dtype=torch.int32), torch.tensor(expert, dtype=torch.int32),
+                              torch.rand(len(token)))
+        wire.decode_result(fn.handle(wire.encode_invocation(inv)), torch.bfloat16, T, spec.hidden_size)
+    assert fn._compiled.graphs == graphs and len(graphs) == 2  # an expert alone, and one added to a sum
+
+
 def test_a_compiler_that_fails_leaves_the_experts_eager(monkeypatch, caplog):
     def broken(gm, example_inputs, options=None):
         raise RuntimeError("no C++ compiler")

@@ -56,9 +56,9 @@ class ExpertFunction:
     def __init__(self, spec: FunctionSpec, paged: bool = False, compiled: bool = False):
         """`paged`: map the weights without reading them (pages read on use and dropped under memory pressure
         by the kernel: a monolithic model served through mmap), instead of loading them now.
-        `compiled`: the experts that get one token through torch.compile (`faasmoe.models.compiled`; not for int8
-        weights), compiled in this process on their first call (the local platform's zygote makes it before
-        forking hosts)."""
+        `compiled`: the experts that get one token through code compiled by inductor (`faasmoe.models.compiled`;
+        not for int8 weights), compiled in this process on first use (`warm_up` compiles what a decode step uses;
+        the local platform's zygote runs it before forking hosts)."""
         self.spec = spec
         self.dtype = torch_dtype(spec.dtype)
         self.digest = bytes.fromhex(spec.model)  # the checkpoint's, as frames carry it
@@ -131,11 +131,11 @@ class ExpertFunction:
         return out
 
     def _one_token(self, x: torch.Tensor, local: np.ndarray, weight: np.ndarray) -> torch.Tensor:
-        """[H]: `_compute` for one token x [H] (a single sequence's decode step) and its P >= 1 pairs here: each
-        expert a matrix-vector product on the row as a vector, the routing weight applied as a number rounded to
-        the model's dtype first, as transformers applies it (bf16 in plain Python, fp16 through a tensor), and the
-        first expert's output taken as the sum's start (0 + y is y, the sign of a zero aside): seven torch
-        operations an expert (compiled: one call, which weights and sums too, the weights rounded by one conversion)."""
+        """[H]: `_compute` for one token x [H] (a single sequence's decode step) and its P >= 1 pairs here, in
+        ascending expert order: each expert a matrix-vector product on the row as a vector, its routing weight
+        rounded to the model's dtype first, as transformers applies it, and the first expert's output the sum's
+        start (0 + y is y, the sign of a zero aside). Eager: the weights rounded in plain Python (bf16) and seven
+        torch operations an expert; compiled: one call an expert, which weights and sums too."""
         order = [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist()
         if self._compiled is not None:
             ws = torch.tensor(weight).to(x.dtype).unbind()  # 0-d each (the frame's array is read-only)

@@ -44,7 +44,7 @@ class PlatformConfig(BaseModel):
     threads_per_instance: int = Field(1, ge=1, description="torch threads in each function instance (local: "
                                                            "host process)")
     compile_experts: bool = Field(
-        False, description="compute a one-token call's experts through torch.compile (inductor, which needs a C++ "
+        False, description="compute a one-token call's experts as code compiled by torch's inductor (which needs a C++ "
                            "compiler): a bf16 expert 3x faster on the Zen 4 EPYC measured; the local platform "
                            "compiles once in its zygote while it starts (seconds, less with inductor's cache), a "
                            "Ray host in its actor (its cold start grows by as much); needs threads_per_instance 1")

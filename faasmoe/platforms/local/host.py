@@ -51,7 +51,7 @@ class Host:
     """The functions one process holds, and the handling of one request."""
 
     def __init__(self, compiled: bool = False):
-        """`compiled`: the functions it loads compute one-token calls through torch.compile (`ExpertFunction`)."""
+        """`compiled`: the functions it loads compute one-token calls through compiled code (`ExpertFunction`)."""
         self.functions: dict[str, tuple[ExpertFunction, int]] = {}  # id -> (function, its largest legal frame)
         self.compiled = compiled
 

@@ -71,7 +71,8 @@ class Zygote:
              compiled: bool = False) -> int:
         """A new host process serving `socket_path`; returns its pid. `warm`: specs of the functions it may load,
         whose kernels the zygote runs first (once per shape) so that hosts share them (see `_warm_up`);
-        `compiled`: its functions' one-token calls through torch.compile, compiled here first the same way."""
+        `compiled`: its functions' one-token calls through compiled code (`faasmoe.models.compiled`), compiled
+        here first the same way."""
         return int(self._request({"socket": socket_path, "threads": threads, "warm": list(warm),
                                   "hang_on_request": hang_on_request, "compiled": compiled}, "pid"))
 
