@@ -187,7 +187,7 @@ MEMORY_BUDGET_OPTION = typer.Option(
 COMPILE_EXPERTS_OPTION = typer.Option(
     _d("compile_experts"), "--compile-experts/--no-compile-experts",
     help="Compute a one-token call's experts as code compiled by torch's inductor (needs a C++ compiler; seconds to "
-         "compile once per process, cached in ~/.cache/faasmoe/inductor): a bf16 expert 3x faster on the Zen 4 EPYC "
+         "compile once per process, cached in ~/.cache/faasmoe/inductor): a bf16 expert 3-4x faster on the Zen 4 EPYC "
          "measured. Off: eager torch.")
 
 # Where the expert functions run besides the embedded platform: the same flags for generate and serve.

@@ -8,8 +8,8 @@ the same tokens). Without PROMPT_TOKENS the prompts are one sentence differing i
 route alike: few distinct experts a layer); with it, each sequence's prompt is that many token ids drawn at
 random (seeded), so that the sequences route as different requests do. The thread count is process-wide, so
 compare versions in separate processes, alternating them (the machine's speed drifts: see
-docs/benchmarks.md, section 5). FAASMOE_COMPILE_EXPERTS=1: the functions compute their experts through
-torch.compile (`compile_experts`).
+docs/benchmarks.md, section 5). FAASMOE_COMPILE_EXPERTS=1: the functions compute their experts as
+inductor-compiled code (`compile_experts`).
 """
 
 from __future__ import annotations

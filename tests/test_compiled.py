@@ -1,4 +1,4 @@
-"""Experts computed through torch.compile (`compile_experts`): the same answers as eager, and eager when the
+"""Experts computed by inductor-compiled code (`compile_experts`): the same answers as eager, and eager when the
 compiler cannot run."""
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def test_compiled_one_token_calls_equal_eager_in_bf16(checkpoint, variant):
     does), else within bf16 rounding (eager computes one row through F.linear there)."""
     spec = Deployment.plan(Checkpoint(checkpoint(variant)), 4, "bfloat16").specs[0]
     eager, fast = ExpertFunction(spec), ExpertFunction(spec, compiled=True)
+    fast._compiled = compiled.CompiledExpert(fast.act)  # its own graphs, not the process's (other tests fill those)
     e = spec.experts
     g = torch.Generator().manual_seed(7)
     calls = [(1, [0, 0, 0], [e[2], e[0], e[1]]), (3, [0, 1, 2, 2], [e[0], e[1], e[1], e[3]])]
@@ -59,19 +60,25 @@ def test_compiled_one_token_calls_equal_eager_in_bf16(checkpoint, variant):
 
 def test_warm_up_compiles_every_graph_a_decode_call_uses(checkpoint):
     """The zygote warms a function before forking its hosts: afterwards no decode call (one token to one or
-    several experts, a batch's one-token experts) compiles anything, which would stall a step for seconds."""
+    several experts, a batch's one-token experts) compiles anything, which would stall a step for seconds. Also
+    where one expert's gate and up are a pair and the others' stacked (a shard boundary between them)."""
     spec = Deployment.plan(Checkpoint(checkpoint("tiny")), 4, "bfloat16").specs[0]
     fn = ExpertFunction(spec, compiled=True)
     fn._compiled = compiled.CompiledExpert(fn.act)  # its own graphs, not the process's (other tests fill those)
+    I = fn.down[2].shape[1]
+    fn.gate_up[2] = (fn.gate_up[2][:I], fn.gate_up[2][I:])  # as mapped where they are not adjacent
     fn.warm_up(max_rows=4)
     graphs = dict(fn._compiled.graphs)
     e = spec.experts
-    for T, token, expert in [(1, [0], [e[1]]), (1, [0, 0, 0], [e[2], e[0], e[3]]), (2, [0, 1, 1], [e[0], e[1], e[2]])]:
+    calls = [(1, [0], [e[1]]), (1, [0], [e[2]]), (1, [0, 0, 0], [e[2], e[0], e[3]]), (1, [0, 0], [e[1], e[2]]),
+             (2, [0, 1, 1], [e[0], e[1], e[2]])]
+    for T, token, expert in calls:
         inv = wire.Invocation(fn.digest, spec.layer, spec.block, torch.randn(T, spec.hidden_size).to(torch.bfloat16),
                               torch.tensor(token, dtype=torch.int32), torch.tensor(expert, dtype=torch.int32),
                               torch.rand(len(token)))
         wire.decode_result(fn.handle(wire.encode_invocation(inv)), torch.bfloat16, T, spec.hidden_size)
-    assert fn._compiled.graphs == graphs and len(graphs) == 2  # an expert alone, and one added to a sum
+    assert fn._compiled.on
+    assert fn._compiled.graphs == graphs and len(graphs) == 4  # stacked and pair: alone, and added to a sum
 
 
 def test_a_compiler_that_fails_leaves_the_experts_eager(monkeypatch, caplog):
@@ -87,7 +94,7 @@ def test_a_compiler_that_fails_leaves_the_experts_eager(monkeypatch, caplog):
         assert expert(x, gate_up, down, w, want).equal(want + want)
     assert not expert.on and not expert.graphs
     assert [r.message for r in caplog.records].count(
-        "compiling the experts failed, computing them eagerly: RuntimeError: no C++ compiler") == 1
+        "the compiled experts failed, computing them eagerly: RuntimeError: no C++ compiler") == 1
 
 
 def test_an_input_error_is_raised_and_leaves_compiled_code_on():

@@ -87,6 +87,11 @@ class ExpertFunction:
         self.local = np.full(max(spec.experts) + 1, -1, dtype=np.int64)
         self.local[list(spec.experts)] = np.arange(len(spec.experts))
 
+    @property
+    def _compiling(self) -> bool:
+        """Whether one-token experts run compiled code (not after a compiler failure: eager's own path is cheaper)."""
+        return self._compiled is not None and self._compiled.on
+
     def compute(self, inv: wire.Invocation) -> torch.Tensor:
         """[T, H]: for each token, the routing-weighted sum of its experts' outputs in this block."""
         out = self._compute(inv.hidden, inv.token.numpy(), self.local[inv.expert.numpy()], inv.weight.numpy())
@@ -115,7 +120,7 @@ class ExpertFunction:
             lo, hi = ends[j] - counts[j], ends[j]
             if hi - lo == 1:  # one token (most of a decode step's pairs): a view in, one row added out
                 r = int(tok[lo])
-                if self._compiled is not None:
+                if self._compiling:
                     out[r].add_(self._compiled(x[r], self.gate_up[j], self.down[j], weight[lo, 0]))
                 else:
                     out[r].add_(gated_mlp(x[r], self.gate_up[j], self.down[j], self.act) * weight[lo])
@@ -137,7 +142,7 @@ class ExpertFunction:
         start (0 + y is y, the sign of a zero aside). Eager: the weights rounded in plain Python (bf16) and seven
         torch operations an expert; compiled: one call an expert, which weights and sums too."""
         order = [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist()
-        if self._compiled is not None:
+        if self._compiling:
             ws = torch.tensor(weight).to(x.dtype).unbind()  # 0-d each (the frame's array is read-only)
             out = None
             for p in order:
@@ -163,7 +168,8 @@ class ExpertFunction:
         zygote calls this once per function shape before forking, so its instances share one copy of all that
         (copy-on-write) instead of each building its own: measured on the quarter preset, an instance's own
         memory after 300 varied calls went from 18 to 10 MB, for 0.1 s of the zygote's time once per shape. The zygote
-        warms them on one thread (a fork-safe OpenMP state), so hosts with more threads build their own."""
+        warms them on one thread (a fork-safe OpenMP state), so hosts with more threads build their own. With
+        compiled experts it compiles the graphs one-token calls use too (`_compile_one_token_calls`)."""
         H = self.spec.hidden_size
         n = 1
         while n <= max_rows:
@@ -177,10 +183,28 @@ class ExpertFunction:
                 with torch.inference_mode():
                     self.compute(inv)
             n *= 2
-        if len(self.spec.experts) > 1:  # one token to two experts: compiled, the second adds to the first's output
+        if self._compiled is not None:
+            self._compile_one_token_calls()
+
+    def _compile_one_token_calls(self) -> None:
+        """Compile the graphs a one-token call can use: for each layout of gate and up among the experts (stacked,
+        or a pair where the checkpoint does not store them adjacent), an expert alone and one added to a sum."""
+        by_layout: dict[tuple, list[int]] = {}  # the experts' positions by their gate and up matrices' layout
+        for j, gu in enumerate(self.gate_up):
+            by_layout.setdefault(tuple((t.shape, t.stride()) for t in (gu if isinstance(gu, tuple) else (gu,))),
+                                 []).append(j)
+        calls = []
+        for positions in by_layout.values():
+            calls.append([positions[0]])  # alone
+            later = next((j for j in positions if j > 0), None)
+            if later is not None:  # added to position 0's output (a call's experts run in ascending order)
+                calls.append([0, later])
+        H = self.spec.hidden_size
+        for positions in calls:
+            expert = torch.tensor([self.spec.experts[j] for j in positions], dtype=torch.int32)
             inv = wire.Invocation(self.digest, self.spec.layer, self.spec.block, torch.zeros(1, H, dtype=self.dtype),
-                                  torch.zeros(2, dtype=torch.int32), torch.tensor(self.spec.experts[:2], dtype=torch.int32),
-                                  torch.ones(2, dtype=torch.float32))
+                                  torch.zeros(len(positions), dtype=torch.int32), expert,
+                                  torch.ones(len(positions), dtype=torch.float32))
             with torch.inference_mode():
                 self.compute(inv)
 

@@ -12,7 +12,7 @@ layer steps compiled the same way measured no faster and changed bf16 roundings,
 
 Each expert is one compiled call that also applies its routing weight and adds the token's previous experts'
 sum (`acc + down(act(gate(x)) * up(x)) * w`, rounded where eager rounds). The graph is traced with make_fx
-and compiled with `torch._inductor.compile`, not `torch.compile`: dynamo's guards cost ~15-40 us a call, as
+and compiled with `torch._inductor.compile`, not `torch.compile`: dynamo's guards cost 10-45 us a call, as
 much as the product of a small expert, and the weighting and the sum cost two eager operations more. On the
 Zen 4, 24 groups of four mapped experts, medians of 8 interleaved passes: 403 us per four experts against
 686 through `torch.compile` with eager weighting and sum, 90 against 124 for one. Without guards, each
@@ -51,52 +51,62 @@ class CompiledExpert:
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor]):
         self.act = act
         self.on = True
-        self.graphs: dict[tuple, Callable[..., torch.Tensor]] = {}
+        self.graphs: dict[tuple, Callable[..., torch.Tensor]] = {}  # by (pair, accumulate, each input's layout)
 
     def __call__(self, x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, w: torch.Tensor,
                  acc: torch.Tensor | None = None) -> torch.Tensor:
-        if self.on:
-            args = (x, *gate_up, down, w) if isinstance(gate_up, tuple) else (x, gate_up, down, w)
-            if acc is not None:
-                args += (acc,)
-            try:
-                key = tuple((a.shape, a.stride(), a.dtype) for a in args)
-                graph = self.graphs.get(key)
-                if graph is None:
-                    graph = self.graphs[key] = self._compile(isinstance(gate_up, tuple), acc is not None, args)
-                return graph(*args)
-            except Exception as e:  # noqa: BLE001 - eager's own errors raise from the line below, compiled stays on
-                y = self.eager(x, gate_up, down, w, acc)
-                log.warning("compiling the experts failed, computing them eagerly: %s: %s", type(e).__name__, e)
-                self.on = False
-                return y
-        return self.eager(x, gate_up, down, w, acc)
+        if not self.on:
+            return self.eager(x, gate_up, down, w, acc)
+        pair = isinstance(gate_up, tuple)
+        args = (x, *gate_up, down, w) if pair else (x, gate_up, down, w)
+        if acc is not None:
+            args += (acc,)
+        try:
+            key = (pair, acc is not None, *((a.shape, a.stride(), a.dtype) for a in args))
+            graph = self.graphs.get(key)
+            if graph is None:
+                graph = self.graphs[key] = _compile(self._traced(pair, acc is not None), args)
+            return graph(*args)
+        except Exception as e:  # noqa: BLE001 - eager's own errors raise from the line below, compiled stays on
+            y = self.eager(x, gate_up, down, w, acc)
+            log.warning("the compiled experts failed, computing them eagerly: %s: %s", type(e).__name__, e)
+            self.on = False
+            return y
 
     def eager(self, x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, w: torch.Tensor,
               acc: torch.Tensor | None = None) -> torch.Tensor:
         y = gated_mlp(x, gate_up, down, self.act) * w
         return y if acc is None else acc + y
 
-    def _compile(self, pair: bool, accumulate: bool, args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
-        import torch._inductor
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    def _traced(self, pair: bool, accumulate: bool) -> Callable[..., torch.Tensor]:
+        """What a graph computes: `eager`'s arithmetic on flat inputs, each product a matrix-vector product."""
         act = self.act
 
-        def expert(x, *rest):  # gated_mlp's arithmetic on one row, each product a matrix-vector product
-            if pair:
-                gate, up, down, w = rest[:4]
-                h = act(torch.mv(gate, x)) * torch.mv(up, x)
-            else:
-                gate_up, down, w = rest[:3]
-                gate, up = torch.mv(gate_up, x).split(down.shape[1])
-                h = act(gate) * up
-            y = torch.mv(down, h) * w
-            return rest[-1] + y if accumulate else y
+        def hidden(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+            gate, up = torch.mv(gate_up, x).split(down.shape[1])
+            return act(gate) * up
 
-        with torch.inference_mode():
-            return torch._inductor.compile(make_fx(expert)(*args), list(args), options=OPTIONS)
+        def hidden_pair(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+            return act(torch.mv(gate, x)) * torch.mv(up, x)
+
+        def expert(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+            k = 2 if pair else 1  # rest: the gate/up matrices, then down, w (and acc)
+            down, w = rest[k], rest[k + 1]
+            h = hidden_pair(x, rest[0], rest[1]) if pair else hidden(x, rest[0], down)
+            y = torch.mv(down, h) * w
+            return rest[k + 2] + y if accumulate else y
+
+        return expert
+
+
+def _compile(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:
+    """`fn` traced on `args` and compiled by inductor: valid for inputs of `args`' layouts only (no guards)."""
+    import torch._inductor
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(CACHE_DIR))
+    with torch.inference_mode():
+        return torch._inductor.compile(make_fx(fn)(*args), list(args), options=OPTIONS)
 
 
 @functools.cache

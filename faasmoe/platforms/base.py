@@ -45,7 +45,7 @@ class PlatformConfig(BaseModel):
                                                            "host process)")
     compile_experts: bool = Field(
         False, description="compute a one-token call's experts as code compiled by torch's inductor (which needs a C++ "
-                           "compiler): a bf16 expert 3x faster on the Zen 4 EPYC measured; the local platform "
+                           "compiler): a bf16 expert 3-4x faster on the Zen 4 EPYC measured; the local platform "
                            "compiles once in its zygote while it starts (seconds, less with inductor's cache), a "
                            "Ray host in its actor (its cold start grows by as much); needs threads_per_instance 1")
     eviction: Literal["next-use", "lru"] = Field(
@@ -64,7 +64,7 @@ class PlatformConfig(BaseModel):
     @model_validator(mode="after")
     def _one_thread_to_compile(self) -> "PlatformConfig":
         # the compiled code is generated for the thread count it was compiled under (the zygote's one): a host
-        # with more threads would still compute its experts on one
+        # given more threads would compute its experts on one and leave the rest idle, not what was asked for
         if self.compile_experts and self.threads_per_instance != 1:
             raise ValueError("compile_experts needs threads_per_instance = 1")
         return self

@@ -9,7 +9,7 @@ PYTHONPATH. One request, greedy, STEPS decode steps (default 16) after two warm 
 phase in a layer counts (at k = 1 a host runs several calls a layer: their later phases are not shown).
 Stamps cost 3-5 us each; compare phases, not the step time, with untraced runs. --fine stamps the control plane's
 side in more detail too (the platform's grouping, planning, sending and accounting, the wire's frames).
-FAASMOE_COMPILE_EXPERTS=1: the hosts compute their experts through torch.compile (`compile_experts`)."""
+FAASMOE_COMPILE_EXPERTS=1: the hosts compute their experts as inductor-compiled code (`compile_experts`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ if __name__ == "__main__":
 
     model, k = sys.argv[1], int(sys.argv[2])
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 16
-    compiled = os.environ.get("FAASMOE_COMPILE_EXPERTS") == "1"  # the hosts' experts through torch.compile
+    compiled = os.environ.get("FAASMOE_COMPILE_EXPERTS") == "1"  # the hosts' experts compiled
     engine = faasmoe.load(model, experts_per_function=k, prewarm=True,
                           platform_config=faasmoe.platforms.PlatformConfig(compile_experts=compiled))
     stamps: list[tuple[str, float]] = []
