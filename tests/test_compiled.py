@@ -61,13 +61,14 @@ def test_compiled_one_token_calls_equal_eager_in_bf16(checkpoint, variant):
 def test_warm_up_compiles_every_graph_a_decode_call_uses(checkpoint):
     """The zygote warms a function before forking its hosts: afterwards no decode call (one token to one or
     several experts, a batch's one-token experts) compiles anything, which would stall a step for seconds. Also
-    where one expert's gate and up are a pair and the others' stacked (a shard boundary between them)."""
+    in another function of the same shape where one expert's gate and up are a pair (a shard boundary between
+    them), which the zygote does not warm separately."""
     spec = Deployment.plan(Checkpoint(checkpoint("tiny")), 4, "bfloat16").specs[0]
     fn = ExpertFunction(spec, compiled=True)
     fn._compiled = compiled.CompiledExpert(fn.act)  # its own graphs, not the process's (other tests fill those)
+    fn.warm_up(max_rows=4)  # this function's experts all stacked, as the one the zygote warms may be
     I = fn.down[2].shape[1]
-    fn.gate_up[2] = (fn.gate_up[2][:I], fn.gate_up[2][I:])  # as mapped where they are not adjacent
-    fn.warm_up(max_rows=4)
+    fn.gate_up[2] = (fn.gate_up[2][:I].clone(), fn.gate_up[2][I:].clone())  # as mapped where not adjacent
     graphs = dict(fn._compiled.graphs)
     e = spec.experts
     calls = [(1, [0], [e[1]]), (1, [0], [e[2]]), (1, [0, 0, 0], [e[2], e[0], e[3]]), (1, [0, 0], [e[1], e[2]]),

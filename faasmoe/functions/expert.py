@@ -169,7 +169,8 @@ class ExpertFunction:
         (copy-on-write) instead of each building its own: measured on the quarter preset, an instance's own
         memory after 300 varied calls went from 18 to 10 MB, for 0.1 s of the zygote's time once per shape. The zygote
         warms them on one thread (a fork-safe OpenMP state), so hosts with more threads build their own. With
-        compiled experts it compiles the graphs one-token calls use too (`_compile_one_token_calls`)."""
+        compiled experts it compiles the graphs one-token calls use too (`_compile_one_token_calls`), on the
+        same expert's pages."""
         H = self.spec.hidden_size
         n = 1
         while n <= max_rows:
@@ -183,30 +184,22 @@ class ExpertFunction:
                 with torch.inference_mode():
                     self.compute(inv)
             n *= 2
-        if self._compiled is not None:
+        if self._compiling:
             self._compile_one_token_calls()
 
     def _compile_one_token_calls(self) -> None:
-        """Compile the graphs a one-token call can use: for each layout of gate and up among the experts (stacked,
-        or a pair where the checkpoint does not store them adjacent), an expert alone and one added to a sum."""
-        by_layout: dict[tuple, list[int]] = {}  # the experts' positions by their gate and up matrices' layout
-        for j, gu in enumerate(self.gate_up):
-            by_layout.setdefault(tuple((t.shape, t.stride()) for t in (gu if isinstance(gu, tuple) else (gu,))),
-                                 []).append(j)
-        calls = []
-        for positions in by_layout.values():
-            calls.append([positions[0]])  # alone
-            later = next((j for j in positions if j > 0), None)
-            if later is not None:  # added to position 0's output (a call's experts run in ascending order)
-                calls.append([0, later])
+        """Compile the graphs a one-token call can use: an expert alone and one added to a sum, for gate and up
+        stacked and as a pair. The zygote warms one function per shape, and any function of a stacked family may
+        hold a pair (a shard boundary between an expert's gate and up), so the pair's graphs are compiled from
+        views of a stacked matrix too (a real pair's layout: two contiguous [I, H] matrices)."""
         H = self.spec.hidden_size
-        for positions in calls:
-            expert = torch.tensor([self.spec.experts[j] for j in positions], dtype=torch.int32)
-            inv = wire.Invocation(self.digest, self.spec.layer, self.spec.block, torch.zeros(1, H, dtype=self.dtype),
-                                  torch.zeros(len(positions), dtype=torch.int32), expert,
-                                  torch.ones(len(positions), dtype=torch.float32))
-            with torch.inference_mode():
-                self.compute(inv)
+        gate_up, down, dtype = self.gate_up[0], self.down[0], self.dtype
+        layouts = [gate_up] if isinstance(gate_up, tuple) else [gate_up, (gate_up[:down.shape[1]],
+                                                                          gate_up[down.shape[1]:])]
+        x, w = torch.zeros(H, dtype=dtype), torch.ones((), dtype=dtype)
+        with torch.inference_mode():
+            for gu in layouts:
+                self._compiled(x, gu, down, w, self._compiled(x, gu, down, w))  # alone, then added to a sum
 
     def check(self, h: wire.Header, expert: np.ndarray) -> np.ndarray:
         """The frame (header `h`, routing pairs' experts) is for this function and names only this block's experts:
