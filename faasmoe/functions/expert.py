@@ -169,8 +169,7 @@ class ExpertFunction:
         (copy-on-write) instead of each building its own: measured on the quarter preset, an instance's own
         memory after 300 varied calls went from 18 to 10 MB, for 0.1 s of the zygote's time once per shape. The zygote
         warms them on one thread (a fork-safe OpenMP state), so hosts with more threads build their own. With
-        compiled experts it compiles the graphs one-token calls use too (`_compile_one_token_calls`), on the
-        same expert's pages."""
+        compiled experts it compiles the graphs one-token calls use too (`_compile_one_token_calls`)."""
         H = self.spec.hidden_size
         n = 1
         while n <= max_rows:
@@ -192,11 +191,13 @@ class ExpertFunction:
         stacked and as a pair. The zygote warms one function per shape, and any function of a stacked family may
         hold a pair (a shard boundary between an expert's gate and up), so the pair's graphs are compiled from
         views of a stacked matrix too (a real pair's layout: two contiguous [I, H] matrices)."""
-        H = self.spec.hidden_size
-        gate_up, down, dtype = self.gate_up[0], self.down[0], self.dtype
-        layouts = [gate_up] if isinstance(gate_up, tuple) else [gate_up, (gate_up[:down.shape[1]],
-                                                                          gate_up[down.shape[1]:])]
-        x, w = torch.zeros(H, dtype=dtype), torch.ones((), dtype=dtype)
+        down, I = self.down[0], self.down[0].shape[1]
+        stacked = next((gu for gu in self.gate_up if not isinstance(gu, tuple)), None)
+        pair = next((gu for gu in self.gate_up if isinstance(gu, tuple)), None)
+        if pair is None:
+            pair = (stacked[:I], stacked[I:])
+        layouts = [pair] if stacked is None else [stacked, pair]  # a pair family (Mixtral's w1, w3) never stacks
+        x, w = torch.zeros(self.spec.hidden_size, dtype=self.dtype), torch.ones((), dtype=self.dtype)
         with torch.inference_mode():
             for gu in layouts:
                 self._compiled(x, gu, down, w, self._compiled(x, gu, down, w))  # alone, then added to a sum
