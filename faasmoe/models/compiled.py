@@ -82,21 +82,16 @@ class CompiledExpert:
         """What a graph computes: `eager`'s arithmetic on flat inputs, each product a matrix-vector product."""
         act = self.act
 
-        def hidden(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-            gate, up = torch.mv(gate_up, x).split(down.shape[1])
-            return act(gate) * up
-
-        def hidden_pair(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-            return act(torch.mv(gate, x)) * torch.mv(up, x)
-
         def expert(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
             k = 2 if pair else 1  # rest: the gate/up matrices, then down, w (and acc)
-            down, w = rest[k], rest[k + 1]
-            h = hidden_pair(x, rest[0], rest[1]) if pair else hidden(x, rest[0], down)
-            y = torch.mv(down, h) * w
+            y = gated_mlp(x, (rest[0], rest[1]) if pair else rest[0], rest[k], act, _matrix_vector) * rest[k + 1]
             return rest[k + 2] + y if accumulate else y
 
         return expert
+
+
+def _matrix_vector(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mv(w, x)
 
 
 def _compile(fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...]) -> Callable[..., torch.Tensor]:

@@ -7,6 +7,8 @@ transformers, which costs seconds per function cold start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,14 +31,16 @@ def activation(name: str):
 GateUp = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act) -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act,
+              product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) for x [n, H] (or one row as a vector [H]), gate and up stacked as one [2I, H]
     matrix (one matmul; a (gate, up) pair where the checkpoint does not store them adjacent), down [H, I]: the
-    MLP of a routed expert, of the shared expert and of a dense layer alike."""
+    MLP of a routed expert, of the shared expert and of a dense layer alike. `product(x, w)`: x @ w.T (the
+    compiled experts trace it as a matrix-vector product)."""
     if isinstance(gate_up, tuple):
-        return linear(act(linear(x, gate_up[0])) * linear(x, gate_up[1]), down)
-    gate, up = linear(x, gate_up).split(down.shape[1], dim=-1)  # [n, I] each
-    return linear(act(gate) * up, down)
+        return product(act(product(x, gate_up[0])) * product(x, gate_up[1]), down)
+    gate, up = product(x, gate_up).split(down.shape[1], dim=-1)  # [n, I] each
+    return product(act(gate) * up, down)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
