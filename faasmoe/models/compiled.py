@@ -84,13 +84,15 @@ class CompiledExpert:
 
         def expert(x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
             k = 2 if pair else 1  # rest: the gate/up matrices, then down, w (and acc)
-            y = gated_mlp(x, (rest[0], rest[1]) if pair else rest[0], rest[k], act, _matrix_vector) * rest[k + 1]
+            y = gated_mlp(x, (rest[0], rest[1]) if pair else rest[0], rest[k], act, _mv) * rest[k + 1]
             return rest[k + 2] + y if accumulate else y
 
         return expert
 
 
-def _matrix_vector(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _mv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for a vector x: what the graphs trace (inductor generates its own loop for it, where
+    `kernels.linear` would trace its CPU-dependent dispatch)."""
     return torch.mv(w, x)
 
 

@@ -31,7 +31,7 @@ def activation(name: str):
 GateUp = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act,
+def gated_mlp(x: torch.Tensor, gate_up: GateUp, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor],
               product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = linear) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) for x [n, H] (or one row as a vector [H]), gate and up stacked as one [2I, H]
     matrix (one matmul; a (gate, up) pair where the checkpoint does not store them adjacent), down [H, I]: the
