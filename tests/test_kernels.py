@@ -179,6 +179,73 @@ def test_packed_products_equal_f_linear_bit_for_bit(native_path, shape):
     assert torch.equal(kernels.linear(v, packed), F.linear(v[None], w)[0])
 
 
+needs_fbgemm = pytest.mark.skipif(not kernels._fbgemm_fp16(), reason="FBGEMM's fp16 products need an x86 CPU with AVX2")
+
+
+def _fp32_rounded(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fp16_packed_products_are_an_fp32_product_rounded_once(fp32_path, monkeypatch, sharded, threads):
+    """Without bf16 instructions a large enough bf16 matrix is held as FBGEMM's fp16: rows multiplied in fp32 and
+    rounded once, as torch's bf16 GEMM accumulates (the order of the sum aside: at most one rounding step apart),
+    a vector as its one row; packed whole or in slices of rows, for one thread or two, the same bits."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 300, 256  # 76,800 elements: over FP16_MIN_ELEMENTS, N not a multiple of any block
+    w = (torch.randn(N, K, generator=g) / 16).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16)
+    whole = kernels.pack(w)
+    if sharded:
+        monkeypatch.setattr(kernels, "FP16_SHARD_ELEMENTS", 64 * K)  # slices of 64 rows: 5, the last one short
+    packed = kernels.pack(w, threads)
+    assert isinstance(packed, kernels.Fp16Weight) and packed.shape == w.shape
+    assert len(packed.shards) == (5 if sharded else 1) and packed.threaded is (sharded and threads > 1)
+    same = total = 0
+    for rows in (1, 3, 6, 17):
+        x = torch.randn(rows, K, generator=g).to(torch.bfloat16)
+        for bias in (None, b):
+            out = kernels.linear(x, packed, bias)
+            ref = _fp32_rounded(x, w, bias)
+            assert out.dtype == torch.bfloat16 and out.shape == (rows, N)
+            step = (ref.float().abs() * 2 ** -7).clamp(min=2 ** -126)  # one bf16 rounding step (or more) of each
+            assert ((out.float() - ref.float()).abs() <= step).all()
+            same += int((out == ref).sum())
+            total += out.numel()
+            assert torch.equal(kernels.linear(x, whole, bias), out)
+            with kernels.torch_threads(threads):
+                assert torch.equal(kernels.linear(x, packed, bias), out)
+    assert same >= 0.99 * total
+    v = torch.randn(K, generator=g).to(torch.bfloat16)
+    assert torch.equal(kernels.linear(v, packed, b), kernels.linear(v[None], packed, b)[0])
+
+
+@needs_fbgemm
+def test_fp16_packing_keeps_what_fp16_cannot_hold(fp32_path, monkeypatch):
+    """A bf16 value beyond fp16's range keeps its matrix bf16; magnitudes under 2^-17 round to fp16's subnormal
+    steps, an error below 2^-25 each; a matrix under FP16_MIN_ELEMENTS stays as it is, and so does everything
+    where FBGEMM is missing."""
+    g = torch.Generator().manual_seed(4)
+    N, K = 256, 256
+    w = (torch.randn(N, K, generator=g) / 16).to(torch.bfloat16)
+    big = w.clone()
+    big[7, 9] = 70000.0
+    assert kernels.pack(big) is big
+    tiny = w.clone()
+    tiny[:, ::2] = (torch.rand(N, K // 2, generator=g) * 2 ** -17).to(torch.bfloat16)  # half the values tiny
+    packed = kernels.pack(tiny)
+    x = torch.randn(4, K, generator=g).to(torch.bfloat16)
+    exact = F.linear(x.double(), tiny.double())
+    got = kernels._fp16(x, packed, None).float()  # rounded to bf16: compare with the exact product's rounding
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -7 + K // 2 * 2 ** -25 * x.double().abs().max()).all()
+    small = torch.randn(16, 64, generator=g).to(torch.bfloat16)
+    assert small.numel() < kernels.FP16_MIN_ELEMENTS and kernels.pack(small) is small
+    monkeypatch.setattr(kernels, "_fbgemm_fp16", lambda: False)
+    assert kernels.pack(w) is w
+
+
 def test_what_cannot_be_packed_is_left_as_it_is(monkeypatch):
     from faasmoe.models.quantize import quantize_int8
 
@@ -186,13 +253,22 @@ def test_what_cannot_be_packed_is_left_as_it_is(monkeypatch):
     fp32, vector = torch.randn(48, 64), torch.randn(64).to(torch.bfloat16)
     assert kernels.pack(fp32) is fp32 and kernels.pack(vector) is vector
     assert kernels.pack_matrix(q) is q and kernels.pack_matrix(None) is None
-    monkeypatch.setenv("FAASMOE_BF16_GEMM", "fp32")  # no bf16 instructions: products go through fp32, unpacked
-    kernels.native_half_gemm.cache_clear()
+    monkeypatch.setenv("FAASMOE_BF16_GEMM", "fp32")  # no bf16 instructions: no oneDNN layout (FBGEMM's fp16 from
+    kernels.native_half_gemm.cache_clear()  # FP16_MIN_ELEMENTS on)
     try:
         bf16 = torch.randn(48, 64).to(torch.bfloat16)
         assert kernels.pack(bf16) is bf16
     finally:
         kernels.native_half_gemm.cache_clear()
+
+
+def _answers(model: str, tokens: int) -> tuple[torch.Tensor, list[int]]:
+    """A bf16 monolithic model's logits over a prompt, and the greedy tokens after it."""
+    from faasmoe.engines.monolithic import MonolithicEngine
+
+    with MonolithicEngine(model, dtype="bfloat16") as m:
+        ids = m.encode("The capital of France is Paris. The capital of Germany is")
+        return m.logits(ids), m.generate(ids, max_tokens=tokens, ignore_eos=True).token_ids
 
 
 @needs_onednn_bf16
@@ -201,21 +277,39 @@ def test_a_packed_model_computes_what_f_linear_computes(native_path, tiny, monke
     product F.linear's on the row-major weights (equal on this model's shapes; see kernels' docstring)."""
     from faasmoe.engines.monolithic import MonolithicEngine
 
-    def run() -> tuple[torch.Tensor, list[int]]:
-        with MonolithicEngine(tiny, dtype="bfloat16") as m:
-            ids = m.encode("The capital of France is Paris. The capital of Germany is")
-            return m.logits(ids), m.generate(ids, max_tokens=6, ignore_eos=True).token_ids
-
     with MonolithicEngine(tiny, dtype="bfloat16") as m:
         cp = m.control_plane
         assert cp.layers[0].attn.wqkv.is_mkldnn and cp.lm_head.is_mkldnn and cp.layers[0].attn.wo.is_mkldnn
         assert all(w.is_mkldnn for fn in m.experts.layers.values() for w in (*fn.gate_up, *fn.down))
-    packed = run()
-    monkeypatch.setattr(kernels, "pack", lambda w: w)  # nothing packed
+    packed = _answers(tiny, 6)
+    monkeypatch.setattr(kernels, "pack", lambda w, threads=1: w)  # nothing packed
     monkeypatch.setattr(kernels, "_matrix_vector", lambda v, w, b: None)  # one row: F.linear too
     monkeypatch.setattr(kernels, "WEIGHT_FIRST_ROWS", 0)  # and a few rows
-    plain = run()
+    plain = _answers(tiny, 6)
     assert torch.equal(packed[0], plain[0]) and packed[1] == plain[1]
+
+
+@needs_fbgemm
+def test_a_model_with_fp16_packed_matrices_answers_as_unpacked(fp32_path, tiny, monkeypatch):
+    """Without bf16 instructions the bf16 monolithic model holds its matrices as FBGEMM's fp16 (all of them here:
+    the tiny model's are under FP16_MIN_ELEMENTS otherwise): the logits of the same model with every product on
+    the bf16 weights, within a few bf16 rounding steps, and its greedy tokens."""
+    from faasmoe.control import resident
+    from faasmoe.engines.monolithic import MonolithicEngine
+
+    monkeypatch.setattr(kernels, "FP16_MIN_ELEMENTS", 0)
+    with MonolithicEngine(tiny, dtype="bfloat16") as m:
+        cp = m.control_plane
+        assert all(isinstance(w, kernels.Fp16Weight) for w in (cp.layers[0].attn.wqkv, cp.layers[0].attn.wo))
+        assert cp.lm_head is cp.embed or isinstance(cp.lm_head, kernels.Fp16Weight)
+        experts = [w for fn in m.experts.layers.values() for w in (*fn.gate_up, *fn.down)]
+        assert all(isinstance(w, kernels.Fp16Weight) for w in experts)
+    packed = _answers(tiny, 8)
+    monkeypatch.setattr(kernels, "pack", lambda w, threads=1: w)  # nothing packed: the control plane's and the
+    monkeypatch.setattr(resident, "pack", lambda w, threads=1: w)  # experts' own
+    plain = _answers(tiny, 8)
+    assert (packed[0].float() - plain[0].float()).abs().max() <= 0.05 * plain[0].float().abs().max()
+    assert packed[1] == plain[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

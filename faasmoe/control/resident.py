@@ -3,8 +3,9 @@
 Same interface as `ExpertDispatcher` (`start` / `finish`), so the control plane, the
 step scheduler and the server are the very same code; only the experts are computed
 here, on the tensors (no frames), with the same per-expert math as a function holding
-every expert of its layer (in bf16 its weights are packed, `kernels.pack`, so a one-row product
-rounds as F.linear's does, where a function's `torch.mv` may differ in the last bit). This is the
+every expert of its layer (in bf16 its weights are packed, `kernels.pack`: oneDNN's layout, whose one-row
+product rounds as F.linear's does where a function's `torch.mv` may differ in the last bit, or FBGEMM's fp16 on
+CPUs without bf16 instructions). This is the
 Baseline of the benchmark: a full model that batches its running sequences at every step, as vLLM
 or llama.cpp do.
 
@@ -23,12 +24,12 @@ from faasmoe.models.kernels import pack
 from faasmoe.models.weights import parts, private_copy
 
 
-def _own(w):
-    """A server's own copy of an expert's matrix (or (gate, up) pair): packed for `linear` (`kernels.pack`) where that
-    applies, a private copy where not."""
+def _own(w, threads: int):
+    """A server's own copy of an expert's matrix (or (gate, up) pair): packed for `linear` on `threads` threads
+    (`kernels.pack`) where that applies, a private copy where not."""
     if isinstance(w, tuple):
-        return tuple(_own(t) for t in w)
-    packed = pack(w)
+        return tuple(_own(t, threads) for t in w)
+    packed = pack(w, threads)
     return packed if packed is not w else private_copy(w)
 
 
@@ -36,19 +37,20 @@ class ResidentExperts:
     """All routed experts of every MoE layer, loaded at start-up into this process's own memory."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, own_copy: bool = True, paged: bool = False):
-        """`own_copy`: the weights copied into this process (as transformers loads them; in oneDNN's layout where
-        `linear` gains from it: `kernels.pack`); `paged` instead: mapped
+        """`own_copy`: the weights copied into this process (as transformers loads them; in the layout `linear`
+        multiplies fastest where it has one: `kernels.pack`); `paged` instead: mapped
         from the page cache and read on use, the kernel paging them in and out (a model served through mmap)."""
         self.layers: dict[int, ExpertFunction] = {}
+        self.nbytes = 0  # the checkpoint's bytes of every expert (a packed copy's layout is the kernel library's)
         every_expert = Deployment.plan(ckpt, ckpt.num_experts, dtype)
+        threads = torch.get_num_threads()  # the engine's
         for spec in every_expert.specs:  # one block per layer, holding every expert
             fn = ExpertFunction(spec, paged=paged)
-            if own_copy and not paged:  # a server's own weights (as transformers loads them), not pages shared with others
-                fn.gate_up, fn.down = [_own(w) for w in fn.gate_up], [_own(w) for w in fn.down]
+            self.nbytes += sum(t.numel() * t.element_size() for w in (*fn.gate_up, *fn.down) for t in parts(w))
+            if own_copy and not paged:  # a server's own weights (as transformers loads them), not pages shared
+                fn.gate_up, fn.down = [_own(w, threads) for w in fn.gate_up], [_own(w, threads) for w in fn.down]
             self.layers[spec.layer] = fn
         self.digest = bytes.fromhex(ckpt.digest)
-        self.nbytes = sum(t.numel() * t.element_size() for fn in self.layers.values()
-                          for w in (*fn.gate_up, *fn.down) for t in parts(w))
 
     two_batches = False  # the experts run inside `send`: nothing would compute while the control plane does
 

@@ -71,10 +71,11 @@ class ControlPlane:
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, dispatcher: ExpertDispatcher | ResidentExperts,
                  own_copy: bool = False, prefetch_layers: int = 0, head_threads: int | None = None, pack: bool = True):
         """`own_copy`: hold private copies of the weights (a monolithic server) instead of the page cache's.
-        `pack`: hold the matrices the step multiplies in oneDNN's layout (`kernels.pack`): private copies, read at
-        load, in place of the page cache's mapping even without `own_copy` (a product of several rows costs 0.6x,
-        the lm_head's for six sequences too); off for a model served through mmap, whose pages the kernel must be
-        free to drop. DeepSeek's latent attention and fp32 routers are left as they are.
+        `pack`: hold the matrices the step multiplies in the layout `kernels.pack` chooses for this CPU (oneDNN's
+        where it multiplies bf16 natively: a product of several rows costs 0.6x, the lm_head's for six sequences
+        too; FBGEMM's fp16 where it does not: 0.2-0.7x): private copies, read at load, in place of the page
+        cache's mapping even without `own_copy`; off for a model served through mmap, whose pages the kernel must
+        be free to drop. DeepSeek's latent attention and fp32 routers are left as they are.
         `prefetch_layers`: how many layers ahead to predict the routing (that layer's router applied to the
         hidden state here) and warm the functions it names that have no instance, so that a cold start runs
         while the layers in between compute instead of stalling the step; 0: off.
@@ -135,13 +136,18 @@ class ControlPlane:
             self._pack()
 
     def _pack(self) -> None:
+        """Each matrix the step multiplies replaced by its `pack`ed copy, for the threads its product runs on (fp32
+        routers, DeepSeek's, stay as they are)."""
+        threads = torch.get_num_threads()  # the step's
         for layer in self.layers:
             if isinstance(layer.attn, Attention):
-                layer.attn.wqkv, layer.attn.wo = pack_matrix(layer.attn.wqkv), pack_matrix(layer.attn.wo)
-            layer.router = pack_matrix(layer.router)  # fp32 routers (DeepSeek's) stay as they are
-            layer.mlp_gate_up, layer.mlp_down = pack_matrix(layer.mlp_gate_up), pack_matrix(layer.mlp_down)
+                attn = layer.attn
+                attn.wqkv, attn.wo = pack_matrix(attn.wqkv, threads), pack_matrix(attn.wo, threads)
+            layer.router = pack_matrix(layer.router, threads)
+            layer.mlp_gate_up = pack_matrix(layer.mlp_gate_up, threads)
+            layer.mlp_down = pack_matrix(layer.mlp_down, threads)
         if self.lm_head is not self.embed:  # a tied head is the embedding table, which lookups read by row
-            self.lm_head = pack_matrix(self.lm_head)
+            self.lm_head = pack_matrix(self.lm_head, self.head_threads or threads)
 
     def routing_counts(self) -> RoutingCounts:
         with self._counts_lock:

@@ -4,9 +4,9 @@ On a CPU with AVX512-BF16 or AMX, oneDNN multiplies bf16 matrices natively. With
 (AVX2 only) torch's bf16 and fp16 GEMMs cost the same per row whatever the number of rows
 (measured on a 2-core AVX2 EPYC, 512 -> 2816, 2 threads: 1 row 157 us, 4 rows 647, 16 rows
 2,529), while converting the weights to fp32 once and multiplying there costs 534 us for 4
-rows and 813 for 16. So on such CPUs a product of at least MIN_ROWS rows converts both
-operands to fp32, multiplies and rounds the result back: the fp32 accumulation a bf16 GEMM
-does, in another order. Fewer rows, and fp32 models, take F.linear.
+rows and 813 for 16. So on such CPUs a product of at least MIN_ROWS rows with a weight that is not
+packed (a function's: see below) converts both operands to fp32, multiplies and rounds the result
+back: the fp32 accumulation a bf16 GEMM does, in another order. Fewer rows, and fp32 models, take F.linear.
 fp32 models never take this path. FAASMOE_BF16_GEMM=native|fp32 overrides the detection.
 
 Where the GEMM is native, oneDNN compiles and keeps a kernel for every row count it meets, and a
@@ -34,6 +34,21 @@ of the quarter preset checked. The control plane packs its matrices (the monolit
 a function does not: its weights stay the page cache's, mapped in milliseconds at a cold start and shared
 by every instance.
 
+On CPUs without bf16 instructions `pack` holds a matrix in FBGEMM's packed fp16 layout instead (`Fp16Weight`):
+torch's bf16 kernels there are bound by their own code, not by memory (a one-row product runs at ~3 G
+multiply-adds/s with the weight in cache as from memory), and cost about the same per row (measured on a 2-vCPU
+AVX2 Zen 3, one thread, weights from memory: 2816 x 512 one row 397 us, six rows 2,283), where FBGEMM's fp16
+kernel reads each weight once for every row (273 and 388 us; 512 x 512 in cache, one row, 18 us against 81; the
+lm_head 151,936 x 512 12.7 ms against 20.0; on more threads see `Fp16Weight`).
+The rows are multiplied in fp32 and rounded once, as torch's bf16 GEMM accumulates: equal to F.linear's bf16
+result in all but about 1 in 10^4 outputs (one rounding step apart). fp16 holds every bf16 value from 2^-17 up
+to 65504 exactly (its 10-bit significand has room for bf16's 7); smaller magnitudes round to fp16's subnormal
+steps (2^-24: an error below 3e-8 each) and a matrix with a larger one is not converted. Matrices under
+FP16_MIN_ELEMENTS (a router, a shared expert's gate) stay F.linear's, whose fixed cost is lower. Packing is
+FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 16-18 s instead of 3-4 (its
+control plane's share, by its elements, ~3 s). Spread over the cores on Python threads it loaded in 11-12 s, but
+then decoded ~35 % slower (three alternating pairs; not studied further), so packing runs on the loading thread.
+
 A product of a few rows with a weight not packed (a function's, a tied lm_head's, a model served through
 mmap) takes the weight as oneDNN's first operand instead, w @ x.T, which it reads as it lies, and copies
 the result back to rows: equal to F.linear's in 200 of 200 random shapes (2-32 rows); from memory, in three
@@ -48,8 +63,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,10 +143,87 @@ class Int8Weight:
 
 INT8_PACK_ROWS = 4
 WEIGHT_FIRST_ROWS = 8  # up to this many (padded) rows, a bf16 product of a contiguous row-major weight is w @ x.T
+FP16_MIN_ELEMENTS = 1 << 16  # smaller bf16 matrices are not converted to fp16 (see the module's docstring)
+FP16_SHARD_ELEMENTS = 1 << 22  # larger ones are packed in slices of rows of this size (see `Fp16Weight`)
+FP16_MAX = 65504.0  # fp16's largest finite value
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+@dataclass(frozen=True)
+class Fp16Weight:
+    """A bf16 matrix in FBGEMM's packed fp16 layout, for CPUs without bf16 instructions (`pack`; see the module's
+    docstring): `linear` multiplies rows in fp32 against it and rounds the result to the rows' dtype.
+
+    FBGEMM packs a large matrix slowly (151,936 x 512: 67 ns an element, against 23 for 8,192 rows), so one over
+    FP16_SHARD_ELEMENTS is packed as slices of rows, multiplied one after the other. Each is multiplied by
+    FBGEMM's own call, on one thread (torch's Python API for it is deprecated: the supported operator,
+    `quantized.linear_dynamic_fp16`, costs ~40 us more a call, and a layer's step makes several), except the
+    slices of a matrix packed for more threads (an lm_head): that operator splits each over torch's threads (an
+    lm_head's row on two: 10.5-11.6 ms against F.linear's 14.4-15.0). Smaller matrices stay on FBGEMM's own call
+    even there (one row of 1536 x 512 on two threads: the operator 171 us, F.linear 155, 512 x 512 107 against
+    66): a monolithic model with every matrix through the operator, and packed on a thread pool (which alone cost
+    ~35 %, see the module's docstring), decoded a single request 1.7-2.1x as slowly as before (not separated)."""
+
+    shards: tuple[Any, ...]  # opaque FBGEMM handles, each a slice of rows in order
+    shape: torch.Size  # [N, K], the bf16 matrix's
+    threaded: bool  # packed for `quantized.linear_dynamic_fp16` (else FBGEMM's one-thread call)
+
+
+def _pack_fp16(w: torch.Tensor, threads: int) -> torch.Tensor | Fp16Weight:
+    """w as an `Fp16Weight` for products on `threads` threads, where that applies (FBGEMM present, w large enough,
+    every value within fp16's range); w itself elsewhere."""
+    if w.numel() < FP16_MIN_ELEMENTS or not _fbgemm_fp16():
+        return w
+    if not float(w.abs().max()) <= FP16_MAX:  # NaN too
+        return w
+    rows = max(1, FP16_SHARD_ELEMENTS // w.shape[1])
+    slices = [w[a:a + rows].float() for a in range(0, w.shape[0], rows)]
+    if threads > 1 and len(slices) > 1:
+        return Fp16Weight(tuple(torch.ops.quantized.linear_prepack_fp16(s, None) for s in slices), w.shape, True)
+    return Fp16Weight(tuple(torch.fbgemm_pack_gemm_matrix_fp16(s) for s in slices), w.shape, False)
+
+
+@contextlib.contextmanager
+def _deprecated_fbgemm_calls() -> Iterator[None]:
+    """Silence torch's notice that its Python API for FBGEMM's one-thread fp16 calls is deprecated (see
+    `Fp16Weight`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"fbgemm_\w+ is deprecated", category=UserWarning)
+        yield
+
+
+@functools.cache
+def _fbgemm_fp16() -> bool:
+    """Whether this torch and CPU run FBGEMM's fp16 products (it needs AVX2), both calls checked on a small matrix.
+    Torch warns of each deprecated call once a process: here, silenced."""
+    try:
+        w, x = torch.ones(8, 8), torch.ones(1, 8)
+        with _deprecated_fbgemm_calls():
+            y = torch.fbgemm_linear_fp16_weight_fp32_activation(x, torch.fbgemm_pack_gemm_matrix_fp16(w), None)
+        threaded = torch.ops.quantized.linear_dynamic_fp16(x, torch.ops.quantized.linear_prepack_fp16(w, None))
+        return bool((y == 8).all() and (threaded == 8).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _fp16(x: torch.Tensor, w: Fp16Weight, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T (+ b) in fp32 against an `Fp16Weight`, rounded once to x's dtype; x [M, K] or one row [K]."""
+    x32 = x.float().reshape(-1, w.shape[1])
+    b32 = None if b is None else b.float()
+    if not w.threaded and len(w.shards) == 1:  # the bias added in the call
+        y = torch.fbgemm_linear_fp16_weight_fp32_activation(x32, w.shards[0], b32)
+    else:
+        ys = [torch.ops.quantized.linear_dynamic_fp16(x32, p) if w.threaded
+              else torch.fbgemm_linear_fp16_weight_fp32_activation(x32, p, None) for p in w.shards]
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        if b32 is not None:
+            y += b32
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | Int8Weight | Fp16Weight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ w[N, K].T (+ b) -> [M, N] in x's dtype; x [K], one row as a vector: [N]."""
+    if isinstance(w, Fp16Weight):
+        return _fp16(x, w, b)
     if isinstance(w, torch.Tensor) and w.is_mkldnn:
         return _packed(x, w, b)
     if x.dim() == 1:  # a one-token call's row: the matrix-vector product without a row dimension to add and drop
@@ -159,11 +253,16 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
     return x if padded == M else torch.cat([x, x.new_zeros(padded - M, x.shape[1])])
 
 
-def pack(w: torch.Tensor | Int8Weight | None) -> torch.Tensor | Int8Weight | None:
-    """`w` in oneDNN's blocked layout, for `linear` (a private copy: read once now); w itself where that does not
-    apply (not a bf16 matrix, a CPU without bf16 instructions, a torch without oneDNN). See the module's docstring."""
-    if (not isinstance(w, torch.Tensor) or w.dtype != torch.bfloat16 or w.dim() != 2 or not native_half_gemm()
-            or not _onednn_bf16()):
+def pack(w: torch.Tensor | Int8Weight | None, threads: int = 1) -> torch.Tensor | Int8Weight | Fp16Weight | None:
+    """A bf16 matrix in the layout `linear` multiplies fastest on this CPU (a private copy: read once now), for
+    products on `threads` torch threads: oneDNN's blocked layout where the GEMM is native, FBGEMM's packed fp16
+    (`Fp16Weight`) where it is not; w itself where neither applies (not a bf16 matrix, a torch without oneDNN or
+    FBGEMM, see `_pack_fp16`). See the module's docstring."""
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.bfloat16 or w.dim() != 2:
+        return w
+    if not native_half_gemm():
+        return _pack_fp16(w, threads)
+    if not _onednn_bf16():
         return w
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
 
@@ -173,9 +272,10 @@ def _onednn_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def pack_matrix(w: torch.Tensor | Int8Weight | tuple | None) -> torch.Tensor | Int8Weight | tuple | None:
+def pack_matrix(w: torch.Tensor | Int8Weight | tuple | None,
+                threads: int = 1) -> torch.Tensor | Int8Weight | Fp16Weight | tuple | None:
     """`pack` for a weight as the models hold it: a matrix, a (gate, up) pair, None, or an `Int8Weight` (kept)."""
-    return tuple(pack(t) for t in w) if isinstance(w, tuple) else pack(w)
+    return tuple(pack(t, threads) for t in w) if isinstance(w, tuple) else pack(w, threads)
 
 
 def _packed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
