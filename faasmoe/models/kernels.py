@@ -45,7 +45,7 @@ result in all but about 1 in 10^4 outputs (one rounding step apart). fp16 holds 
 to 65504 exactly (its 10-bit significand has room for bf16's 7); smaller magnitudes round to fp16's subnormal
 steps (2^-24: an error below 3e-8 each) and a matrix with a larger one is not converted. Matrices under
 FP16_MIN_ELEMENTS (a router, a shared expert's gate) stay F.linear's, whose fixed cost is lower. Packing is
-FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 16-18 s instead of 3-4 (its
+FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 15-18 s instead of 3.5-4 (its
 control plane's share, by its elements, ~3 s). Spread over the cores on Python threads it loaded in 11-12 s, but
 then decoded ~35 % slower (three alternating pairs; not studied further), so packing runs on the loading thread.
 
