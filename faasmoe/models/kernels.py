@@ -38,14 +38,15 @@ On CPUs without bf16 instructions `pack` holds a matrix in FBGEMM's packed fp16 
 torch's bf16 kernels there are bound by their own code, not by memory (a one-row product runs at ~3 G
 multiply-adds/s with the weight in cache as from memory), and cost about the same per row (measured on a 2-vCPU
 AVX2 Zen 3, one thread, weights from memory: 2816 x 512 one row 397 us, six rows 2,283), where FBGEMM's fp16
-kernel reads each weight once for every row (273 and 388 us; 512 x 512 in cache, one row, 18 us against 81; the
-lm_head 151,936 x 512 12.7 ms against 20.0; on more threads see `Fp16Weight`).
-The rows are multiplied in fp32 and rounded once, as torch's bf16 GEMM accumulates: equal to F.linear's bf16
-result in all but about 1 in 10^4 outputs (one rounding step apart). fp16 holds every bf16 value from 2^-17 up
+kernel reads each weight once for every row (273 and 388 us; 512 x 512 in cache, one row, 18 us for fp32 rows,
+~4 more to convert them, against 81; the lm_head 151,936 x 512 12.7 ms against 20.0; on more threads see
+`Fp16Weight`). The rows are multiplied in fp32 and rounded once, as torch's bf16 GEMM accumulates: equal to
+F.linear's bf16 result in all but about 1 in 10^4 outputs (within 2.2e-6 of the fp32 product before rounding,
+so those are one rounding step apart: inferred). fp16 holds every bf16 value from 2^-17 up
 to 65504 exactly (its 10-bit significand has room for bf16's 7); smaller magnitudes round to fp16's subnormal
 steps (2^-24: an error below 3e-8 each) and a matrix with a larger one is not converted. Matrices under
 FP16_MIN_ELEMENTS (a router, a shared expert's gate) stay F.linear's, whose fixed cost is lower. Packing is
-FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 15-18 s instead of 3.5-4 (its
+FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 15-18 s instead of 3.3-4.4 (its
 control plane's share, by its elements, ~3 s). Spread over the cores on Python threads it loaded in 11-12 s, but
 then decoded ~35 % slower (three alternating pairs; not studied further), so packing runs on the loading thread.
 
@@ -159,9 +160,11 @@ class Fp16Weight:
     `quantized.linear_dynamic_fp16`, costs ~40 us more a call, and a layer's step makes several), except the
     slices of a matrix packed for more threads (an lm_head): that operator splits each over torch's threads (an
     lm_head's row on two: 10.5-11.6 ms against F.linear's 14.4-15.0). Smaller matrices stay on FBGEMM's own call
-    even there (one row of 1536 x 512 on two threads: the operator 171 us, F.linear 155, 512 x 512 107 against
-    66): a monolithic model with every matrix through the operator, and packed on a thread pool (which alone cost
-    ~35 %, see the module's docstring), decoded a single request 1.7-2.1x as slowly as before (not separated)."""
+    even there. For one row on two threads F.linear is faster than either (1536 x 512: 155 us, the operator 171,
+    the one-thread call 220; 512 x 512: 66-74, 107, 111), but only the packed copy is held, and the monolithic
+    model (two threads) decoded one sequence as fast as before and six 1.25-1.5x faster; with every matrix
+    through the operator, and packed on a thread pool (which alone cost ~35 %, see the module's docstring), it
+    decoded one sequence 1.7-2.1x as slowly (not separated)."""
 
     shards: tuple[Any, ...]  # opaque FBGEMM handles, each a slice of rows in order
     shape: torch.Size  # [N, K], the bf16 matrix's
