@@ -53,7 +53,7 @@ def main(sweep: int) -> None:
             print(f"  {N} x {K}, {rows} row(s): {from_memory(N, K, rows)}", flush=True)
     torch.set_num_threads(2)
     w = torch.randn(151936, 512).bfloat16()
-    p = kernels.pack(w)
+    p = kernels.pack(w, threads=2)
     for rows in (1, 8):
         x = torch.randn(rows, 512).bfloat16()
         print(f"  151936 x 512, {rows} row(s), 2 threads, ms: F.linear {timed(lambda: F.linear(x, w), 5) / 1e3:.2f}"

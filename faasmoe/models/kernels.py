@@ -45,7 +45,7 @@ F.linear's bf16 result in all but about 1 in 10^4 outputs (within 2.2e-6 of the 
 so those are one rounding step apart: inferred). fp16 holds every bf16 value from 2^-17 up
 to 65504 exactly (its 10-bit significand has room for bf16's 7); smaller magnitudes round to fp16's subnormal
 steps (2^-24: an error below 3e-8 each) and a matrix with a larger one is not converted. Matrices under
-FP16_MIN_ELEMENTS (a router, a shared expert's gate) stay F.linear's, whose fixed cost is lower. Packing is
+FP16_MIN_ELEMENTS (the quarter preset's 60 x 512 routers) stay F.linear's, whose fixed cost is lower. Packing is
 FBGEMM's loop, ~20 ns an element: the quarter preset's monolithic model loads in 15-18 s instead of 3.3-4.4 (its
 control plane's share, by its elements, ~3 s). Spread over the cores on Python threads it loaded in 11-12 s, but
 then decoded ~35 % slower (three alternating pairs; not studied further), so packing runs on the loading thread.
@@ -149,7 +149,7 @@ FP16_SHARD_ELEMENTS = 1 << 22  # larger ones are packed in slices of rows of thi
 FP16_MAX = 65504.0  # fp16's largest finite value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # opaque handles: compared by identity
 class Fp16Weight:
     """A bf16 matrix in FBGEMM's packed fp16 layout, for CPUs without bf16 instructions (`pack`; see the module's
     docstring): `linear` multiplies rows in fp32 against it and rounds the result to the rows' dtype.
@@ -158,9 +158,10 @@ class Fp16Weight:
     FP16_SHARD_ELEMENTS is packed as slices of rows, multiplied one after the other. Each is multiplied by
     FBGEMM's own call, on one thread (torch's Python API for it is deprecated: the supported operator,
     `quantized.linear_dynamic_fp16`, costs ~40 us more a call, and a layer's step makes several), except the
-    slices of a matrix packed for more threads (an lm_head): that operator splits each over torch's threads (an
-    lm_head's row on two: 10.5-11.6 ms against F.linear's 14.4-15.0). Smaller matrices stay on FBGEMM's own call
-    even there. For one row on two threads F.linear is faster than either (1536 x 512: 155 us, the operator 171,
+    slices of a matrix packed for more threads (the quarter preset's lm_head; at real sizes its q/k/v and more):
+    that operator splits each over torch's threads (an lm_head's row on two: 10.5-11.6 ms against F.linear's
+    14.4-15.0). Smaller matrices stay on FBGEMM's own call even there, prefills' many rows too (where the fp32
+    path had every thread: not measured at more than two). For one row on two threads F.linear is faster than either (1536 x 512: 155 us, the operator 171,
     the one-thread call 220; 512 x 512: 66-74, 107, 111), but only the packed copy is held, and the monolithic
     model (two threads) decoded one sequence as fast as before and six 1.25-1.5x faster; with every matrix
     through the operator, and packed on a thread pool (which alone cost ~35 %, see the module's docstring), it
@@ -179,10 +180,11 @@ def _pack_fp16(w: torch.Tensor, threads: int) -> torch.Tensor | Fp16Weight:
     if not float(w.abs().max()) <= FP16_MAX:  # NaN too
         return w
     rows = max(1, FP16_SHARD_ELEMENTS // w.shape[1])
-    slices = [w[a:a + rows].float() for a in range(0, w.shape[0], rows)]
-    if threads > 1 and len(slices) > 1:
-        return Fp16Weight(tuple(torch.ops.quantized.linear_prepack_fp16(s, None) for s in slices), w.shape, True)
-    return Fp16Weight(tuple(torch.fbgemm_pack_gemm_matrix_fp16(s) for s in slices), w.shape, False)
+    starts = range(0, w.shape[0], rows)  # each slice converted to fp32 only while it is packed
+    if threads > 1 and len(starts) > 1:
+        return Fp16Weight(tuple(torch.ops.quantized.linear_prepack_fp16(w[a:a + rows].float(), None) for a in starts),
+                          w.shape, True)
+    return Fp16Weight(tuple(torch.fbgemm_pack_gemm_matrix_fp16(w[a:a + rows].float()) for a in starts), w.shape, False)
 
 
 @contextlib.contextmanager
@@ -204,7 +206,7 @@ def _fbgemm_fp16() -> bool:
             y = torch.fbgemm_linear_fp16_weight_fp32_activation(x, torch.fbgemm_pack_gemm_matrix_fp16(w), None)
         threaded = torch.ops.quantized.linear_dynamic_fp16(x, torch.ops.quantized.linear_prepack_fp16(w, None))
         return bool((y == 8).all() and (threaded == 8).all())
-    except (AttributeError, RuntimeError):
+    except (AttributeError, RuntimeError, TypeError):
         return False
 
 
