@@ -161,11 +161,11 @@ class Fp16Weight:
     slices of a matrix packed for more threads (the quarter preset's lm_head; at real sizes its q/k/v and more):
     that operator splits each over torch's threads (an lm_head's row on two: 10.5-11.6 ms against F.linear's
     14.4-15.0). Smaller matrices stay on FBGEMM's own call even there, prefills' many rows too (where the fp32
-    path had every thread: not measured at more than two). For one row on two threads F.linear is faster than either (1536 x 512: 155 us, the operator 171,
-    the one-thread call 220; 512 x 512: 66-74, 107, 111), but only the packed copy is held, and the monolithic
-    model (two threads) decoded one sequence as fast as before and six 1.25-1.5x faster; with every matrix
-    through the operator, and packed on a thread pool (which alone cost ~35 %, see the module's docstring), it
-    decoded one sequence 1.7-2.1x as slowly (not separated)."""
+    path had every thread: not measured at more than two). For one row on two threads F.linear is faster than
+    either (1536 x 512: 155 us, the operator 171, the one-thread call 220; 512 x 512: 66-74, 107, 111), but only
+    the packed copy is held, and the monolithic model (two threads) decoded one sequence as fast as before and
+    six 1.25-1.5x faster; with every matrix through the operator, and packed on a thread pool (which alone cost
+    ~35 %, see the module's docstring), it decoded one sequence 1.7-2.1x as slowly (not separated)."""
 
     shards: tuple[Any, ...]  # opaque FBGEMM handles, each a slice of rows in order
     shape: torch.Size  # [N, K], the bf16 matrix's
