@@ -330,3 +330,30 @@ def test_rms_norm_is_transformers_rms_norm_bit_for_bit(dtype):
         for rows in (1, 3, 17):
             x = (torch.randn(rows, 512, generator=g) * 10.0 ** torch.randint(-3, 3, (rows, 1), generator=g)).to(dtype)
             assert torch.equal(rms_norm(x, ref.weight, 1e-6), ref(x))
+
+
+@pytest.mark.parametrize("path", ["native", "fp32"])
+def test_half_attention_runs_in_fp32_where_the_cpu_has_no_bf16_instructions(gemm_path, path):
+    """Without bf16 instructions a bf16 attention is torch's fp32 one, rounded once: within a bf16 rounding step of
+    the float64 attention (decode and prefill, a mask, grouped heads); with them it is torch's bf16 kernel, and
+    fp32 inputs are torch's own on either path."""
+    gemm_path(path)
+    g = torch.Generator().manual_seed(11)
+    for t, S, heads, kv_heads, mask in [(1, 1, 4, 4, None), (1, 150, 4, 4, None), (1, 40, 8, 2, None),
+                                        (5, 12, 4, 4, torch.rand(5, 12, generator=g) > 0.3), (7, 7, 4, 2, "causal")]:
+        q = torch.randn(1, heads, t, 32, generator=g).to(torch.bfloat16)
+        k, v = (torch.randn(1, kv_heads, S, 32, generator=g).to(torch.bfloat16) for _ in range(2))
+        if isinstance(mask, torch.Tensor):
+            mask[:, 0] = True  # every query sees a key
+        opts = dict(attn_mask=mask if isinstance(mask, torch.Tensor) else None, is_causal=mask == "causal",
+                    enable_gqa=heads != kv_heads)
+        out = kernels.attention(q, k, v, **opts)
+        assert out.dtype == torch.bfloat16 and out.shape == q.shape
+        if path == "native":
+            assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, **opts))
+        else:
+            assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **opts).to(q.dtype))
+            exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **opts)
+            assert ((out.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-6).all()
+        q32, k32, v32 = q.float(), k.float(), v.float()
+        assert torch.equal(kernels.attention(q32, k32, v32, **opts), F.scaled_dot_product_attention(q32, k32, v32, **opts))

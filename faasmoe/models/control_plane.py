@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from faasmoe.control.dispatch import ExpertDispatcher
 from faasmoe.control.kv_cache import Chunk, KVCache
 from faasmoe.models.checkpoint import Checkpoint
-from faasmoe.models.kernels import linear, pack_matrix, torch_threads
+from faasmoe.models.kernels import attention, linear, pack_matrix, torch_threads
 from faasmoe.models.layers import GateUp, activation, attention_mask, gated_mlp, rms_norm, rope_inv_freq, rotate_half
 from faasmoe.models.weights import map_stacked, map_tensors, parts, private_copy, scale_groups, with_scales
 
@@ -274,8 +274,8 @@ class ControlPlane:
             K, V = ch.cache.update(i, k[row:row + t].transpose(0, 1), new_v, ch.start)  # [g, S, d]
             qi = q[row:row + t].transpose(0, 1)[None]  # [1, h, t, d]
             mask, causal = attention_mask(t, ch.start, layer.sliding_window)
-            o = F.scaled_dot_product_attention(qi, K[None], V[None], attn_mask=mask, is_causal=causal,
-                                               enable_gqa=q.shape[1] != K.shape[0], scale=scale)  # [1, h, t, dv]
+            o = attention(qi, K[None], V[None], attn_mask=mask, is_causal=causal,
+                          enable_gqa=q.shape[1] != K.shape[0], scale=scale)  # [1, h, t, dv]
             if out is None:
                 out = torch.empty(q.shape[0], q.shape[1], o.shape[-1], dtype=q.dtype)
             out[row:row + t] = o[0].transpose(0, 1)
