@@ -127,18 +127,21 @@ def _decode_together(engine, prompts: list[str], steps: int) -> tuple[list[list[
 @pytest.mark.parametrize("variant", ["tiny", "tied-mlponly-window", *FAMILY_VARIANTS])
 def test_a_decode_step_in_two_halves_equals_the_whole_batch(checkpoint, variant, monkeypatch):
     """Decode steps of several sequences run in two halves, one half's expert calls in flight during the other's
-    attention: the same logits as the whole batch at once (dense layers, latent attention and sliding windows
-    included)."""
+    attention, the shared expert over both halves at once: the same logits as the whole batch at once (dense
+    layers, latent attention and sliding windows included)."""
     from faasmoe.models.control_plane import ControlPlane
 
     prompts = ["Hello there", PROMPT, "1 2 3", "A much longer prompt about mixture of experts models", "x"]
     with faasmoe.load(checkpoint(variant), experts_per_function=2) as engine:
         engine.dispatcher.two_batches = True  # whatever this machine's cores: the platform has hosts to spare
-        halves = []
-        spy = ControlPlane._layers_in_halves
+        halves, shared_rows = [], []
+        spy, shared = ControlPlane._layers_in_halves, ControlPlane.shared
         monkeypatch.setattr(ControlPlane, "_layers_in_halves", lambda self, *a: halves.append(1) or spy(self, *a))
+        monkeypatch.setattr(ControlPlane, "shared", lambda self, layer, x: shared_rows.append(len(x)) or
+                            shared(self, layer, x))
         split_ids, split_logits = _decode_together(engine, prompts, 6)
         assert len(halves) == 5  # every step but the prefill
+        assert len(prompts) in shared_rows and not {2, 3} & set(shared_rows)  # never a half's rows alone
         engine.dispatcher.two_batches = False
         whole_ids, whole_logits = _decode_together(engine, prompts, 6)
         assert len(halves) == 5

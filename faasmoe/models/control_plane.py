@@ -214,14 +214,16 @@ class ControlPlane:
                           sin: torch.Tensor) -> torch.Tensor:
         """Every layer over two halves of the batch in turn: one half's expert calls run while the control plane
         computes the other half's attention, where the whole batch would leave the functions idle during the
-        attention and the control plane idle during the calls. Attention is per sequence and products are row
-        by row, so the logits are `_layers`' (fp32: equal within rounding, tested); in bf16 a product of fewer
-        rows may take another kernel (`kernels.linear`) and round a row's last bit differently, as a different
-        mix of requests in a batch may."""
+        attention and the control plane idle during the calls. The shared expert multiplies both halves' rows
+        at once, after the second half's calls are sent (its weights read once a layer, as in `_layers`).
+        Attention is per sequence and products are row by row, so the logits are `_layers`' (fp32: equal within
+        rounding, tested); in bf16 a product of fewer rows may take another kernel (`kernels.linear`) and round a
+        row's last bit differently, as a different mix of requests in a batch may."""
         cut = len(chunks) // 2  # decode steps: a token per chunk
         halves = [(chunks[:cut], slice(0, cut)), (chunks[cut:], slice(cut, len(chunks)))]
         xs = [x[:cut], x[cut:]]
         pending: list[tuple[Any, torch.Tensor | None] | None] = [None, None]
+        ms = [x[:cut], x[cut:]]  # each half's normalised hidden states at the layer's experts (set below)
         try:
             for i, layer in enumerate(self.layers):
                 for h, (part, rows) in enumerate(halves):
@@ -230,12 +232,17 @@ class ControlPlane:
                         p, pending[h] = pending[h], None  # a combine that fails has gathered its own calls
                         xh = xh + self.dispatcher.combine(*p)
                     xh = xh + self.attention(i, layer, rms_norm(xh, layer.ln1, self.eps), part, cos[rows], sin[rows])
-                    m = rms_norm(xh, layer.ln2, self.eps)
+                    m = ms[h] = rms_norm(xh, layer.ln2, self.eps)
                     if layer.router is None:
                         xh = xh + self.mlp(layer, m)
                     else:
-                        pending[h] = self.send_moe(i, layer, m)
+                        pending[h] = (self.send_experts(i, layer, m), None)
                     xs[h] = xh
+                if layer.router is not None:  # both halves' shared expert at once, while the second's experts run:
+                    # a product's cost is mostly its weight's read, whatever its rows
+                    shared = self.shared(layer, torch.cat(ms))
+                    if shared is not None:
+                        pending = [(pending[0][0], shared[:cut]), (pending[1][0], shared[cut:])]
             for h in range(2):
                 if pending[h] is not None:
                     p, pending[h] = pending[h], None
@@ -320,7 +327,26 @@ class ControlPlane:
     def send_moe(self, i: int, layer: Layer, x: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
         """Route x [T, H] and send it to its experts; (what `dispatcher.combine` waits for, the shared expert's
         output, computed while the experts run)."""
+        pending = self.send_experts(i, layer, x)
+        try:
+            return pending, self.shared(layer, x)  # computed meanwhile
+        except BaseException:
+            self.dispatcher.discard(pending)  # nobody will combine these calls: release what they hold
+            raise
+
+    def send_experts(self, i: int, layer: Layer, x: torch.Tensor) -> Any:
+        """Route x [T, H] and send it to its experts: what `dispatcher.combine` waits for."""
         experts, weights = self.route(layer, x)
+        pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
+        try:
+            self._count(i, experts)  # meanwhile
+        except BaseException:
+            self.dispatcher.discard(pending)
+            raise
+        return pending
+
+    def _count(self, i: int, experts: torch.Tensor) -> None:
+        """Count layer i's routing pairs by expert, and how many of them prefetch predicted."""
         counts = torch.bincount(experts.flatten(), minlength=self.routed.shape[1])  # expert popularity
         predicted = self._prediction.pop(i, None)
         hits = None if predicted is None else int((experts[:, :, None] == predicted[:, None, :]).any(-1).sum())
@@ -329,9 +355,3 @@ class ControlPlane:
             if predicted is not None:  # per token: the routed experts that were predicted
                 self.predicted[i] += predicted.numel()
                 self.predicted_hits[i] += hits
-        pending = self.dispatcher.send(i, x, experts, weights)  # the functions start now
-        try:
-            return pending, self.shared(layer, x)  # computed meanwhile
-        except BaseException:
-            self.dispatcher.discard(pending)  # nobody will combine these calls: release what they hold
-            raise
