@@ -115,16 +115,30 @@ class ExpertDispatcher:
         first[1:] |= boundary
         row = np.cumsum(first, dtype=np.int32) - 1  # each pair's row, counted over the layer's calls
         cuts = (np.flatnonzero(boundary) + 1).tolist()
-        calls: list[tuple[str, bytes]] = []
-        rows_of: list[np.ndarray] = []
+        los, his = [0, *cuts], [*cuts, len(order)]
+        rows = token[first]  # [R]: each call's rows back to back
+        n = (row[np.subtract(his, 1)] - row[los] + 1).tolist()  # rows per function hit
+        if max(n) <= self.max_tokens:  # one call per function hit, never per token, each from slices of arrays
+            # built for all calls at once
+            xr = xb[rows]  # [R, H * itemsize]: every call's rows, one copy
+            local = row - np.repeat(row[los], np.subtract(his, los))  # each pair's row within its call
+            calls, rows_of, r0 = [], [], 0
+            for lo, hi, m in zip(los, his, n):
+                b = int(block[lo])
+                calls.append((fids[b], wire.encode_invocation_raw(self.digest, layer, b, self.dtype, m, H,
+                                                                  xr[r0:r0 + m], local[lo:hi], expert[lo:hi],
+                                                                  weight[lo:hi])))
+                rows_of.append(rows[r0:r0 + m])
+                r0 += m
+            return self._submit(layer, calls, rows_of, T, H)
+        calls, rows_of = [], []
         cap = self.max_tokens
-        for lo, hi in zip([0, *cuts], [*cuts, len(order)]):  # one call per function hit, never per token
+        for lo, hi in zip(los, his):  # a function with more rows than a call takes: split in several calls
             b = int(block[lo])
             rows = token[lo:hi][first[lo:hi]]  # [n_b] ascending: the tokens this function gets
             local = row[lo:hi] - row[lo]  # [n] each pair's row within the call
-            n = len(rows)
-            bounds = [0, hi - lo] if n <= cap else [*np.searchsorted(local, np.arange(0, n, cap)).tolist(), hi - lo]
-            for start, (p0, p1) in zip(range(0, n, cap), zip(bounds, bounds[1:])):
+            bounds = [*np.searchsorted(local, np.arange(0, len(rows), cap)).tolist(), hi - lo]
+            for start, (p0, p1) in zip(range(0, len(rows), cap), zip(bounds, bounds[1:])):
                 r = rows[start:start + cap]
                 calls.append((fids[b], wire.encode_invocation_raw(
                     self.digest, layer, b, self.dtype, len(r), H, xb if len(r) == T else xb[r],

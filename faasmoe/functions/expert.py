@@ -113,17 +113,21 @@ class ExpertFunction:
         order = np.argsort(local, kind="stable")
         counts = np.bincount(local, minlength=len(self.down))
         tok = token[order]  # [P], ascending within each expert
+        tokens = tok.tolist()
         weight = torch.from_numpy(weight[order]).to(x.dtype)[:, None]  # [P, 1]
         ends = np.cumsum(counts).tolist()
         all_rows = np.arange(T)
+        xs = outs = ws = None  # views of each row, each row's sum and each pair's weight, made on first use
         for j in np.flatnonzero(counts).tolist():
             lo, hi = ends[j] - counts[j], ends[j]
             if hi - lo == 1:  # one token (most of a decode step's pairs): a view in, one row added out
-                r = int(tok[lo])
+                if xs is None:  # one operation each for every row, where indexing costs one a pair
+                    xs, outs, ws = x.unbind(), out.unbind(), weight.view(-1).unbind()
+                r = tokens[lo]
                 if self._compiling:
-                    out[r].add_(self._compiled(x[r], self.gate_up[j], self.down[j], weight[lo, 0]))
+                    outs[r].add_(self._compiled(xs[r], self.gate_up[j], self.down[j], ws[lo]))
                 else:
-                    out[r].add_(gated_mlp(x[r], self.gate_up[j], self.down[j], self.act) * weight[lo])
+                    outs[r].add_(gated_mlp(xs[r], self.gate_up[j], self.down[j], self.act) * ws[lo])
                 continue
             every_row = hi - lo == T and bool((tok[lo:hi] == all_rows).all())  # rows 0..T-1 once each, in order
             rows = None if every_row else torch.from_numpy(tok[lo:hi].astype(np.int64))
@@ -143,7 +147,7 @@ class ExpertFunction:
         torch operations an expert; compiled: one call an expert, which weights and sums too."""
         order = [0] if len(local) == 1 else np.argsort(local, kind="stable").tolist()
         if self._compiling:
-            ws = torch.tensor(weight).to(x.dtype).unbind()  # 0-d each (the frame's array is read-only)
+            ws = torch.tensor(weight, dtype=x.dtype).unbind()  # 0-d each (a copy: the frame's array is read-only)
             out = None
             for p in order:
                 j = local[p]
